@@ -1,0 +1,44 @@
+"""Token plus position embedding (GPT-2's wte and wpe): x[b, t] = wte[idx[b, t]] + wpe[t].
+
+Key: B batch, T time, C channels, V vocab. wpe has block_size rows; the first T
+are used.
+
+Derivation. Each output row is the sum of one row of wte and one row of wpe, so
+the gradient of each is dx routed back to the row it came from:
+    dwte[v] = sum over (b, t) with idx[b, t] == v of dx[b, t]
+    dwpe[t] = sum over b of dx[b, t]
+A token that appears twice gets both contributions, which is why dwte is a
+scatter-add rather than a plain assignment. There is no dx: idx is an integer
+input, not a learned value.
+"""
+from ..backend import array_module, scatter_add_rows
+
+
+def forward(idx, wte, wpe):
+    """idx: (B, T) ints  wte: (V, C)  wpe: (block_size, C)  ->  x: (B, T, C)"""
+    T = idx.shape[1]
+    x = wte[idx]  # (B, T, C), a gather of rows
+    x += wpe[:T]  # broadcast over B
+    cache = (idx, wte.shape, wpe.shape)
+    return x, cache
+
+
+def backward(dx, cache, dwte=None, dwpe=None):
+    """dx: (B, T, C)  ->  dwte: (V, C), dwpe: (block_size, C)
+
+    When `dwte` or `dwpe` arrays are given, the gradients are added into them
+    instead of into fresh zeros. The model passes its gradient buffers: wte is
+    shared with lm_head, and adding in place avoids a second (V, C) array.
+    """
+    xp = array_module(dx)
+    idx, wte_shape, wpe_shape = cache
+    B, T, C = dx.shape
+    if dwte is None:
+        dwte = xp.zeros(wte_shape, dtype=dx.dtype)
+    if dwpe is None:
+        dwpe = xp.zeros(wpe_shape, dtype=dx.dtype)
+    # forward: x += wpe[:T]
+    dwpe[:T] += dx.sum(axis=0)
+    # forward: x = wte[idx]; readable form: xp.add.at(dwte, idx.ravel(), dx2)
+    scatter_add_rows(dwte, idx.reshape(-1), dx.reshape(B * T, C))
+    return dwte, dwpe

@@ -1,0 +1,45 @@
+"""Linear layer: out = x @ weight.T + bias.
+
+GPT-2 uses it for attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj and, with no bias
+and the token embedding as its weight, for lm_head.
+
+Key: N rows (every position of every sequence, B*T flattened), C input channels,
+OC output channels. The weight is (OC, C), PyTorch's layout, so GPT-2 checkpoints
+load without transposes; BLAS reads `weight.T` as a flag, not as a copy.
+
+Derivation, one element at a time:
+    out[n, o] = sum_c x[n, c] * weight[o, c] + bias[o]
+so
+    dx[n, c]      = sum_o dout[n, o] * weight[o, c]   ->  dx      = dout @ weight
+    dweight[o, c] = sum_n dout[n, o] * x[n, c]        ->  dweight = dout.T @ x
+    dbias[o]      = sum_n dout[n, o]
+Each gradient is one matrix product, as big as the forward one: a linear layer's
+backward costs twice its forward.
+"""
+
+
+def forward(x, weight, bias=None):
+    """x: (..., C)  weight: (OC, C)  bias: (OC,) or None  ->  out: (..., OC)"""
+    C = x.shape[-1]
+    OC = weight.shape[0]
+    x2 = x.reshape(-1, C)  # (N, C): one 2-D GEMM instead of a batched one
+    out = x2 @ weight.T  # (N, OC)
+    if bias is not None:
+        out += bias
+    # x is kept because dweight needs it; it is the previous layer's output, which
+    # exists anyway, so the cache costs no memory.
+    cache = (x, weight, bias is not None)
+    return out.reshape(*x.shape[:-1], OC), cache
+
+
+def backward(dout, cache):
+    """dout: (..., OC)  ->  dx: (..., C), dweight: (OC, C), dbias: (OC,) or None"""
+    x, weight, has_bias = cache
+    OC, C = weight.shape
+    x2 = x.reshape(-1, C)  # (N, C)
+    dout2 = dout.reshape(-1, OC)  # (N, OC)
+    # forward: out = x @ weight.T + bias
+    dbias = dout2.sum(axis=0) if has_bias else None
+    dweight = dout2.T @ x2  # (OC, C)
+    dx = dout2 @ weight  # (N, C)
+    return dx.reshape(x.shape), dweight, dbias

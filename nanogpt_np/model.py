@@ -1,0 +1,319 @@
+"""GPT-2, as build-nanogpt writes it, assembled from the hand-written layers.
+
+    embedding -> [ ln_1 -> c_attn -> attention -> c_proj -> +residual
+                   ln_2 -> c_fc -> gelu -> c_proj -> +residual ] x n_layer
+              -> ln_f -> lm_head (tied to wte) -> cross-entropy
+
+Forward runs the layers in order and keeps each one's cache; backward walks the
+same list in reverse, handing every layer its cache and adding its parameter
+gradients into `model.grads`.
+
+Parameters live in one flat array and each named parameter is a view into it;
+the gradients likewise. The optimizer, the gradient clip, the MPI allreduce and
+the checkpoint can then treat "all parameters" as one contiguous buffer.
+Names follow the GPT-2 checkpoint (`transformer.h.0.attn.c_attn.weight`, ...),
+and linear weights are (out, in), so Hugging Face weights load without renaming.
+"""
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .backend import get_xp, resolve_dtype, to_device, to_host
+from .layers import attention, cross_entropy, embedding, gelu, layernorm, linear
+
+WTE = "transformer.wte.weight"
+WPE = "transformer.wpe.weight"
+LM_HEAD = "lm_head.weight"  # tied: the same array as WTE
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # longest sequence (rows of wpe)
+    vocab_size: int = 50257  # GPT-2's; training pads it to 50304, a multiple of 128
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+
+    def __post_init__(self):
+        for field in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+                raise ValueError(f"GPTConfig.{field} must be a positive integer, got {value!r}")
+            setattr(self, field, int(value))
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+                "choose n_embd = n_head * head_size"
+            )
+
+    def to_dict(self):
+        return {f: getattr(self, f) for f in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")}
+
+
+def parameter_shapes(config):
+    """[(name, shape)] of every trainable array, in GPT-2 checkpoint order."""
+    C, L = config.n_embd, config.n_layer
+    shapes = [(WTE, (config.vocab_size, C)), (WPE, (config.block_size, C))]
+    for i in range(L):
+        h = f"transformer.h.{i}."
+        shapes += [
+            (h + "ln_1.weight", (C,)),
+            (h + "ln_1.bias", (C,)),
+            (h + "attn.c_attn.weight", (3 * C, C)),
+            (h + "attn.c_attn.bias", (3 * C,)),
+            (h + "attn.c_proj.weight", (C, C)),
+            (h + "attn.c_proj.bias", (C,)),
+            (h + "ln_2.weight", (C,)),
+            (h + "ln_2.bias", (C,)),
+            (h + "mlp.c_fc.weight", (4 * C, C)),
+            (h + "mlp.c_fc.bias", (4 * C,)),
+            (h + "mlp.c_proj.weight", (C, 4 * C)),
+            (h + "mlp.c_proj.bias", (C,)),
+        ]
+    shapes += [("transformer.ln_f.weight", (C,)), ("transformer.ln_f.bias", (C,))]
+    return shapes
+
+
+def init_std(name, config):
+    """build-nanogpt's init: None for LayerNorm/bias (constant), else the normal's std."""
+    if ".ln_" in name or name.startswith("transformer.ln_f") or name.endswith(".bias"):
+        return None
+    if name.endswith("attn.c_proj.weight") or name.endswith("mlp.c_proj.weight"):
+        # residual projections: each block adds two of them to the stream, so their
+        # variance is scaled down to keep the stream's growth independent of depth
+        return 0.02 / math.sqrt(2 * config.n_layer)
+    return 0.02
+
+
+class GPT:
+    def __init__(self, config, dtype=np.float32, seed=0, backend="numpy"):
+        self.config = config
+        self.dtype = resolve_dtype(dtype)
+        self.xp = get_xp(backend)
+        self.backend = backend
+        self._shapes = parameter_shapes(config)
+        total = sum(math.prod(shape) for _, shape in self._shapes)
+        self.flat_params = self.xp.zeros(total, dtype=self.dtype)
+        self.flat_grads = self.xp.zeros(total, dtype=self.dtype)
+        self.params = self._views(self.flat_params)
+        self.grads = self._views(self.flat_grads)
+        self._caches = None  # set by forward(idx, targets), consumed by backward()
+        self._init_weights(seed)
+
+    def _views(self, flat):
+        views, offset = {}, 0
+        for name, shape in self._shapes:
+            size = math.prod(shape)
+            views[name] = flat[offset : offset + size].reshape(shape)
+            offset += size
+        return views
+
+    def _init_weights(self, seed):
+        """Normal(0, std) weights, zero biases, LayerNorm weight 1, from one seeded RNG.
+
+        The draws are made on the host in float64, in checkpoint order, so a seed
+        gives the same model (up to rounding) in any dtype and on any backend.
+        """
+        rng = np.random.default_rng(seed)
+        for name, shape in self._shapes:
+            std = init_std(name, self.config)
+            if std is not None:
+                self.params[name][...] = to_device(rng.standard_normal(shape) * std, self.xp, self.dtype)
+            elif name.endswith(".weight"):
+                self.params[name][...] = 1.0
+            # biases are already zero
+
+    # ---- parameters and checkpoints -------------------------------------------------
+
+    def parameters(self):
+        """{name: array}: the unique trainable arrays (lm_head.weight is wte)."""
+        return dict(self.params)
+
+    def num_parameters(self):
+        return int(self.flat_params.size)
+
+    def state_dict(self):
+        """{name: array} in GPT-2 checkpoint names, including the tied lm_head.weight.
+
+        The arrays are the live parameters, as in PyTorch; copy them to keep a snapshot.
+        """
+        sd = dict(self.params)
+        sd[LM_HEAD] = self.params[WTE]
+        return sd
+
+    def load_state_dict(self, state_dict):
+        """Copy values in. Raises ValueError naming every missing, unexpected or
+        wrongly shaped key; lm_head.weight may be absent (it is tied to wte)."""
+        expected = {name: shape for name, shape in self._shapes}
+        problems = []
+        missing = [n for n in expected if n not in state_dict]
+        unexpected = [n for n in state_dict if n not in expected and n != LM_HEAD]
+        if missing:
+            problems.append("missing keys: " + ", ".join(missing))
+        if unexpected:
+            problems.append("unexpected keys: " + ", ".join(unexpected))
+        for name, value in state_dict.items():
+            want = expected.get(name, expected[WTE] if name == LM_HEAD else None)
+            if want is not None and tuple(value.shape) != want:
+                problems.append(f"{name}: shape {tuple(value.shape)} but this model has {want}")
+        if problems:
+            raise ValueError(
+                f"state_dict does not fit this model ({self.config}): " + "; ".join(problems)
+            )
+        if LM_HEAD in state_dict and state_dict[LM_HEAD] is not state_dict[WTE]:
+            if not np.array_equal(to_host(state_dict[LM_HEAD]), to_host(state_dict[WTE])):
+                raise ValueError(
+                    "lm_head.weight differs from transformer.wte.weight, but this model ties "
+                    "them; drop lm_head.weight or load a checkpoint with tied weights"
+                )
+        for name in expected:
+            self.params[name][...] = to_device(state_dict[name], self.xp, self.dtype)
+
+    def zero_grad(self):
+        self.flat_grads[...] = 0
+
+    # ---- forward --------------------------------------------------------------------
+
+    def _check_tokens(self, a, what):
+        if not hasattr(a, "ndim"):
+            a = np.asarray(a)
+        if a.ndim != 2:
+            raise ValueError(f"{what} must be a 2-D integer array of shape (B, T); got shape {tuple(a.shape)}")
+        if a.dtype.kind not in "iu":
+            raise ValueError(
+                f"{what} must hold integer token ids; got dtype {a.dtype}. Tokenize text first, "
+                "or cast with .astype(np.int64)"
+            )
+        if a.size == 0:
+            raise ValueError(f"{what} is empty (shape {tuple(a.shape)}); give at least one token per row")
+        lo, hi = int(a.min()), int(a.max())
+        V = self.config.vocab_size
+        if lo < 0 or hi >= V:
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"{what} holds token id {bad}, outside [0, {V}); this model's vocab_size is {V}. "
+                "Check the tokenizer, or build the model with a larger vocab_size"
+            )
+        return self.xp.asarray(a)
+
+    def _check_inputs(self, idx, targets):
+        idx = self._check_tokens(idx, "idx")
+        T = idx.shape[1]
+        if T > self.config.block_size:
+            raise ValueError(
+                f"sequence length T={T} exceeds block_size={self.config.block_size}; "
+                f"crop idx to its last {self.config.block_size} tokens"
+            )
+        if targets is not None:
+            targets = self._check_tokens(targets, "targets")
+            if targets.shape != idx.shape:
+                raise ValueError(f"targets shape {tuple(targets.shape)} differs from idx shape {tuple(idx.shape)}")
+        return idx, targets
+
+    def forward(self, idx, targets=None):
+        """idx, targets: (B, T) ints -> logits (B, T, V), loss (float, or None without targets).
+
+        With targets, the activations backward() needs are kept, and backward()
+        later overwrites the returned logits with dlogits (see cross_entropy.py):
+        copy the logits first if you need them after backward().
+        """
+        idx, targets = self._check_inputs(idx, targets)
+        self._caches = None  # free the previous step's activations first
+        p, keep = self.params, targets is not None
+        x, emb_cache = embedding.forward(idx, p[WTE], p[WPE])  # (B, T, C)
+        block_caches = []
+        for i in range(self.config.n_layer):
+            x, cache = self._block_forward(i, x)
+            if keep:
+                block_caches.append(cache)
+        x, lnf_cache = layernorm.forward(x, p["transformer.ln_f.weight"], p["transformer.ln_f.bias"])
+        logits, head_cache = linear.forward(x, p[WTE], None)  # (B, T, V), weight tied to wte
+        if not keep:
+            return logits, None
+        loss, ce_cache = cross_entropy.forward(logits, targets)
+        self._caches = (emb_cache, block_caches, lnf_cache, head_cache, ce_cache)
+        return logits, float(loss)
+
+    def _block_forward(self, i, x):
+        """One transformer block. x: (B, T, C) -> (B, T, C), and the caches for backward."""
+        p, h = self.params, f"transformer.h.{i}."
+        a, ln1 = layernorm.forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"])
+        a, c_attn = linear.forward(a, p[h + "attn.c_attn.weight"], p[h + "attn.c_attn.bias"])  # (B, T, 3C)
+        a, attn = attention.forward(a, self.config.n_head)  # (B, T, C)
+        a, attn_proj = linear.forward(a, p[h + "attn.c_proj.weight"], p[h + "attn.c_proj.bias"])
+        x = x + a  # a new array: the old x stays in ln1's cache
+        m, ln2 = layernorm.forward(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"])
+        m, c_fc = linear.forward(m, p[h + "mlp.c_fc.weight"], p[h + "mlp.c_fc.bias"])  # (B, T, 4C)
+        m, act = gelu.forward(m)
+        m, mlp_proj = linear.forward(m, p[h + "mlp.c_proj.weight"], p[h + "mlp.c_proj.bias"])  # (B, T, C)
+        x = x + m
+        return x, (ln1, c_attn, attn, attn_proj, ln2, c_fc, act, mlp_proj)
+
+    # ---- backward -------------------------------------------------------------------
+
+    def backward(self):
+        """Gradient of the last forward's mean loss, ADDED into model.grads.
+
+        Returns {name: array} with the keys of parameters(). The activations are
+        released as backward walks past them; a second backward() needs a new forward.
+        """
+        if self._caches is None:
+            raise ValueError(
+                "backward() needs a preceding forward(idx, targets) with targets; "
+                "call forward with targets first (each forward allows one backward)"
+            )
+        emb_cache, block_caches, lnf_cache, head_cache, ce_cache = self._caches
+        self._caches = None
+        g = self.grads
+        dlogits = cross_entropy.backward(1.0, ce_cache)  # (B, T, V), in the logits buffer
+        del ce_cache
+        # forward: logits = x @ wte.T   (lm_head, tied)
+        dx, dwte, _ = linear.backward(dlogits, head_cache)
+        del dlogits, head_cache
+        g[WTE] += dwte
+        del dwte
+        # forward: x = ln_f(x)
+        dx, dw, db = layernorm.backward(dx, lnf_cache)
+        g["transformer.ln_f.weight"] += dw
+        g["transformer.ln_f.bias"] += db
+        for i in reversed(range(self.config.n_layer)):
+            dx = self._block_backward(i, dx, block_caches.pop())
+        # forward: x = wte[idx] + wpe[:T]; adds into wte's gradient next to lm_head's
+        embedding.backward(dx, emb_cache, dwte=g[WTE], dwpe=g[WPE])
+        return dict(self.grads)
+
+    def _add_grads(self, prefix, dweight, dbias):
+        self.grads[prefix + ".weight"] += dweight
+        if dbias is not None:
+            self.grads[prefix + ".bias"] += dbias
+
+    def _block_backward(self, i, dx, caches):
+        """dx: (B, T, C) at the block's output -> dx at its input."""
+        ln1, c_attn, attn, attn_proj, ln2, c_fc, act, mlp_proj = caches
+        h = f"transformer.h.{i}."
+        # forward: x = x + m  (dx flows to both the skip path and the MLP)
+        dm, dw, db = linear.backward(dx, mlp_proj)
+        self._add_grads(h + "mlp.c_proj", dw, db)
+        dm = gelu.backward(dm, act)
+        dm, dw, db = linear.backward(dm, c_fc)
+        self._add_grads(h + "mlp.c_fc", dw, db)
+        dm, dw, db = layernorm.backward(dm, ln2)
+        self._add_grads(h + "ln_2", dw, db)
+        dx = dx + dm
+        # forward: x = x + a
+        da, dw, db = linear.backward(dx, attn_proj)
+        self._add_grads(h + "attn.c_proj", dw, db)
+        da = attention.backward(da, attn)
+        da, dw, db = linear.backward(da, c_attn)
+        self._add_grads(h + "attn.c_attn", dw, db)
+        da, dw, db = layernorm.backward(da, ln1)
+        self._add_grads(h + "ln_1", dw, db)
+        dx += da
+        return dx
+
+    def __repr__(self):
+        return (
+            f"GPT({self.config}, dtype={self.dtype.name}, backend={self.backend}, "
+            f"parameters={self.num_parameters():,})"
+        )

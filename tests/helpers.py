@@ -1,0 +1,63 @@
+"""Shared checks for the gradient suite: PyTorch autograd and finite differences."""
+import numpy as np
+import torch
+
+# Relative tolerances: float64 should agree to rounding, float32 to a few ulps of
+# the largest value after sums over a few hundred terms.
+TOL = {np.float64: 1e-10, np.float32: 1e-5}
+DTYPES = [np.float64, np.float32]
+
+
+def rel_err(actual, expected):
+    """max |actual - expected| relative to the largest |expected| (scale-aware)."""
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    scale = max(np.abs(expected).max(initial=0.0), 1e-30)
+    return float(np.abs(actual - expected).max(initial=0.0) / scale)
+
+
+def assert_close(actual, expected, dtype, what="", factor=1.0):
+    err = rel_err(actual, expected)
+    tol = TOL[np.dtype(dtype).type] * factor
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
+
+
+def to_torch(a, requires_grad=False):
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    if requires_grad:
+        t.requires_grad_(True)
+    return t
+
+
+def torch_dtype(dtype):
+    return torch.float64 if np.dtype(dtype) == np.float64 else torch.float32
+
+
+def randn(rng, shape, dtype, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(dtype)
+
+
+def directional_fd_check(loss_fn, inputs, grads, rng, n_dirs=3, eps=1e-6, tol=1e-6):
+    """Central finite differences of a float64 scalar loss along random directions.
+
+    loss_fn(*inputs) -> float.  For each input array with an analytic gradient g,
+    the directional derivative <g, u> along a random unit u must match
+    (loss(x + eps u) - loss(x - eps u)) / (2 eps).
+    """
+    for k, (x, g) in enumerate(zip(inputs, grads)):
+        if g is None:
+            continue
+        for _ in range(n_dirs):
+            u = rng.standard_normal(x.shape)
+            u /= np.linalg.norm(u)
+            plus = list(inputs)
+            minus = list(inputs)
+            plus[k] = x + eps * u
+            minus[k] = x - eps * u
+            numeric = (loss_fn(*plus) - loss_fn(*minus)) / (2 * eps)
+            analytic = float(np.sum(g * u))
+            denom = max(abs(numeric), abs(analytic), 1e-8)
+            assert abs(numeric - analytic) / denom < tol, (
+                f"input {k}: finite difference {numeric:.10e} vs backward {analytic:.10e}"
+            )

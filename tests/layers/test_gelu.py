@@ -1,0 +1,48 @@
+import numpy as np
+import pytest
+import torch
+
+from nanogpt_np.layers import gelu
+from tests.helpers import DTYPES, assert_close, directional_fd_check, randn, to_torch
+
+SHAPES = [(2, 5, 8), (1, 1, 4), (3, 7, 12)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gelu_matches_torch(shape, dtype):
+    rng = np.random.default_rng(0)
+    x = randn(rng, shape, dtype, 3.0)  # wide enough to reach both tails of tanh
+    dout = randn(rng, shape, dtype)
+
+    out, cache = gelu.forward(x)
+    dx = gelu.backward(dout, cache)
+
+    xt = to_torch(x, True)
+    out_t = torch.nn.functional.gelu(xt, approximate="tanh")
+    out_t.backward(to_torch(dout))
+
+    assert out.dtype == dtype and dx.dtype == dtype
+    assert_close(out, out_t.detach().numpy(), dtype, "out")
+    assert_close(dx, xt.grad.numpy(), dtype, "dx")
+
+
+def test_gelu_large_inputs_are_finite():
+    x = np.array([[[-1e4, -50.0, 0.0, 50.0, 1e4]]], dtype=np.float32)
+    out, cache = gelu.forward(x)
+    dx = gelu.backward(np.ones_like(x), cache)
+    np.testing.assert_allclose(out, [[[0, 0, 0, 50, 1e4]]], atol=1e-6)
+    np.testing.assert_allclose(dx, [[[0, 0, 0.5, 1, 1]]], atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gelu_finite_differences(shape):
+    rng = np.random.default_rng(1)
+    x = randn(rng, shape, np.float64, 2.0)
+    R = randn(rng, shape, np.float64)
+
+    def loss(x):
+        return float(np.sum(gelu.forward(x)[0] * R))
+
+    _, cache = gelu.forward(x)
+    directional_fd_check(loss, [x], [gelu.backward(R, cache)], rng)

@@ -1,0 +1,55 @@
+import numpy as np
+import pytest
+import torch
+
+from nanogpt_np.layers import layernorm
+from tests.helpers import DTYPES, assert_close, directional_fd_check, randn, to_torch
+
+SHAPES = [(2, 5, 8), (1, 1, 4), (3, 7, 13), (1, 9, 64)]  # B, T, C
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,T,C", SHAPES)
+def test_layernorm_matches_torch(B, T, C, dtype):
+    rng = np.random.default_rng(0)
+    # an offset and a spread per row, so the mean and variance both matter
+    x = randn(rng, (B, T, C), dtype, 2.0) + randn(rng, (B, T, 1), dtype, 3.0)
+    w = randn(rng, (C,), dtype) + 1
+    b = randn(rng, (C,), dtype)
+    dout = randn(rng, (B, T, C), dtype)
+
+    out, cache = layernorm.forward(x, w, b)
+    dx, dw, db = layernorm.backward(dout, cache)
+
+    xt, wt, bt = to_torch(x, True), to_torch(w, True), to_torch(b, True)
+    out_t = torch.nn.functional.layer_norm(xt, (C,), wt, bt, eps=1e-5)
+    out_t.backward(to_torch(dout))
+
+    assert out.dtype == dtype
+    assert_close(out, out_t.detach().numpy(), dtype, "out")
+    assert_close(dx, xt.grad.numpy(), dtype, "dx", factor=10)
+    assert_close(dw, wt.grad.numpy(), dtype, "dweight")
+    assert_close(db, bt.grad.numpy(), dtype, "dbias")
+
+
+def test_layernorm_caches_only_statistics():
+    x = np.random.default_rng(0).standard_normal((2, 3, 8))
+    _, (x_cached, _, mean, rstd) = layernorm.forward(x, np.ones(8), np.zeros(8))
+    assert x_cached is x
+    assert mean.shape == (2, 3, 1) and rstd.shape == (2, 3, 1)
+
+
+@pytest.mark.parametrize("B,T,C", SHAPES)
+def test_layernorm_finite_differences(B, T, C):
+    rng = np.random.default_rng(1)
+    x = randn(rng, (B, T, C), np.float64) + 1.5
+    w = randn(rng, (C,), np.float64)
+    b = randn(rng, (C,), np.float64)
+    R = randn(rng, (B, T, C), np.float64)
+
+    def loss(x, w, b):
+        return float(np.sum(layernorm.forward(x, w, b)[0] * R))
+
+    _, cache = layernorm.forward(x, w, b)
+    dx, dw, db = layernorm.backward(R, cache)
+    directional_fd_check(loss, [x, w, b], [dx, dw, db], rng)

@@ -1,0 +1,245 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from nanogpt_np import GPT, GPTConfig
+from nanogpt_np.model import LM_HEAD, WTE, parameter_shapes
+from tests.helpers import DTYPES, assert_close
+from tests.torch_gpt import torch_gpt_like, torch_grads
+
+CONFIGS = [  # (config, B, T)
+    (GPTConfig(block_size=64, vocab_size=101, n_layer=2, n_head=4, n_embd=32), 2, 17),  # odd T, odd V
+    (GPTConfig(block_size=16, vocab_size=50, n_layer=1, n_head=1, n_embd=8), 1, 1),  # T=1, one head, B=1
+    (GPTConfig(block_size=8, vocab_size=257, n_layer=3, n_head=2, n_embd=12), 3, 8),  # T = block_size
+    (GPTConfig(block_size=300, vocab_size=64, n_layer=1, n_head=3, n_embd=24), 1, 261),  # several attention tiles
+]
+
+
+def batch(cfg, B, T, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, cfg.vocab_size, (B, T)), rng.integers(0, cfg.vocab_size, (B, T))
+
+
+def check_against_torch(cfg, B, T, dtype):
+    model = GPT(cfg, dtype=dtype, seed=1)
+    idx, targets = batch(cfg, B, T)
+    ref = torch_gpt_like(model, torch.float64 if dtype == np.float64 else torch.float32)
+    logits_t, loss_t = ref(torch.from_numpy(idx), torch.from_numpy(targets))
+    loss_t.backward()
+
+    model.zero_grad()
+    logits, loss = model.forward(idx, targets)
+    logits = logits.copy()  # backward reuses the logits buffer for dlogits
+    grads = model.backward()
+
+    assert logits.dtype == dtype and isinstance(loss, float)
+    assert_close(logits, logits_t.detach().numpy(), dtype, "logits")
+    assert_close(loss, loss_t.item(), dtype, "loss")
+    expected = torch_grads(ref)
+    assert set(grads) == set(expected) == set(model.parameters())
+    for name, g in expected.items():
+        assert grads[name].dtype == dtype
+        assert_close(grads[name], g, dtype, name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cfg,B,T", CONFIGS)
+def test_model_matches_torch(cfg, B, T, dtype):
+    check_against_torch(cfg, B, T, dtype)
+
+
+@pytest.mark.slow
+def test_gpt2_124m_shape_matches_torch():
+    check_against_torch(GPTConfig(), 1, 8, np.float64)
+
+
+def test_model_finite_differences():
+    """Directional derivative of the loss w.r.t. all parameters at once."""
+    cfg, B, T = CONFIGS[0]
+    model = GPT(cfg, dtype=np.float64, seed=3)
+    idx, targets = batch(cfg, B, T)
+    model.zero_grad()
+    model.forward(idx, targets)
+    g = model.backward()
+    flat_grad = np.concatenate([g[n].ravel() for n, _ in parameter_shapes(cfg)])
+    assert np.array_equal(flat_grad, model.flat_grads)  # grads are views of one buffer
+    theta = model.flat_params.copy()
+    rng = np.random.default_rng(0)
+    eps = 1e-5
+    for _ in range(3):
+        u = rng.standard_normal(theta.shape)
+        u /= np.linalg.norm(u)
+        model.flat_params[...] = theta + eps * u
+        plus = model.forward(idx, targets)[1]
+        model.flat_params[...] = theta - eps * u
+        minus = model.forward(idx, targets)[1]
+        numeric = (plus - minus) / (2 * eps)
+        analytic = float(flat_grad @ u)
+        assert abs(numeric - analytic) <= 1e-6 * max(abs(numeric), 1e-8), (numeric, analytic)
+    model.flat_params[...] = theta
+
+
+def test_gradient_accumulation_adds_and_zero_grad_clears():
+    cfg, B, T = CONFIGS[0]
+    model = GPT(cfg, dtype=np.float64, seed=0)
+    (idx1, t1), (idx2, t2) = batch(cfg, B, T, 1), batch(cfg, B, T, 2)
+    single = {}
+    for key, (i, t) in {"a": (idx1, t1), "b": (idx2, t2)}.items():
+        model.zero_grad()
+        model.forward(i, t)
+        single[key] = {n: g.copy() for n, g in model.backward().items()}
+    model.zero_grad()
+    model.forward(idx1, t1)
+    model.backward()
+    model.forward(idx2, t2)
+    both = model.backward()
+    for name in both:
+        np.testing.assert_allclose(both[name], single["a"][name] + single["b"][name], rtol=1e-12, atol=1e-15)
+    model.zero_grad()
+    assert all(not g.any() for g in model.grads.values())
+
+
+def test_state_dict_names_layout_and_tying():
+    cfg = GPTConfig(block_size=64, vocab_size=101, n_layer=2, n_head=4, n_embd=32)
+    model = GPT(cfg, dtype=np.float64, seed=0)
+    sd = model.state_dict()
+    assert sd[LM_HEAD] is sd[WTE]
+    assert sd["transformer.h.1.attn.c_attn.weight"].shape == (96, 32)  # (out, in)
+    assert sd["transformer.h.0.mlp.c_proj.weight"].shape == (32, 128)
+    assert sd["transformer.wpe.weight"].shape == (64, 32)
+    params = model.parameters()
+    assert LM_HEAD not in params and set(sd) == set(params) | {LM_HEAD}
+    assert sum(p.size for p in params.values()) == model.num_parameters()
+
+
+def test_load_state_dict_copies_values():
+    cfg = CONFIGS[0][0]
+    a, b = GPT(cfg, dtype=np.float64, seed=0), GPT(cfg, dtype=np.float32, seed=1)
+    b.load_state_dict(a.state_dict())
+    for name, p in a.parameters().items():
+        np.testing.assert_array_equal(b.params[name], p.astype(np.float32))
+        assert not np.shares_memory(b.params[name], p)
+    idx, targets = batch(cfg, 2, 5)
+    assert abs(a.forward(idx, targets)[1] - b.forward(idx, targets)[1]) < 1e-5
+
+
+def test_load_state_dict_names_every_problem():
+    cfg = CONFIGS[0][0]
+    model = GPT(cfg, dtype=np.float64)
+    sd = {n: p.copy() for n, p in model.state_dict().items()}
+    del sd["transformer.h.0.ln_1.bias"]
+    sd["transformer.h.7.attn.bias"] = np.zeros(3)
+    sd["transformer.wpe.weight"] = np.zeros((65, 32))
+    with pytest.raises(ValueError) as e:
+        model.load_state_dict(sd)
+    msg = str(e.value)
+    assert "missing keys: transformer.h.0.ln_1.bias" in msg
+    assert "unexpected keys: transformer.h.7.attn.bias" in msg
+    assert "transformer.wpe.weight: shape (65, 32)" in msg
+
+
+def test_load_state_dict_refuses_untied_lm_head():
+    model = GPT(CONFIGS[0][0], dtype=np.float64)
+    sd = {n: p.copy() for n, p in model.state_dict().items()}
+    sd[LM_HEAD] += 1
+    with pytest.raises(ValueError, match="lm_head.weight differs"):
+        model.load_state_dict(sd)
+    del sd[LM_HEAD]  # a tied checkpoint may leave it out
+    model.load_state_dict(sd)
+
+
+def test_init_follows_build_nanogpt():
+    cfg = GPTConfig(block_size=128, vocab_size=500, n_layer=4, n_head=4, n_embd=64)
+    p = GPT(cfg, dtype=np.float64, seed=0).parameters()
+    assert abs(p[WTE].std() - 0.02) < 0.001 and abs(p["transformer.wpe.weight"].std() - 0.02) < 0.001
+    assert abs(p["transformer.h.2.mlp.c_fc.weight"].std() - 0.02) < 0.001
+    for proj in ("attn.c_proj.weight", "mlp.c_proj.weight"):
+        assert abs(p[f"transformer.h.3.{proj}"].std() - 0.02 / math.sqrt(8)) < 0.0005
+    assert not p["transformer.h.0.attn.c_attn.bias"].any()
+    assert (p["transformer.h.1.ln_2.weight"] == 1).all() and not p["transformer.ln_f.bias"].any()
+
+
+def test_seed_makes_init_reproducible_across_dtypes():
+    cfg = CONFIGS[0][0]
+    a, b = GPT(cfg, dtype=np.float64, seed=5), GPT(cfg, dtype=np.float64, seed=5)
+    c, d = GPT(cfg, dtype=np.float32, seed=5), GPT(cfg, dtype=np.float64, seed=6)
+    np.testing.assert_array_equal(a.flat_params, b.flat_params)
+    np.testing.assert_array_equal(c.flat_params, a.flat_params.astype(np.float32))
+    assert not np.array_equal(a.flat_params, d.flat_params)
+
+
+def test_inference_forward_has_no_loss_and_keeps_nothing():
+    cfg, B, T = CONFIGS[0]
+    model = GPT(cfg)
+    idx, _ = batch(cfg, B, T)
+    logits, loss = model.forward(idx)
+    assert loss is None and logits.shape == (B, T, cfg.vocab_size) and logits.dtype == np.float32
+    with pytest.raises(ValueError, match="needs a preceding forward"):
+        model.backward()
+
+
+def test_default_dtype_and_config_are_gpt2_124m():
+    cfg = GPTConfig()
+    assert (cfg.block_size, cfg.vocab_size, cfg.n_layer, cfg.n_head, cfg.n_embd) == (1024, 50257, 12, 12, 768)
+    small = GPT(CONFIGS[1][0])
+    assert small.dtype == np.float32 and small.flat_params.dtype == np.float32
+
+
+@pytest.mark.slow
+def test_gpt2_124m_parameter_count():
+    model = GPT(GPTConfig())
+    assert model.num_parameters() == 124_439_808  # GPT-2 small, lm_head tied
+
+
+# ---- bad input ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small():
+    return GPT(CONFIGS[0][0], dtype=np.float64)
+
+
+@pytest.mark.parametrize(
+    "idx,match",
+    [
+        (np.array([[1, 2, 101]]), r"token id 101, outside \[0, 101\)"),
+        (np.array([[1, -1, 3]]), r"token id -1, outside \[0, 101\)"),
+        (np.zeros((1, 65), dtype=np.int64), "T=65 exceeds block_size=64"),
+        (np.array([1, 2, 3]), "must be a 2-D integer array"),
+        (np.zeros((1, 2, 3), dtype=np.int64), "must be a 2-D integer array"),
+        (np.array([[1.0, 2.0]]), "must hold integer token ids; got dtype float64"),
+        (np.zeros((1, 0), dtype=np.int64), "is empty"),
+    ],
+)
+def test_bad_idx_is_named(small, idx, match):
+    with pytest.raises(ValueError, match=match):
+        small.forward(idx)
+
+
+def test_bad_targets_are_named(small):
+    idx = np.array([[1, 2, 3]])
+    with pytest.raises(ValueError, match=r"targets holds token id 500"):
+        small.forward(idx, np.array([[1, 2, 500]]))
+    with pytest.raises(ValueError, match="targets shape"):
+        small.forward(idx, np.array([[1, 2]]))
+
+
+def test_backward_needs_a_forward_with_targets(small):
+    idx = np.array([[1, 2, 3]])
+    with pytest.raises(ValueError, match="needs a preceding forward"):
+        small.backward()
+    small.forward(idx, idx)
+    small.backward()
+    with pytest.raises(ValueError, match="needs a preceding forward"):
+        small.backward()  # each forward allows one backward
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="not divisible by n_head"):
+        GPTConfig(n_embd=30, n_head=4)
+    with pytest.raises(ValueError, match="n_layer must be a positive integer"):
+        GPTConfig(n_layer=0)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        GPT(CONFIGS[1][0], dtype=np.int32)
