@@ -1,0 +1,177 @@
+"""AdamW, global-norm gradient clipping and build-nanogpt's cosine schedule.
+
+AdamW (Loshchilov & Hutter), exactly as torch.optim.AdamW computes it, per element:
+
+    p = p * (1 - lr * weight_decay)            decoupled decay, only for ndim >= 2
+    m = beta1 * m + (1 - beta1) * g            first moment
+    v = beta2 * v + (1 - beta2) * g^2          second moment
+    p = p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+
+The bias corrections undo the moments' start at zero. Weight decay is kept off the
+biases, LayerNorm parameters and anything else 1-D, as build-nanogpt does.
+
+Speed. The model keeps all parameters in one flat array (and the gradients in
+another), so this optimizer updates them as one buffer: a handful of array
+operations per step instead of a dozen per tensor. Parameters that are not views of
+one buffer are updated tensor by tensor with the same formula.
+"""
+import math
+
+from .backend import array_module, to_host
+
+CHUNK = 1 << 22  # elements per pass of the update: keeps the one temporary small
+
+
+def contiguous_base(arrays):
+    """(flat, [(start, stop)]) when `arrays` are consecutive views tiling one 1-D
+    array `flat` in order, else None. This is how a model's flat buffer is found."""
+    arrays = list(arrays)
+    if not arrays:
+        return None
+    base = arrays[0].base
+    if base is None or base.ndim != 1:
+        return None
+    ptr = _data_pointer
+    spans, expected = [], ptr(base)
+    for a in arrays:
+        if a.base is not base or not a.flags.c_contiguous or ptr(a) != expected:
+            return None
+        start = (expected - ptr(base)) // base.itemsize
+        spans.append((start, start + a.size))
+        expected += a.size * base.itemsize
+    if spans[-1][1] != base.size:
+        return None
+    return base, spans
+
+
+def _data_pointer(a):
+    data = a.data
+    return data.ptr if hasattr(data, "ptr") else a.__array_interface__["data"][0]
+
+
+class AdamW:
+    def __init__(self, params, lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1):
+        """params: {name: array}, updated in place by step()."""
+        self.params = dict(params)
+        self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
+        self.names = list(self.params)
+        arrays = [self.params[n] for n in self.names]
+        xp = array_module(*arrays)
+        total = sum(a.size for a in arrays)
+        # the moments are flat float arrays of the parameters' dtype, viewed per tensor
+        self.exp_avg = xp.zeros(total, dtype=arrays[0].dtype)
+        self.exp_avg_sq = xp.zeros(total, dtype=arrays[0].dtype)
+        self.spans, offset = {}, 0
+        for name, a in zip(self.names, arrays):
+            self.spans[name] = (offset, offset + a.size)
+            offset += a.size
+        self.decayed = [n for n in self.names if self.params[n].ndim >= 2]
+        self.flat_params = contiguous_base(arrays)
+        self.step_count = 0
+
+    def step(self, grads, lr=None):
+        """One update from grads {name: array} (the keys of params). lr overrides self.lr."""
+        lr = self.lr if lr is None else lr
+        missing = [n for n in self.names if n not in grads]
+        if missing:
+            raise ValueError(f"AdamW.step: no gradient for {', '.join(missing[:5])}")
+        self.step_count += 1
+        beta1, beta2 = self.betas
+        step_size = lr / (1 - beta1**self.step_count)
+        bias_correction2_sqrt = math.sqrt(1 - beta2**self.step_count)
+        # forward in time: decay first, as torch.optim.AdamW does
+        if self.weight_decay:
+            for name in self.decayed:
+                self.params[name] *= 1 - lr * self.weight_decay
+        for p, g, m, v in self._segments(grads):
+            for lo in range(0, p.size, CHUNK):
+                hi = min(p.size, lo + CHUNK)
+                _adam_chunk(p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi], beta1, beta2,
+                            step_size, bias_correction2_sqrt, self.eps)
+
+    def _segments(self, grads):
+        """[(param, grad, exp_avg, exp_avg_sq)] as 1-D arrays: one segment covering
+        everything when params and grads are each one flat buffer, else one per tensor."""
+        flat_grads = contiguous_base(grads[n] for n in self.names)
+        if self.flat_params is not None and flat_grads is not None:
+            return [(self.flat_params[0], flat_grads[0], self.exp_avg, self.exp_avg_sq)]
+        segments = []
+        for name in self.names:
+            start, stop = self.spans[name]
+            segments.append((self.params[name].reshape(-1), grads[name].reshape(-1),
+                             self.exp_avg[start:stop], self.exp_avg_sq[start:stop]))
+        return segments
+
+    def state_dict(self):
+        return {
+            "step": self.step_count,
+            "exp_avg": self.exp_avg,
+            "exp_avg_sq": self.exp_avg_sq,
+            "lr": self.lr,
+            "betas": list(self.betas),
+            "eps": self.eps,
+            "weight_decay": self.weight_decay,
+        }
+
+    def load_state_dict(self, state):
+        for key in ("exp_avg", "exp_avg_sq"):
+            if tuple(state[key].shape) != tuple(self.exp_avg.shape):
+                raise ValueError(
+                    f"optimizer state {key} has shape {tuple(state[key].shape)}, but these "
+                    f"parameters need {tuple(self.exp_avg.shape)}: the checkpoint is from another model config"
+                )
+        xp = array_module(self.exp_avg)
+        self.exp_avg[...] = xp.asarray(state["exp_avg"])
+        self.exp_avg_sq[...] = xp.asarray(state["exp_avg_sq"])
+        self.step_count = int(to_host(state["step"]))
+        for key in ("lr", "eps", "weight_decay"):
+            if key in state:
+                setattr(self, key, float(to_host(state[key])))
+        if "betas" in state:
+            self.betas = tuple(float(b) for b in to_host(state["betas"]))
+
+
+def _adam_chunk(p, g, m, v, beta1, beta2, step_size, bias_correction2_sqrt, eps):
+    """The AdamW moment and parameter update on matching 1-D slices, in place."""
+    xp = array_module(p)
+    m *= beta1
+    m += (1 - beta1) * g  # (1 - beta1) * g is the one temporary...
+    v *= beta2
+    tmp = g * g
+    tmp *= 1 - beta2
+    v += tmp
+    xp.sqrt(v, out=tmp)  # ...and is reused for the denominator
+    tmp /= bias_correction2_sqrt
+    tmp += eps
+    xp.divide(m, tmp, out=tmp)
+    tmp *= step_size
+    p -= tmp
+
+
+def clip_grad_norm(grads, max_norm):
+    """Scale grads in place so their global L2 norm is at most max_norm.
+
+    Returns the norm before clipping, as torch.nn.utils.clip_grad_norm_ does
+    (including its 1e-6 in the denominator).
+    """
+    arrays = list(grads.values()) if isinstance(grads, dict) else list(grads)
+    flat = contiguous_base(arrays)
+    xp = array_module(*arrays)
+    parts = [flat[0]] if flat is not None else [a.reshape(-1) for a in arrays]
+    total = math.sqrt(sum(float(xp.dot(a, a)) for a in parts))
+    clip_coef = min(1.0, max_norm / (total + 1e-6))
+    if clip_coef < 1.0:
+        for a in parts:
+            a *= clip_coef
+    return total
+
+
+def cosine_lr(step, max_lr=6e-4, min_lr=6e-5, warmup_steps=715, max_steps=19073):
+    """build-nanogpt's get_lr: linear warmup, then cosine decay to min_lr."""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    if step > max_steps:
+        return min_lr
+    decay_ratio = (step - warmup_steps) / (max_steps - warmup_steps)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))
+    return min_lr + coeff * (max_lr - min_lr)
