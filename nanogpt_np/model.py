@@ -312,8 +312,46 @@ class GPT:
         dx += da
         return dx
 
+    # ---- sampling -------------------------------------------------------------------
+
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, seed=None):
+        """Extend idx (B, T) by max_new_tokens sampled tokens -> (B, T + max_new_tokens).
+
+        temperature 0 is greedy (argmax). top_k keeps the k most likely tokens before
+        sampling. seed makes the draw reproducible. The context is cropped to the last
+        block_size tokens, and each new token runs the whole context again.
+        """
+        idx = to_host(self._check_tokens(idx, "idx")).astype(np.int64)
+        if max_new_tokens < 0 or temperature < 0:
+            raise ValueError("max_new_tokens and temperature must be >= 0")
+        rng = np.random.default_rng(seed)
+        for _ in range(max_new_tokens):
+            context = idx[:, -self.config.block_size :]
+            logits, _ = self.forward(context)
+            next_token = sample_next(to_host(logits[:, -1, :]), temperature, top_k, rng)  # (B,)
+            idx = np.concatenate([idx, next_token[:, None]], axis=1)
+        return idx
+
     def __repr__(self):
         return (
             f"GPT({self.config}, dtype={self.dtype.name}, backend={self.backend}, "
             f"parameters={self.num_parameters():,})"
         )
+
+
+def sample_next(logits, temperature, top_k, rng):
+    """One token per row from logits (B, V): greedy at temperature 0, else a draw
+    from softmax(logits / temperature) restricted to the top_k most likely tokens."""
+    logits = logits.astype(np.float64)
+    if temperature == 0:
+        return logits.argmax(axis=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = np.partition(logits, -top_k, axis=-1)[:, -top_k, None]  # (B, 1)
+        logits = np.where(logits < kth, -np.inf, logits)
+    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    u = rng.random((probs.shape[0], 1))
+    # inverse CDF: the first token whose cumulative probability passes u
+    return np.minimum((np.cumsum(probs, axis=-1) < u).sum(axis=-1), probs.shape[-1] - 1)
+

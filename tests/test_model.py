@@ -243,3 +243,41 @@ def test_config_validation():
         GPTConfig(n_layer=0)
     with pytest.raises(ValueError, match="float32 or float64"):
         GPT(CONFIGS[1][0], dtype=np.int32)
+
+
+# ---- sampling -----------------------------------------------------------------------
+
+
+def test_generate_greedy_follows_argmax_and_crops_context():
+    cfg = GPTConfig(block_size=8, vocab_size=23, n_layer=1, n_head=2, n_embd=8)
+    model = GPT(cfg, dtype=np.float64, seed=0)
+    idx = np.array([[1, 2, 3], [4, 5, 6]])
+    out = model.generate(idx, 10, temperature=0)
+    assert out.shape == (2, 13)
+    np.testing.assert_array_equal(out[:, :3], idx)
+    for t in range(3, 13):  # each token is the argmax given the (cropped) context before it
+        context = out[:, max(0, t - 8) : t]
+        np.testing.assert_array_equal(out[:, t], model.forward(context)[0][:, -1].argmax(-1))
+
+
+def test_generate_seed_and_top_k():
+    cfg = GPTConfig(block_size=8, vocab_size=23, n_layer=1, n_head=2, n_embd=8)
+    model = GPT(cfg, dtype=np.float64, seed=0)
+    idx = np.zeros((3, 1), dtype=np.int64)
+    a = model.generate(idx, 6, temperature=1.0, top_k=5, seed=1)
+    b = model.generate(idx, 6, temperature=1.0, top_k=5, seed=1)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, model.generate(idx, 6, temperature=1.0, top_k=5, seed=2))
+    # top_k=1 is greedy whatever the seed
+    np.testing.assert_array_equal(model.generate(idx, 4, top_k=1, seed=3), model.generate(idx, 4, temperature=0))
+
+
+def test_sample_next_draws_from_the_softmax():
+    from nanogpt_np.model import sample_next
+
+    rng = np.random.default_rng(0)
+    logits = np.log(np.array([[0.5, 0.3, 0.2, 1e-9]] * 20000))
+    counts = np.bincount(sample_next(logits, 1.0, None, rng), minlength=4) / 20000
+    np.testing.assert_allclose(counts, [0.5, 0.3, 0.2, 0.0], atol=0.015)
+    counts = np.bincount(sample_next(logits, 1.0, 2, rng), minlength=4) / 20000
+    np.testing.assert_allclose(counts, [0.625, 0.375, 0.0, 0.0], atol=0.015)
