@@ -9,7 +9,12 @@ checkpoints moving arrays to and from the host) goes through the helpers here.
 CuPy is never imported unless a caller asks for it by name, so a CPU-only install
 pays nothing for the GPU path.
 """
+import ctypes
+import os
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -116,3 +121,190 @@ def scatter_add_rows(target, indices, rows):
     sums = np.add.reduceat(rows[order], starts, axis=0)  # (number of unique ids, C)
     target[sorted_idx[starts]] += sums
     return target
+
+
+# ---- memory that stays with the process ----------------------------------------------
+#
+# A training step allocates the same arrays every time: hundreds of MB of activations
+# in forward, freed again in backward. glibc's malloc hands freed memory at the top
+# of its heap back to the kernel, and serves arrays above a size threshold with
+# fresh mmap()s, so every step pays the page faults (and the kernel's zeroing) for
+# all of it again: about 4% of a GPT-2 124M step on one core, more on two, since the
+# faults run serially. Two malloc settings keep the memory instead. The process's
+# peak resident memory does not change; it is just not given back between steps.
+
+_M_TRIM_THRESHOLD = -1  # mallopt parameter numbers from glibc's malloc.h
+_M_MMAP_THRESHOLD = -3
+_memory_kept = None
+
+
+def keep_freed_memory():
+    """Ask glibc's malloc to keep freed memory for reuse (Linux/glibc only; returns
+    False elsewhere). Arrays up to 32 MiB, glibc's largest allowed threshold, then
+    come from the reused heap; the model keeps its few bigger arrays itself.
+    Set NANOGPT_NP_KEEP_MEMORY=0 to leave malloc alone."""
+    global _memory_kept
+    if _memory_kept is None:
+        _memory_kept = False
+        if os.environ.get("NANOGPT_NP_KEEP_MEMORY", "1") != "0" and sys.platform.startswith("linux"):
+            try:
+                libc = ctypes.CDLL("libc.so.6")
+                _memory_kept = bool(libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+                                    and libc.mallopt(_M_TRIM_THRESHOLD, -1))  # -1: never trim
+            except (OSError, AttributeError):  # not glibc
+                pass
+    return _memory_kept
+
+
+# ---- cache-sized chunks -------------------------------------------------------------
+#
+# An elementwise formula written as NumPy expressions makes one pass over memory per
+# operation. Over a large array every pass streams from main memory; over a chunk
+# that fits in the core's L2 cache the later passes are nearly free. Layers therefore
+# run their formulas chunk by chunk on the CPU. On a GPU the whole array is one
+# chunk: its kernels are launched once over everything.
+
+CHUNK_BYTES = 1 << 18  # 256 KiB per operand: a few operands fit in a 1-2 MiB L2
+
+
+def on_cpu(xp):
+    """True for NumPy, False for CuPy."""
+    return xp is np
+
+
+def chunk_rows(n_rows, row_elements, itemsize, xp=np):
+    """Rows per chunk so that one chunk of a (n_rows, row_elements) array is about
+    CHUNK_BYTES (at least one row); all rows at once on a GPU."""
+    if not on_cpu(xp):
+        return max(1, n_rows)
+    return max(1, CHUNK_BYTES // max(1, row_elements * itemsize))
+
+
+def map_chunks(fn, n, chunk):
+    """[fn(lo, hi) for consecutive [lo, hi) covering range(n), `chunk` at a time],
+    the chunks shared out among the CPU threads (see parallel_map). fn must only
+    write to its own [lo, hi) and allocate its own scratch."""
+    bounds = [(lo, min(n, lo + chunk)) for lo in range(0, n, chunk)]
+    return parallel_map(lambda b: fn(*b), bounds)
+
+
+# ---- threads on the CPU -------------------------------------------------------------
+#
+# NumPy runs matmuls on OpenBLAS's threads, but every other operation on the calling
+# thread alone, so a 2-core CPU sits half idle through GELU, softmax or AdamW. NumPy
+# releases the GIL inside its loops, though: independent pieces of work (chunks of
+# an elementwise formula, heads of attention) run truly in parallel on a few Python
+# threads. The pieces write to disjoint slices, so no locks are needed, and the
+# results come back in order, so sums over them do not depend on the scheduling.
+
+_POOL_PREFIX = "nanogpt_np-worker"
+_pool = None
+_pool_lock = threading.Lock()
+_num_threads = None
+
+
+def num_threads():
+    """Threads that nanogpt_np's own CPU work uses: set_num_threads(n), else the
+    NANOGPT_NP_THREADS environment variable, else the CPUs this process may use."""
+    if _num_threads is not None:
+        return _num_threads
+    env = os.environ.get("NANOGPT_NP_THREADS")
+    if env:
+        return max(1, int(env))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def set_num_threads(n):
+    """Use n threads (n >= 1) for nanogpt_np's own CPU parallelism."""
+    global _num_threads
+    if int(n) < 1:
+        raise ValueError(f"set_num_threads needs n >= 1, got {n}")
+    _num_threads = int(n)
+
+
+def parallel_map(fn, items):
+    """[fn(item) for item in items], with the items cut into num_threads() runs
+    of neighbours, one run per thread; the calling thread takes the first run."""
+    items = list(items)
+    n = min(num_threads(), len(items))
+    if n <= 1 or threading.current_thread().name.startswith(_POOL_PREFIX):
+        return [fn(item) for item in items]  # one thread, or already inside a worker
+    runs = [items[len(items) * k // n : len(items) * (k + 1) // n] for k in range(n)]
+    pool = _thread_pool(n - 1)
+    futures = [pool.submit(lambda run: [fn(item) for item in run], run) for run in runs[1:]]
+    results = [fn(item) for item in runs[0]]
+    for f in futures:
+        results.extend(f.result())
+    return results
+
+
+def _thread_pool(workers):
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool._max_workers < workers:
+            if _pool is not None:
+                _pool.shutdown(wait=True)
+            _pool = ThreadPoolExecutor(workers, thread_name_prefix=_POOL_PREFIX)
+        return _pool
+
+
+# OpenBLAS splits every matmul over its own threads. For one big matmul that is what
+# we want; for many small ones (attention works head by head, with hs = 64) the split
+# costs more than it gains, and from several Python threads at once it oversubscribes
+# the cores. blas_threads(1) lets the Python threads share out the small matmuls
+# instead. NumPy has no API for this, so the OpenBLAS library NumPy loaded is found
+# in the process's memory map and asked directly (threadpoolctl does the same).
+
+_OPENBLAS_SETTERS = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
+                     "openblas_set_num_threads64_", "openblas_set_num_threads")
+_openblas = None  # (get, set) once looked up; () when there is no OpenBLAS to control
+
+
+def _openblas_functions():
+    global _openblas
+    if _openblas is not None:
+        return _openblas
+    _openblas = ()
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = sorted({line.split()[-1] for line in maps if "openblas" in line.lower()})
+    except OSError:
+        return _openblas
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in _OPENBLAS_SETTERS:
+            get_name = name.replace("set_num", "get_num")
+            if hasattr(lib, name) and hasattr(lib, get_name):
+                setter, getter = getattr(lib, name), getattr(lib, get_name)
+                setter.argtypes, setter.restype, getter.restype = [ctypes.c_int], None, ctypes.c_int
+                _openblas = (getter, setter)
+                return _openblas
+    return _openblas
+
+
+def blas_threads_available():
+    """True when blas_threads() can change NumPy's OpenBLAS thread count here."""
+    return bool(_openblas_functions())
+
+
+@contextmanager
+def blas_threads(n):
+    """Run the block with NumPy's OpenBLAS using at most n threads (no-op where
+    OpenBLAS cannot be found), then restore the previous count."""
+    functions = _openblas_functions()
+    if not functions:
+        yield
+        return
+    get, set_ = functions
+    before = get()
+    set_(min(n, before))
+    try:
+        yield
+    finally:
+        set_(before)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import get_xp, resolve_dtype, to_device, to_host
+from .backend import get_xp, keep_freed_memory, on_cpu, resolve_dtype, to_device, to_host
 from .layers import attention, cross_entropy, embedding, gelu, layernorm, linear
 
 WTE = "transformer.wte.weight"
@@ -92,6 +92,8 @@ class GPT:
         self.dtype = resolve_dtype(dtype)
         self.xp = get_xp(backend)
         self.backend = backend
+        if on_cpu(self.xp):
+            keep_freed_memory()  # activations are reused step after step (see backend)
         self._shapes = parameter_shapes(config)
         total = sum(math.prod(shape) for _, shape in self._shapes)
         self.flat_params = self.xp.zeros(total, dtype=self.dtype)
@@ -99,6 +101,9 @@ class GPT:
         self.params = self._views(self.flat_params)
         self.grads = self._views(self.flat_grads)
         self._caches = None  # set by forward(idx, targets), consumed by backward()
+        self._grads_are_zero = True  # backward may write gradients instead of adding them
+        self._write_grads = False  # the flag above, as the running backward() found it
+        self._logits = None  # the logits buffer that training forwards reuse
         self._init_weights(seed)
 
     def _views(self, flat):
@@ -172,6 +177,7 @@ class GPT:
 
     def zero_grad(self):
         self.flat_grads[...] = 0
+        self._grads_are_zero = True
 
     # ---- forward --------------------------------------------------------------------
 
@@ -216,7 +222,10 @@ class GPT:
 
         With targets, the activations backward() needs are kept, and backward()
         later overwrites the returned logits with dlogits (see cross_entropy.py):
-        copy the logits first if you need them after backward().
+        copy the logits first if you need them after backward(). The logits of a
+        forward with targets also live in a buffer that the next such forward of the
+        same shape reuses (the biggest array of the model, allocated once, not every
+        step); a forward without targets returns a fresh array.
         """
         idx, targets = self._check_inputs(idx, targets)
         self._caches = None  # free the previous step's activations first
@@ -228,12 +237,23 @@ class GPT:
             if keep:
                 block_caches.append(cache)
         x, lnf_cache = layernorm.forward(x, p["transformer.ln_f.weight"], p["transformer.ln_f.bias"])
-        logits, head_cache = linear.forward(x, p[WTE], None)  # (B, T, V), weight tied to wte
+        logits_out = self._logits_buffer(idx.shape) if keep else None
+        logits, head_cache = linear.forward(x, p[WTE], None, out=logits_out)  # (B, T, V), tied to wte
         if not keep:
             return logits, None
         loss, ce_cache = cross_entropy.forward(logits, targets)
         self._caches = (emb_cache, block_caches, lnf_cache, head_cache, ce_cache)
         return logits, float(loss)
+
+    def _logits_buffer(self, idx_shape):
+        """The (B, T, V) array a training forward writes its logits into, kept from
+        step to step: allocating 200 MB afresh (GPT-2 124M, B=1, T=1024) costs page
+        faults every step."""
+        shape = (*idx_shape, self.config.vocab_size)
+        if self._logits is None or self._logits.shape != shape:
+            self._logits = None  # let the old one go before making the new one
+            self._logits = self.xp.empty(shape, dtype=self.dtype)
+        return self._logits
 
     def _block_forward(self, i, x):
         """One transformer block. x: (B, T, C) -> (B, T, C), and the caches for backward."""
@@ -265,13 +285,16 @@ class GPT:
             )
         emb_cache, block_caches, lnf_cache, head_cache, ce_cache = self._caches
         self._caches = None
+        # Fresh (zeroed) gradients are written directly by the layers; otherwise
+        # (gradient accumulation) each layer's gradient is added in.
+        self._write_grads, self._grads_are_zero = self._grads_are_zero, False
         g = self.grads
         dlogits = cross_entropy.backward(1.0, ce_cache)  # (B, T, V), in the logits buffer
         del ce_cache
         # forward: logits = x @ wte.T   (lm_head, tied)
-        dx, dwte, _ = linear.backward(dlogits, head_cache)
+        dx, dwte, _ = linear.backward(dlogits, head_cache, **self._grad_out(WTE, None))
         del dlogits, head_cache
-        g[WTE] += dwte
+        self._add_grad(WTE, dwte)
         del dwte
         # forward: x = ln_f(x)
         dx, dw, db = layernorm.backward(dx, lnf_cache)
@@ -283,30 +306,47 @@ class GPT:
         embedding.backward(dx, emb_cache, dwte=g[WTE], dwpe=g[WPE])
         return dict(self.grads)
 
+    def _grad_out(self, weight_name, bias_name):
+        """Keyword arguments that let linear.backward write a parameter's gradient
+        straight into model.grads: only when they are freshly zeroed, so the write
+        equals the add (saves a temporary and a pass over it)."""
+        if not self._write_grads:
+            return {}
+        out = {"dweight_out": self.grads[weight_name]}
+        if bias_name is not None:
+            out["dbias_out"] = self.grads[bias_name]
+        return out
+
+    def _add_grad(self, name, grad):
+        if grad is not None and grad is not self.grads[name]:  # not already written in place
+            self.grads[name] += grad
+
     def _add_grads(self, prefix, dweight, dbias):
-        self.grads[prefix + ".weight"] += dweight
-        if dbias is not None:
-            self.grads[prefix + ".bias"] += dbias
+        self._add_grad(prefix + ".weight", dweight)
+        self._add_grad(prefix + ".bias", dbias)
+
+    def _linear_backward(self, dout, cache, prefix):
+        """linear.backward for the layer `prefix` (e.g. transformer.h.0.mlp.c_fc),
+        its gradients added to model.grads; returns dx."""
+        dx, dw, db = linear.backward(dout, cache, **self._grad_out(prefix + ".weight", prefix + ".bias"))
+        self._add_grads(prefix, dw, db)
+        return dx
 
     def _block_backward(self, i, dx, caches):
         """dx: (B, T, C) at the block's output -> dx at its input."""
         ln1, c_attn, attn, attn_proj, ln2, c_fc, act, mlp_proj = caches
         h = f"transformer.h.{i}."
         # forward: x = x + m  (dx flows to both the skip path and the MLP)
-        dm, dw, db = linear.backward(dx, mlp_proj)
-        self._add_grads(h + "mlp.c_proj", dw, db)
+        dm = self._linear_backward(dx, mlp_proj, h + "mlp.c_proj")
         dm = gelu.backward(dm, act)
-        dm, dw, db = linear.backward(dm, c_fc)
-        self._add_grads(h + "mlp.c_fc", dw, db)
+        dm = self._linear_backward(dm, c_fc, h + "mlp.c_fc")
         dm, dw, db = layernorm.backward(dm, ln2)
         self._add_grads(h + "ln_2", dw, db)
         dx = dx + dm
         # forward: x = x + a
-        da, dw, db = linear.backward(dx, attn_proj)
-        self._add_grads(h + "attn.c_proj", dw, db)
+        da = self._linear_backward(dx, attn_proj, h + "attn.c_proj")
         da = attention.backward(da, attn)
-        da, dw, db = linear.backward(da, c_attn)
-        self._add_grads(h + "attn.c_attn", dw, db)
+        da = self._linear_backward(da, c_attn, h + "attn.c_attn")
         da, dw, db = layernorm.backward(da, ln1)
         self._add_grads(h + "ln_1", dw, db)
         dx += da

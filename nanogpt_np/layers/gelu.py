@@ -10,53 +10,91 @@ Derivation. With t = tanh(u) and d tanh(u)/du = 1 - t^2:
     du/dx      = sqrt(2/pi) * (1 + 3 * 0.044715 * x^2)
 The first term is the "gate" (how much of x passes); the second is how the gate
 itself moves with x.
+
+Speed. Written as NumPy expressions, each formula is about ten passes over its
+array, and for GPT-2 124M that array is (1024, 3072) floats, 12 MB, far larger than
+the CPU's cache. So the work is done in cache-sized chunks of the flattened array
+(see backend.map_chunks): the first operation on a chunk reads it from memory, and
+the rest of the formula runs on data already in the cache. Each chunk function
+below is the plain formula, one operation per line, in place.
 """
 import math
 
-from ..backend import array_module
+from ..backend import array_module, chunk_rows, map_chunks
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 GELU_COEF = 0.044715
 
 
-def _inner(x):
-    """u = sqrt(2/pi) * (x + 0.044715 x^3), built in place in one temporary."""
-    u = x * x
-    u *= GELU_COEF
-    u += 1.0
-    u *= x
-    u *= SQRT_2_OVER_PI
-    return u
+def _flat(a):
+    return a.reshape(-1)  # a view: layer inputs and outputs here are contiguous
 
 
-def forward(x):
-    """x: (B, T, C)  ->  out: (B, T, C)"""
+def forward(x, out=None):
+    """x: (B, T, C)  ->  out: (B, T, C)   (`out`, if given, receives the result)"""
     xp = array_module(x)
-    out = xp.tanh(_inner(x))
-    out += 1.0
-    out *= x
-    out *= 0.5
+    x = xp.ascontiguousarray(x)
+    out = xp.empty_like(x) if out is None else out
+    x1, out1 = _flat(x), _flat(out)  # (B*T*C,)
+
+    def chunk(lo, hi):
+        _gelu(x1[lo:hi], out1[lo:hi])
+
+    map_chunks(chunk, x1.size, chunk_rows(x1.size, 1, x1.itemsize, xp))
     # Only x is cached: tanh is recomputed in backward, which is cheaper than
     # keeping another (B, T, C) array alive until then.
     return out, x
+
+
+def _gelu(x, out):
+    """out = 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3))), in place in out."""
+    xp = array_module(x)
+    xp.multiply(x, x, out=out)
+    out *= GELU_COEF
+    out += 1.0
+    out *= x
+    out *= SQRT_2_OVER_PI  # u
+    xp.tanh(out, out=out)  # t
+    out += 1.0
+    out *= x
+    out *= 0.5
 
 
 def backward(dout, cache):
     """dout: (B, T, C)  ->  dx: (B, T, C)"""
     xp = array_module(dout)
     x = cache
+    dx = xp.empty_like(x)
+    x1, dout1, dx1 = _flat(x), _flat(xp.ascontiguousarray(dout)), _flat(dx)
+
+    def chunk(lo, hi):
+        t, dudx = xp.empty(hi - lo, x1.dtype), xp.empty(hi - lo, x1.dtype)  # scratch
+        _gelu_backward(x1[lo:hi], dout1[lo:hi], dx1[lo:hi], t, dudx)
+
+    map_chunks(chunk, x1.size, chunk_rows(x1.size, 1, x1.itemsize, xp))
+    return dx
+
+
+def _gelu_backward(x, dout, dx, t, dudx):
+    """dx = dout * (0.5 (1 + t) + 0.5 x (1 - t^2) du/dx), with t and dudx as scratch."""
+    xp = array_module(x)
     # forward: u = sqrt(2/pi) * (x + 0.044715 x^3)
-    t = xp.tanh(_inner(x))  # recomputed
-    dudx = x * x
+    xp.multiply(x, x, out=dudx)  # x^2
+    xp.multiply(dudx, GELU_COEF, out=t)
+    t += 1.0
+    t *= x
+    t *= SQRT_2_OVER_PI
+    xp.tanh(t, out=t)  # t = tanh(u), recomputed
+    #   du/dx = sqrt(2/pi) * (1 + 3 * 0.044715 x^2)
     dudx *= 3.0 * GELU_COEF * SQRT_2_OVER_PI
     dudx += SQRT_2_OVER_PI
     # forward: out = 0.5 * x * (1 + t)
     #   d out/dx = 0.5 * (1 + t) + 0.5 * x * (1 - t^2) * du/dx
-    dx = 1.0 - t * t
+    xp.multiply(t, t, out=dx)
+    xp.subtract(1.0, dx, out=dx)  # 1 - t^2
     dx *= x
     dx *= dudx
     t += 1.0
     dx += t
     dx *= 0.5
     dx *= dout
-    return dx
