@@ -190,12 +190,17 @@ def map_chunks(fn, n, chunk):
 
 # ---- threads on the CPU -------------------------------------------------------------
 #
-# NumPy runs matmuls on OpenBLAS's threads, but every other operation on the calling
-# thread alone, so a 2-core CPU sits half idle through GELU, softmax or AdamW. NumPy
-# releases the GIL inside its loops, though: independent pieces of work (chunks of
-# an elementwise formula, heads of attention) run truly in parallel on a few Python
-# threads. The pieces write to disjoint slices, so no locks are needed, and the
-# results come back in order, so sums over them do not depend on the scheduling.
+# NumPy runs every operation on the calling thread, except matmuls, which OpenBLAS
+# splits over threads of its own. Left like that, a 2-core CPU sits half idle through
+# GELU, softmax or AdamW, and worse: after each matmul OpenBLAS's threads spin for
+# about 0.1 s waiting for the next one, holding the very cores that any other work
+# wants. So nanogpt_np does its own threading. Work that falls into independent
+# pieces (row blocks of a matmul, chunks of an elementwise formula, heads of
+# attention) runs on a small pool of Python threads; NumPy releases the GIL inside
+# its loops and BLAS calls, so the pieces truly run in parallel. While they do,
+# OpenBLAS is held to one thread (blas_threads), so nothing spins. The pieces write
+# to disjoint slices, so no locks are needed, and results come back in order, so
+# sums over them do not depend on the scheduling.
 
 _POOL_PREFIX = "nanogpt_np-worker"
 _pool = None
@@ -227,17 +232,19 @@ def set_num_threads(n):
 
 def parallel_map(fn, items):
     """[fn(item) for item in items], with the items cut into num_threads() runs
-    of neighbours, one run per thread; the calling thread takes the first run."""
+    of neighbours, one run per thread; the calling thread takes the first run.
+    BLAS calls inside fn run on one thread each (see above)."""
     items = list(items)
     n = min(num_threads(), len(items))
     if n <= 1 or threading.current_thread().name.startswith(_POOL_PREFIX):
         return [fn(item) for item in items]  # one thread, or already inside a worker
     runs = [items[len(items) * k // n : len(items) * (k + 1) // n] for k in range(n)]
     pool = _thread_pool(n - 1)
-    futures = [pool.submit(lambda run: [fn(item) for item in run], run) for run in runs[1:]]
-    results = [fn(item) for item in runs[0]]
-    for f in futures:
-        results.extend(f.result())
+    with blas_threads(1):
+        futures = [pool.submit(lambda run: [fn(item) for item in run], run) for run in runs[1:]]
+        results = [fn(item) for item in runs[0]]
+        for f in futures:
+            results.extend(f.result())
     return results
 
 
@@ -251,12 +258,34 @@ def _thread_pool(workers):
         return _pool
 
 
-# OpenBLAS splits every matmul over its own threads. For one big matmul that is what
-# we want; for many small ones (attention works head by head, with hs = 64) the split
-# costs more than it gains, and from several Python threads at once it oversubscribes
-# the cores. blas_threads(1) lets the Python threads share out the small matmuls
-# instead. NumPy has no API for this, so the OpenBLAS library NumPy loaded is found
-# in the process's memory map and asked directly (threadpoolctl does the same).
+MIN_SPLIT_FLOPS = 1 << 23  # below this a matmul takes ~0.1 ms: not worth splitting
+
+
+def matmul(a, b, out=None):
+    """a @ b for 2-D a (M, K) and b (K, N), written into `out` (M, N) if given.
+
+    On the CPU the result's rows (or, when it has fewer rows than columns, its
+    columns) are cut into one block per thread, and each thread multiplies its block
+    with single-threaded BLAS. A transposed operand (`w.T`) is read in place.
+    """
+    xp = array_module(a, b)
+    (M, K), N = a.shape, b.shape[1]
+    threads = num_threads()
+    if not on_cpu(xp) or threads == 1 or 2 * M * K * N < MIN_SPLIT_FLOPS:
+        return xp.matmul(a, b, out=out)
+    if out is None:
+        out = xp.empty((M, N), dtype=xp.result_type(a, b))
+    if M >= N:
+        blocks = [(slice(M * k // threads, M * (k + 1) // threads), slice(None)) for k in range(threads)]
+    else:
+        blocks = [(slice(None), slice(N * k // threads, N * (k + 1) // threads)) for k in range(threads)]
+    parallel_map(lambda rc: xp.matmul(a[rc[0]], b[:, rc[1]], out=out[rc]), blocks)
+    return out
+
+
+# OpenBLAS has no Python API, so the OpenBLAS library that NumPy loaded is found in
+# the process's memory map and asked directly (threadpoolctl does the same). Where
+# it cannot be found (another BLAS, another OS), blas_threads does nothing.
 
 _OPENBLAS_SETTERS = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
                      "openblas_set_num_threads64_", "openblas_set_num_threads")
@@ -295,15 +324,18 @@ def blas_threads_available():
 
 @contextmanager
 def blas_threads(n):
-    """Run the block with NumPy's OpenBLAS using at most n threads (no-op where
-    OpenBLAS cannot be found), then restore the previous count."""
+    """Run the block with NumPy's OpenBLAS using at most n threads, then restore
+    the previous count. Does nothing where OpenBLAS cannot be found."""
     functions = _openblas_functions()
     if not functions:
         yield
         return
     get, set_ = functions
     before = get()
-    set_(min(n, before))
+    if before <= n:
+        yield
+        return
+    set_(n)
     try:
         yield
     finally:

@@ -189,11 +189,17 @@ def clip_grad_norm(grads, max_norm):
     flat = contiguous_base(arrays)
     xp = array_module(*arrays)
     parts = [flat[0]] if flat is not None else [a.reshape(-1) for a in arrays]
-    total = math.sqrt(sum(float(xp.dot(a, a)) for a in parts))
+    # the sum of squares in pieces that the CPU threads share; partial sums in float64
+    size = CHUNK * 16 if on_cpu(xp) else max(a.size for a in parts)
+    pieces = [a[lo : lo + size] for a in parts for lo in range(0, a.size, size)]
+    total = math.sqrt(sum(parallel_map(lambda piece: float(xp.dot(piece, piece)), pieces)))
     clip_coef = min(1.0, max_norm / (total + 1e-6))
     if clip_coef < 1.0:
-        for a in parts:
-            a *= clip_coef
+
+        def scale(piece):
+            piece *= clip_coef
+
+        parallel_map(scale, pieces)
     return total
 
 

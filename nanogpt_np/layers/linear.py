@@ -16,7 +16,7 @@ so
 Each gradient is one matrix product, as big as the forward one: a linear layer's
 backward costs twice its forward.
 """
-from ..backend import array_module
+from ..backend import matmul
 
 
 def forward(x, weight, bias=None, out=None):
@@ -25,12 +25,11 @@ def forward(x, weight, bias=None, out=None):
     `out`, when given, is a (..., OC) array that receives the result (the model
     reuses one buffer for the big lm_head logits instead of a fresh one each step).
     """
-    xp = array_module(x)
     C = x.shape[-1]
     OC = weight.shape[0]
     x2 = x.reshape(-1, C)  # (N, C): one 2-D GEMM instead of a batched one
     out2 = None if out is None else out.reshape(-1, OC)  # (N, OC), a view of out
-    out = xp.matmul(x2, weight.T, out=out2)  # (N, OC); BLAS reads weight.T in place
+    out = matmul(x2, weight.T, out=out2)  # (N, OC); BLAS reads weight.T in place
     if bias is not None:
         out += bias
     # x is kept because dweight needs it; it is the previous layer's output, which
@@ -47,14 +46,13 @@ def backward(dout, cache, dweight_out=None, dbias_out=None):
     buffers this way, so the largest products land where they belong without a
     temporary and a second pass to add them.
     """
-    xp = array_module(dout)
     x, weight, has_bias = cache
     OC, C = weight.shape
     x2 = x.reshape(-1, C)  # (N, C)
     dout2 = dout.reshape(-1, OC)  # (N, OC)
     # forward: out = x @ weight.T + bias
     dbias = dout2.sum(axis=0, out=dbias_out) if has_bias else None
-    dweight = xp.matmul(dout2.T, x2, out=dweight_out)  # (OC, C); BLAS reads dout2.T in place
-    dx = dout2 @ weight  # (N, C)
+    dweight = matmul(dout2.T, x2, out=dweight_out)  # (OC, C); BLAS reads dout2.T in place
+    dx = matmul(dout2, weight)  # (N, C)
     return dx.reshape(x.shape), dweight, dbias
 
