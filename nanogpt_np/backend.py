@@ -164,7 +164,8 @@ def keep_freed_memory():
 # run their formulas chunk by chunk on the CPU. On a GPU the whole array is one
 # chunk: its kernels are launched once over everything.
 
-CHUNK_BYTES = 1 << 18  # 256 KiB per operand: a few operands fit in a 1-2 MiB L2
+CHUNK_BYTES = 1 << 20  # per operand: big enough that one NumPy call does ~0.1 ms of
+# work (threads hand the GIL back and forth between calls), small enough for L2/L3
 
 
 def on_cpu(xp):
@@ -181,11 +182,16 @@ def chunk_rows(n_rows, row_elements, itemsize, xp=np):
 
 
 def map_chunks(fn, n, chunk):
-    """[fn(lo, hi) for consecutive [lo, hi) covering range(n), `chunk` at a time],
-    the chunks shared out among the CPU threads (see parallel_map). fn must only
-    write to its own [lo, hi) and allocate its own scratch."""
-    bounds = [(lo, min(n, lo + chunk)) for lo in range(0, n, chunk)]
-    return parallel_map(lambda b: fn(*b), bounds)
+    """[fn(lo, hi) for consecutive [lo, hi) covering range(n)], in chunks of at most
+    `chunk`, shared out among the CPU threads (see parallel_map). The chunks are
+    evened out so that every thread gets the same number. fn must write only to
+    its own [lo, hi) and allocate its own scratch."""
+    count = -(-n // max(1, chunk))  # ceil
+    threads = num_threads()
+    if threads > 1 and count > 1:
+        count = -(-count // threads) * threads  # a multiple of the thread count
+    size = -(-n // max(1, count))
+    return parallel_map(lambda lo: fn(lo, min(n, lo + size)), range(0, n, max(1, size)))
 
 
 # ---- threads on the CPU -------------------------------------------------------------

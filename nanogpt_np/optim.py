@@ -22,7 +22,8 @@ import math
 
 from .backend import array_module, on_cpu, parallel_map, to_host
 
-CHUNK = 1 << 16  # elements per chunk: p, g, m, v and one temporary of this size fit in L2
+CHUNK = 1 << 18  # elements per chunk (1 MiB per operand): cache-sized, and long enough
+# per NumPy call that threads do not queue for the GIL
 
 
 def contiguous_base(arrays):
@@ -190,7 +191,7 @@ def clip_grad_norm(grads, max_norm):
     xp = array_module(*arrays)
     parts = [flat[0]] if flat is not None else [a.reshape(-1) for a in arrays]
     # the sum of squares in pieces that the CPU threads share; partial sums in float64
-    size = CHUNK * 16 if on_cpu(xp) else max(a.size for a in parts)
+    size = CHUNK * 16 if on_cpu(xp) else max(a.size for a in parts)  # memory-bound dot
     pieces = [a[lo : lo + size] for a in parts for lo in range(0, a.size, size)]
     total = math.sqrt(sum(parallel_map(lambda piece: float(xp.dot(piece, piece)), pieces)))
     clip_coef = min(1.0, max_norm / (total + 1e-6))

@@ -274,6 +274,7 @@ def profile_parts(args):
             setattr(module, direction, timed(f"{name}.{direction}", getattr(module, direction)))
     runner = NumpyStep(shape, args.seed)
     runner.opt.step = timed("AdamW.step", runner.opt.step)
+    runner.model.zero_grad = timed("zero_grad", runner.model.zero_grad)
     runner.clip = timed("clip_grad_norm", runner.clip)
     per_step = {}
     for i, (idx, targets) in enumerate(make_batches(shape, args.warmup + args.steps, args.seed)):
