@@ -267,26 +267,63 @@ def _thread_pool(workers):
 MIN_SPLIT_FLOPS = 1 << 23  # below this a matmul takes ~0.1 ms: not worth splitting
 
 
-def matmul(a, b, out=None):
-    """a @ b for 2-D a (M, K) and b (K, N), written into `out` (M, N) if given.
+def matmul(a, b, out=None, bias=None):
+    """a @ b (+ bias) for 2-D a (M, K), b (K, N) and bias (N,), written into `out`
+    (M, N) if given.
 
     On the CPU the result's rows (or, when it has fewer rows than columns, its
     columns) are cut into one block per thread, and each thread multiplies its block
-    with single-threaded BLAS. A transposed operand (`w.T`) is read in place.
+    with single-threaded BLAS and adds the bias to it while it is still in cache.
+    A transposed operand (`w.T`) is read in place.
     """
     xp = array_module(a, b)
     (M, K), N = a.shape, b.shape[1]
     threads = num_threads()
     if not on_cpu(xp) or threads == 1 or 2 * M * K * N < MIN_SPLIT_FLOPS:
-        return xp.matmul(a, b, out=out)
+        out = xp.matmul(a, b, out=out)
+        if bias is not None:
+            out += bias
+        return out
     if out is None:
         out = xp.empty((M, N), dtype=xp.result_type(a, b))
     if M >= N:
         blocks = [(slice(M * k // threads, M * (k + 1) // threads), slice(None)) for k in range(threads)]
     else:
         blocks = [(slice(None), slice(N * k // threads, N * (k + 1) // threads)) for k in range(threads)]
-    parallel_map(lambda rc: xp.matmul(a[rc[0]], b[:, rc[1]], out=out[rc]), blocks)
+
+    def block(rows_cols):
+        rows, cols = rows_cols
+        part = xp.matmul(a[rows], b[:, cols], out=out[rows, cols])
+        if bias is not None:
+            part += bias[cols]
+
+    parallel_map(block, blocks)
     return out
+
+
+def column_sums(a, out=None):
+    """a.sum(axis=0) for a 2-D array (N, M), written into `out` (M,) if given. On
+    the CPU the rows are shared among the threads and the partial sums added in order."""
+    xp = array_module(a)
+    N, M = a.shape
+    if not on_cpu(xp) or num_threads() == 1 or N * M < (1 << 18):
+        return a.sum(axis=0, out=out)
+    parts = map_chunks(lambda r0, r1: a[r0:r1].sum(axis=0), N, max(1, N // num_threads()))
+    total = sum(parts[1:], parts[0])
+    if out is None:
+        return total
+    out[...] = total
+    return out
+
+
+def fill(a, value):
+    """a[...] = value, the work shared among the CPU threads (a: contiguous)."""
+    flat = a.reshape(-1)
+    if not on_cpu(array_module(a)):
+        flat.fill(value)
+        return a
+    map_chunks(lambda lo, hi: flat[lo:hi].fill(value), flat.size, 1 << 22)
+    return a
 
 
 # OpenBLAS has no Python API, so the OpenBLAS library that NumPy loaded is found in

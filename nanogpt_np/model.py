@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import get_xp, keep_freed_memory, on_cpu, resolve_dtype, to_device, to_host
+from .backend import fill, get_xp, keep_freed_memory, on_cpu, resolve_dtype, to_device, to_host
 from .layers import attention, cross_entropy, embedding, gelu, layernorm, linear
 
 WTE = "transformer.wte.weight"
@@ -176,7 +176,7 @@ class GPT:
             self.params[name][...] = to_device(state_dict[name], self.xp, self.dtype)
 
     def zero_grad(self):
-        self.flat_grads[...] = 0
+        fill(self.flat_grads, 0)  # self.flat_grads[...] = 0, on all CPU threads
         self._grads_are_zero = True
 
     # ---- forward --------------------------------------------------------------------

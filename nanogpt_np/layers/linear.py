@@ -16,7 +16,7 @@ so
 Each gradient is one matrix product, as big as the forward one: a linear layer's
 backward costs twice its forward.
 """
-from ..backend import matmul
+from ..backend import column_sums, matmul
 
 
 def forward(x, weight, bias=None, out=None):
@@ -29,9 +29,7 @@ def forward(x, weight, bias=None, out=None):
     OC = weight.shape[0]
     x2 = x.reshape(-1, C)  # (N, C): one 2-D GEMM instead of a batched one
     out2 = None if out is None else out.reshape(-1, OC)  # (N, OC), a view of out
-    out = matmul(x2, weight.T, out=out2)  # (N, OC); BLAS reads weight.T in place
-    if bias is not None:
-        out += bias
+    out = matmul(x2, weight.T, out=out2, bias=bias)  # (N, OC); BLAS reads weight.T in place
     # x is kept because dweight needs it; it is the previous layer's output, which
     # exists anyway, so the cache costs no memory.
     cache = (x, weight, bias is not None)
@@ -51,7 +49,7 @@ def backward(dout, cache, dweight_out=None, dbias_out=None):
     x2 = x.reshape(-1, C)  # (N, C)
     dout2 = dout.reshape(-1, OC)  # (N, OC)
     # forward: out = x @ weight.T + bias
-    dbias = dout2.sum(axis=0, out=dbias_out) if has_bias else None
+    dbias = column_sums(dout2, out=dbias_out) if has_bias else None  # (OC,), over rows
     dweight = matmul(dout2.T, x2, out=dweight_out)  # (OC, C); BLAS reads dout2.T in place
     dx = matmul(dout2, weight)  # (N, C)
     return dx.reshape(x.shape), dweight, dbias
