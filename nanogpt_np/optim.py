@@ -171,12 +171,13 @@ def _adam_chunk(p, g, m, v, tmp, beta1, beta2, step_size, bias_correction2_sqrt,
     xp.multiply(g, g, out=tmp)
     tmp *= 1 - beta2
     v += tmp
-    # p -= step_size * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+    # p -= step_size * m / (sqrt(v) / sqrt(1 - beta2^t) + eps), computed as
+    # p -= (step_size * sqrt(1 - beta2^t)) * m / (sqrt(v) + eps * sqrt(1 - beta2^t)),
+    # the same number with one pass fewer
     xp.sqrt(v, out=tmp)
-    tmp /= bias_correction2_sqrt
-    tmp += eps
+    tmp += eps * bias_correction2_sqrt
     xp.divide(m, tmp, out=tmp)
-    tmp *= step_size
+    tmp *= step_size * bias_correction2_sqrt
     p -= tmp
 
 

@@ -121,9 +121,6 @@ def backward(dy, cache):
     hs = C // n_head
     scale = 1.0 / math.sqrt(hs)
     mask_t = _future_mask_t(xp, min(tile, T), dy.dtype)
-    # D[i] = dY[i] . Y[i], the softmax backward's per-row term
-    D = (dy * y).reshape(B, T, n_head, hs).sum(axis=-1)  # (B, T, NH)
-    D = xp.ascontiguousarray(D.transpose(0, 2, 1))  # (B, NH, T): each head's row contiguous
     dqkv = xp.empty((B, T, 3 * C), dtype=dy.dtype)
 
     def head(b, h):
@@ -131,6 +128,8 @@ def backward(dy, cache):
         q, k, v = (qkv[b, :, part:][:, cols] for part in (0, C, 2 * C))  # (T, hs) views
         q = q * scale  # (T, hs), as in forward
         dy_h = dy[b, :, cols]  # (T, hs)
+        # D[i] = dY[i] . Y[i], the softmax backward's per-row term
+        D = xp.einsum("td,td->t", dy_h, y[b, :, cols])  # (T,)
         dq = xp.empty((T, hs), dtype=dy.dtype)
         dk = xp.zeros((T, hs), dtype=dy.dtype)  # dk and dv gather a term from every
         dv = xp.zeros((T, hs), dtype=dy.dtype)  # query tile: contiguous, for fast adds
@@ -144,7 +143,7 @@ def backward(dy, cache):
             dv[:t1] += pt @ dy_tile
             dst = v[:t1] @ dy_tile.T  # dP.T = (dY @ v.T).T, (t1, tq)
             # forward: P = softmax(S)  ->  dS = P * (dP - D)
-            dst -= D[b, h, t0:t1]
+            dst -= D[t0:t1]
             dst *= pt
             # forward: S = (q / sqrt(hs)) @ k.T   (q here already carries the scale)
             dq[t0:t1] = dst.T @ k[:t1]

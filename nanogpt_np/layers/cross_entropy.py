@@ -26,6 +26,8 @@ reads main memory.
 Stability: logsumexp subtracts the row max before exp(), so large logits cannot
 overflow; backward computes exp(logits - logsumexp) <= 1 for the same reason.
 """
+import math
+
 from ..backend import array_module, map_chunks, on_cpu
 
 CHUNK_ELEMENTS = 1 << 18  # values per chunk (1 MB in float32), at least one row
@@ -67,15 +69,19 @@ def backward(dloss, cache):
     V = logits.shape[-1]
     dlogits2 = logits.reshape(-1, V)  # (N, V), the same memory as logits
     N = dlogits2.shape[0]
-    scale = dloss / N
+    scale = float(dloss) / N
+    # forward: loss = mean over N rows, so every row's gradient carries dloss / N.
+    # A positive factor can ride inside the exponent, exp(z - lse + log(scale)) =
+    # softmax * scale, which saves a pass over the biggest array of the model.
+    shift = lse - math.log(scale) if scale > 0 else lse  # (N,)
 
     def rows(start, stop):
         chunk = dlogits2[start:stop]
         # forward: lse = log(sum(exp(logits)))  ->  softmax = exp(logits - lse)
-        chunk -= lse[start:stop, None]
+        chunk -= shift[start:stop, None]
         xp.exp(chunk, out=chunk)
-        # forward: loss = mean over N rows  (scaled while the chunk is in cache)
-        chunk *= scale
+        if scale <= 0:
+            chunk *= scale
 
     map_chunks(rows, N, _rows_per_chunk(N, V, xp))
     # forward: loss_n = lse_n - logits[n, targets[n]]
