@@ -186,12 +186,12 @@ def map_chunks(fn, n, chunk):
     `chunk`, shared out among the CPU threads (see parallel_map). The chunks are
     evened out so that every thread gets the same number. fn must write only to
     its own [lo, hi) and allocate its own scratch."""
-    count = -(-n // max(1, chunk))  # ceil
+    count = -(-n // max(1, chunk))  # ceil(n / chunk)
     threads = num_threads()
     if threads > 1 and count > 1:
-        count = -(-count // threads) * threads  # a multiple of the thread count
-    size = -(-n // max(1, count))
-    return parallel_map(lambda lo: fn(lo, min(n, lo + size)), range(0, n, max(1, size)))
+        count = min(n, -(-count // threads) * threads)  # a multiple of the thread count
+    bounds = [(n * k // count, n * (k + 1) // count) for k in range(count)]  # sizes differ by <= 1
+    return parallel_map(lambda b: fn(*b), bounds)
 
 
 # ---- threads on the CPU -------------------------------------------------------------
@@ -236,13 +236,14 @@ def set_num_threads(n):
     _num_threads = int(n)
 
 
-def parallel_map(fn, items):
+def parallel_map(fn, items, xp=np):
     """[fn(item) for item in items], with the items cut into num_threads() runs
     of neighbours, one run per thread; the calling thread takes the first run.
-    BLAS calls inside fn run on one thread each (see above)."""
+    BLAS calls inside fn run on one thread each (see above). For GPU arrays
+    (xp is cupy) the items simply run in order: the GPU is the parallel machine."""
     items = list(items)
     n = min(num_threads(), len(items))
-    if n <= 1 or threading.current_thread().name.startswith(_POOL_PREFIX):
+    if n <= 1 or not on_cpu(xp) or threading.current_thread().name.startswith(_POOL_PREFIX):
         return [fn(item) for item in items]  # one thread, or already inside a worker
     runs = [items[len(items) * k // n : len(items) * (k + 1) // n] for k in range(n)]
     pool = _thread_pool(n - 1)

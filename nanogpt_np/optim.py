@@ -98,7 +98,7 @@ class AdamW:
             _adam_chunk(p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi], tmp, beta1, beta2,
                         step_size, bias_correction2_sqrt, self.eps)
 
-        parallel_map(update, chunks)  # chunks are disjoint: any thread may take any
+        parallel_map(update, chunks, xp)  # chunks are disjoint: any thread may take any
 
     def _segments(self, grads):
         """[(param, grad, exp_avg, exp_avg_sq, decay)] as 1-D arrays. When params and
@@ -194,14 +194,14 @@ def clip_grad_norm(grads, max_norm):
     # the sum of squares in pieces that the CPU threads share; partial sums in float64
     size = CHUNK * 16 if on_cpu(xp) else max(a.size for a in parts)  # memory-bound dot
     pieces = [a[lo : lo + size] for a in parts for lo in range(0, a.size, size)]
-    total = math.sqrt(sum(parallel_map(lambda piece: float(xp.dot(piece, piece)), pieces)))
+    total = math.sqrt(sum(parallel_map(lambda piece: float(xp.dot(piece, piece)), pieces, xp)))
     clip_coef = min(1.0, max_norm / (total + 1e-6))
     if clip_coef < 1.0:
 
         def scale(piece):
             piece *= clip_coef
 
-        parallel_map(scale, pieces)
+        parallel_map(scale, pieces, xp)
     return total
 
 

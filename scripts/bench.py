@@ -212,7 +212,40 @@ def describe(args):
             f"threads={args.threads}")
 
 
-def print_report(args, summary):
+def matmul_flops_per_token(shape):
+    """Training FLOPs per token in matrix products, counted as the issue does: 6 per
+    weight of every linear layer and of lm_head (forward 2, backward 4), plus
+    attention's two T x T products over the full square (forward 4TC per layer,
+    backward twice that). nanogpt_np skips most of the masked half, so its real
+    count is a little lower."""
+    L, C, V, T = shape["n_layer"], shape["n_embd"], shape["vocab"], shape["block_size"]
+    return 6 * (12 * L * C * C + V * C) + 12 * L * T * C
+
+
+def measure_sgemm(n=2048, repeats=5):
+    """GFLOP/s of one large float32 NumPy matmul on this machine (OpenBLAS's threads)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
+    out = np.empty((n, n), dtype=np.float32)
+    np.matmul(a, b, out=out)
+    best = min(_timed(lambda: np.matmul(a, b, out=out)) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def sgemm_limit(shape, gflops):
+    """Tokens/s if a step were nothing but its matmuls, at `gflops`."""
+    return gflops * 1e9 / matmul_flops_per_token(shape)
+
+
+def print_report(args, summary, gflops=None):
     tokens = args.batch_size * args.block_size
     print(f"config : {describe(args)}")
     print(f"step   : zero_grad + forward + backward + clip_grad_norm(1.0) + AdamW; "
@@ -222,9 +255,16 @@ def print_report(args, summary):
     for name, r in summary.items():
         print(f"{name:<8}{r['median_s'] * 1e3:>11.1f}{r['min_s'] * 1e3:>10.1f}"
               f"{r['max_s'] * 1e3:>10.1f}{r['tok_per_s']:>11.1f}")
+    print()
+    if gflops is not None:
+        limit = sgemm_limit(shape_of(args), gflops)
+        print(f"sgemm  : {gflops:.0f} GFLOP/s (NumPy float32 matmul, {args.threads} threads); the step's "
+              f"{matmul_flops_per_token(shape_of(args)) / 1e6:.0f} MFLOP/token of matmuls cap it at "
+              f"{limit:.0f} tokens/s")
+        for name, r in summary.items():
+            print(f"         {name} runs at {r['tok_per_s'] / limit:.0%} of that limit")
     if set(summary) == set(IMPLS):
         ratio = summary["numpy"]["tok_per_s"] / summary["torch"]["tok_per_s"]
-        print()
         print(f"ratio numpy/torch tokens/s (median): {ratio:.2f}")
 
 
@@ -237,10 +277,12 @@ def run_timing(args):
     batches = make_batches(shape, args.warmup + args.steps, args.seed)
     times = time_steps(runners, batches, args.warmup)
     summary = summarize(times, args.batch_size * args.block_size)
+    gflops = measure_sgemm()
     if args.json:
-        print(json.dumps(dict(config=shape, threads=args.threads, results=summary)))
+        print(json.dumps(dict(config=shape, threads=args.threads, results=summary, sgemm_gflops=gflops,
+                              sgemm_limit_tok_per_s=sgemm_limit(shape, gflops))))
     else:
-        print_report(args, summary)
+        print_report(args, summary, gflops)
     return summary
 
 

@@ -46,3 +46,135 @@ def test_host_round_trip():
     assert backend.to_host(a) is a
     b = backend.to_device(a, np, np.float32)
     assert b.dtype == np.float32 and np.array_equal(b, a)
+
+
+# ---- threads, chunks and the threaded matmul ------------------------------------------
+
+
+@pytest.fixture
+def threads():
+    """set_num_threads(n) for one test, then back to the default."""
+    before = backend._num_threads
+    yield backend.set_num_threads
+    backend._num_threads = before
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_parallel_map_keeps_order_and_spreads_work(threads, n):
+    threads(n)
+    import threading
+    import time
+
+    seen = set()
+
+    def work(i):
+        seen.add(threading.current_thread().name)
+        time.sleep(0.002)  # long enough that the workers get their share
+        return i * i
+
+    assert backend.parallel_map(work, range(12)) == [i * i for i in range(12)]
+    assert len(seen) == n
+    # nested calls run inline in the worker instead of waiting for the pool
+    assert backend.parallel_map(lambda i: sum(backend.parallel_map(lambda j: j, range(i))), range(5)) == [
+        0, 0, 1, 3, 6]
+
+
+def test_parallel_map_passes_errors_on(threads):
+    threads(2)
+
+    def work(i):
+        if i == 7:
+            raise KeyError("item 7")
+        return i
+
+    with pytest.raises(KeyError, match="item 7"):
+        backend.parallel_map(work, range(10))
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+@pytest.mark.parametrize("n,chunk", [(0, 4), (1, 4), (5, 1), (10, 3), (1000, 64), (1001, 2000)])
+def test_map_chunks_covers_the_range_once(threads, n_threads, n, chunk):
+    threads(n_threads)
+    bounds = backend.map_chunks(lambda lo, hi: (lo, hi), n, chunk)
+    covered = [i for lo, hi in bounds for i in range(lo, hi)]
+    assert covered == list(range(n))
+    assert all(hi - lo <= chunk for lo, hi in bounds)
+    if bounds:
+        assert max(hi - lo for lo, hi in bounds) - min(hi - lo for lo, hi in bounds) <= 1
+    whole_rounds = -(-(-(-n // chunk)) // n_threads) * n_threads  # ceil(ceil(n / chunk) / t) * t
+    if n_threads > 1 and n >= chunk * 2 and whole_rounds <= n:
+        assert len(bounds) == whole_rounds  # every thread gets the same number of chunks
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("M,K,N", [(300, 40, 200), (20, 64, 700), (3, 5, 7), (1, 300, 2000)])
+def test_matmul_blocks_equal_one_matmul(threads, n_threads, dtype, M, K, N, monkeypatch):
+    threads(n_threads)
+    monkeypatch.setattr(backend, "MIN_SPLIT_FLOPS", 0)  # split even these small products
+    calls = []
+    parallel_map = backend.parallel_map
+    monkeypatch.setattr(backend, "parallel_map", lambda fn, items, xp=np: calls.append(1) or parallel_map(fn, items, xp))
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((M, K)).astype(dtype)
+    w = rng.standard_normal((N, K)).astype(dtype)  # used as w.T, the linear layer's layout
+    bias = rng.standard_normal(N).astype(dtype)
+    expected = a.astype(np.float64) @ w.T.astype(np.float64)
+    tol = dict(rtol=1e-5, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(backend.matmul(a, w.T), expected, **tol)
+    out = np.empty((M, N), dtype)
+    got = backend.matmul(a, w.T, out=out, bias=bias)
+    assert got is out and got.dtype == dtype
+    np.testing.assert_allclose(got, expected + bias, **tol)
+    # a transposed left operand, as in dweight = dout.T @ x
+    dout = rng.standard_normal((M, N)).astype(dtype)
+    expected = dout.T.astype(np.float64) @ a.astype(np.float64)  # (N, K)
+    np.testing.assert_allclose(backend.matmul(dout.T, a), expected, **tol)
+    assert len(calls) == (3 if n_threads > 1 else 0)  # the threaded path was taken
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_column_sums_and_fill(threads, n_threads):
+    threads(n_threads)
+    a = np.random.default_rng(0).standard_normal((700, 500))  # big enough to be split
+    np.testing.assert_allclose(backend.column_sums(a), a.sum(axis=0), rtol=1e-12, atol=1e-12)
+    out = np.empty(500)
+    assert backend.column_sums(a, out=out) is out
+    np.testing.assert_allclose(out, a.sum(axis=0), rtol=1e-12, atol=1e-12)
+    assert backend.fill(a, 0) is a and not a.any()
+
+
+def test_blas_threads_sets_and_restores_openblas():
+    if not backend.blas_threads_available():
+        with backend.blas_threads(1):  # no OpenBLAS found: a no-op, not an error
+            pass
+        assert "openblas" not in str(np.show_config(mode="dicts")).lower()
+        return
+    get, _ = backend._openblas_functions()
+    before = get()
+    with backend.blas_threads(1):
+        assert get() == 1
+        with backend.blas_threads(1):
+            assert get() == 1
+        assert get() == 1
+    assert get() == before
+
+
+def test_set_num_threads_rejects_zero():
+    with pytest.raises(ValueError, match="n >= 1"):
+        backend.set_num_threads(0)
+
+
+def test_num_threads_reads_the_environment(threads, monkeypatch):
+    backend._num_threads = None
+    monkeypatch.setenv("NANOGPT_NP_THREADS", "3")
+    assert backend.num_threads() == 3
+
+
+def test_keep_freed_memory_on_glibc():
+    import platform
+
+    kept = backend.keep_freed_memory()
+    assert kept is backend.keep_freed_memory()  # asked once, remembered
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        assert kept is True

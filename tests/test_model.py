@@ -281,3 +281,68 @@ def test_sample_next_draws_from_the_softmax():
     np.testing.assert_allclose(counts, [0.5, 0.3, 0.2, 0.0], atol=0.015)
     counts = np.bincount(sample_next(logits, 1.0, 2, rng), minlength=4) / 20000
     np.testing.assert_allclose(counts, [0.625, 0.375, 0.0, 0.0], atol=0.015)
+
+
+# ---- speed machinery: reused buffers and threads --------------------------------------
+
+
+def test_training_forward_reuses_the_logits_buffer():
+    cfg, B, T = CONFIGS[0]
+    model = GPT(cfg)
+    idx, targets = batch(cfg, B, T)
+    first, _ = model.forward(idx, targets)
+    second, _ = model.forward(idx, targets)
+    assert np.shares_memory(first, second)  # one buffer, allocated once
+    inference, _ = model.forward(idx)
+    assert not np.shares_memory(inference, second)  # a forward without targets gets its own
+    np.testing.assert_array_equal(inference, second)
+    other_shape, _ = model.forward(idx[:1], targets[:1])
+    assert other_shape.shape == (1, T, cfg.vocab_size)
+
+
+def test_backward_writes_fresh_grads_and_adds_otherwise():
+    """After zero_grad the layers write their gradients straight into model.grads;
+    without it they add, so both paths must give the same sums."""
+    cfg, B, T = CONFIGS[0]
+    model = GPT(cfg, dtype=np.float64, seed=0)
+    idx, targets = batch(cfg, B, T)
+    model.zero_grad()
+    model.forward(idx, targets)
+    once = {n: g.copy() for n, g in model.backward().items()}
+    model.forward(idx, targets)
+    twice = model.backward()  # no zero_grad: this one adds
+    for name, g in twice.items():
+        np.testing.assert_allclose(g, 2 * once[name], rtol=1e-12, atol=1e-15)
+
+
+def _step_grads(cfg, B, T, n_threads, dtype=np.float64):
+    from nanogpt_np import backend
+
+    before = backend._num_threads
+    backend.set_num_threads(n_threads)
+    try:
+        model = GPT(cfg, dtype=dtype, seed=2)
+        idx, targets = batch(cfg, B, T, seed=4)
+        model.zero_grad()
+        logits, loss = model.forward(idx, targets)
+        logits = logits.copy()
+        model.backward()
+        return loss, logits, model.flat_grads.copy()
+    finally:
+        backend._num_threads = before
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_threads_change_rounding_at_most(dtype, monkeypatch):
+    from nanogpt_np import backend
+
+    monkeypatch.setattr(backend, "MIN_SPLIT_FLOPS", 0)  # thread even this small model's matmuls
+    cfg, B, T = CONFIGS[3]  # several attention tiles
+    loss1, logits1, grads1 = _step_grads(cfg, B, T, 1, dtype)
+    loss2, logits2, grads2 = _step_grads(cfg, B, T, 2, dtype)
+    assert_close(loss2, loss1, dtype, "loss")
+    assert_close(logits2, logits1, dtype, "logits")
+    assert_close(grads2, grads1, dtype, "grads")
+    # and with a fixed thread count a step is reproducible bit for bit
+    loss3, logits3, grads3 = _step_grads(cfg, B, T, 2, dtype)
+    assert loss3 == loss2 and np.array_equal(logits3, logits2) and np.array_equal(grads3, grads2)

@@ -69,13 +69,13 @@ def _scores_t(q, k, t0, t1, mask_t):
     return st
 
 
-def _by_head(work, B, n_head):
+def _by_head(work, B, n_head, xp):
     """work(b, h) for every batch row and head. Heads are independent, so they are
     shared out among the CPU threads, each running its small matmuls on one BLAS
     thread (see backend.parallel_map): splitting a (T, 64) @ (64, 128) product over
     cores costs more than it gains."""
     with blas_threads(1):  # also when there is one thread, or one head
-        parallel_map(lambda bh: work(*bh), [(b, h) for b in range(B) for h in range(n_head)])
+        parallel_map(lambda bh: work(*bh), [(b, h) for b in range(B) for h in range(n_head)], xp)
 
 
 def forward(qkv, n_head, tile=TILE):
@@ -106,7 +106,7 @@ def forward(qkv, n_head, tile=TILE):
             col_sum += col_max
             lse[b, h, t0:t1] = col_sum  # L = log(sum_j exp(S)), per query
 
-    _by_head(head, B, n_head)
+    _by_head(head, B, n_head, xp)
     # qkv is c_attn's output and y is c_proj's input: both are kept for those
     # layers anyway, so the cache adds only lse, (B, NH, T).
     cache = (qkv, y, lse, n_head, tile)
@@ -152,7 +152,7 @@ def backward(dy, cache):
         for part, grad in ((0, dq), (C, dk), (2 * C, dv)):
             dqkv[b, :, part:][:, cols] = grad
 
-    _by_head(head, B, n_head)
+    _by_head(head, B, n_head, xp)
     return dqkv
 
 

@@ -103,3 +103,11 @@ def test_attention_leaves_its_inputs_alone(B, T, NH, hs):
     attention.backward(dy, cache)
     np.testing.assert_array_equal(qkv, qkv0)
     np.testing.assert_array_equal(dy, dy0)
+
+
+@pytest.mark.parametrize("B,T,NH,hs", SHAPES)
+@pytest.mark.parametrize("tile", TILES)
+def test_tiled_forward_equals_the_readable_formula(B, T, NH, hs, tile):
+    qkv = np.random.default_rng(3).standard_normal((B, T, 3 * NH * hs))
+    y, _ = attention.forward(qkv, NH, tile=tile)
+    np.testing.assert_allclose(y, attention.reference_forward(qkv, NH), rtol=1e-12, atol=1e-12)

@@ -53,3 +53,35 @@ def test_layernorm_finite_differences(B, T, C):
     _, cache = layernorm.forward(x, w, b)
     dx, dw, db = layernorm.backward(R, cache)
     directional_fd_check(loss, [x, w, b], [dx, dw, db], rng)
+
+
+@pytest.mark.parametrize("B,T,C", SHAPES)
+def test_chunked_forward_equals_the_readable_formula(B, T, C, monkeypatch):
+    from nanogpt_np import backend
+
+    monkeypatch.setattr(backend, "CHUNK_BYTES", 8 * C * 2)  # two rows per chunk: many chunks
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((B, T, C)) * 2 + 1
+    w, b = rng.standard_normal(C), rng.standard_normal(C)
+    out, _ = layernorm.forward(x, w, b)
+    np.testing.assert_allclose(out, layernorm.reference_forward(x, w, b), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_layernorm_chunks_and_threads_agree(n_threads, monkeypatch):
+    from nanogpt_np import backend
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 7, 13)) + 2
+    w, b = rng.standard_normal(13), rng.standard_normal(13)
+    dout = rng.standard_normal(x.shape)
+    out, cache = layernorm.forward(x, w, b)
+    dx, dw, db = layernorm.backward(dout, cache)
+    monkeypatch.setattr(backend, "CHUNK_BYTES", 8 * 13 * 3)  # 3 rows per chunk, 7 chunks
+    monkeypatch.setattr(backend, "_num_threads", n_threads)
+    out_c, cache_c = layernorm.forward(x, w, b)
+    dx_c, dw_c, db_c = layernorm.backward(dout, cache_c)
+    np.testing.assert_array_equal(out_c, out)  # row by row: same operations, same bits
+    np.testing.assert_array_equal(dx_c, dx)
+    np.testing.assert_allclose(dw_c, dw, rtol=1e-13)  # a sum over chunks: rounding may differ
+    np.testing.assert_allclose(db_c, db, rtol=1e-13)
