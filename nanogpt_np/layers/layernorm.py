@@ -20,7 +20,7 @@ over (B, T, C) and as many temporaries. forward and backward run the same lines 
 cache-sized blocks of rows (see backend.map_chunks), so only the first pass over a
 block reads main memory, and write into preallocated outputs.
 """
-from ..backend import array_module, chunk_rows, map_chunks
+from ..backend import array_module, chunk_rows, column_sums, map_chunks
 
 
 def reference_forward(x, weight, bias, eps=1e-5):
@@ -74,7 +74,7 @@ def backward(dout, cache):
     dx = xp.empty(x.shape, dtype=dout.dtype)
     dx2 = dx.reshape(N, C)
     # forward: out = xhat * weight + bias
-    dbias = dout2.sum(axis=0)  # (C,)
+    dbias = column_sums(dout2)  # (C,), dout summed over rows
 
     def rows(r0, r1):
         xhat = xp.empty((r1 - r0, C), dtype=dout.dtype)  # (n, C) scratch
