@@ -176,6 +176,9 @@ class GPT:
             self.params[name][...] = to_device(state_dict[name], self.xp, self.dtype)
 
     def zero_grad(self):
+        """Set every gradient to zero. The next backward() then writes its gradients
+        into model.grads instead of adding them (the same numbers, one pass less), so
+        change model.grads only after backward(), not between zero_grad() and it."""
         fill(self.flat_grads, 0)  # self.flat_grads[...] = 0, on all CPU threads
         self._grads_are_zero = True
 
@@ -273,7 +276,8 @@ class GPT:
     # ---- backward -------------------------------------------------------------------
 
     def backward(self):
-        """Gradient of the last forward's mean loss, ADDED into model.grads.
+        """Gradient of the last forward's mean loss, ADDED into model.grads (right
+        after zero_grad() the layers write into model.grads directly: the same sums).
 
         Returns {name: array} with the keys of parameters(). The activations are
         released as backward walks past them; a second backward() needs a new forward.
@@ -292,7 +296,7 @@ class GPT:
         dlogits = cross_entropy.backward(1.0, ce_cache)  # (B, T, V), in the logits buffer
         del ce_cache
         # forward: logits = x @ wte.T   (lm_head, tied)
-        dx, dwte, _ = linear.backward(dlogits, head_cache, **self._grad_out(WTE, None))
+        dx, dwte, _ = linear.backward(dlogits, head_cache, **self._grad_out("transformer.wte", bias=False))
         del dlogits, head_cache
         self._add_grad(WTE, dwte)
         del dwte
@@ -306,15 +310,15 @@ class GPT:
         embedding.backward(dx, emb_cache, dwte=g[WTE], dwpe=g[WPE])
         return dict(self.grads)
 
-    def _grad_out(self, weight_name, bias_name):
-        """Keyword arguments that let linear.backward write a parameter's gradient
-        straight into model.grads: only when they are freshly zeroed, so the write
-        equals the add (saves a temporary and a pass over it)."""
+    def _grad_out(self, prefix, bias=True):
+        """Keyword arguments that let linear.backward write the layer `prefix`'s
+        gradients straight into model.grads. Only right after zero_grad(), when
+        writing equals adding; it saves a temporary and a pass over it."""
         if not self._write_grads:
             return {}
-        out = {"dweight_out": self.grads[weight_name]}
-        if bias_name is not None:
-            out["dbias_out"] = self.grads[bias_name]
+        out = {"dweight_out": self.grads[prefix + ".weight"]}
+        if bias:
+            out["dbias_out"] = self.grads[prefix + ".bias"]
         return out
 
     def _add_grad(self, name, grad):
@@ -325,28 +329,25 @@ class GPT:
         self._add_grad(prefix + ".weight", dweight)
         self._add_grad(prefix + ".bias", dbias)
 
-    def _linear_backward(self, dout, cache, prefix):
-        """linear.backward for the layer `prefix` (e.g. transformer.h.0.mlp.c_fc),
-        its gradients added to model.grads; returns dx."""
-        dx, dw, db = linear.backward(dout, cache, **self._grad_out(prefix + ".weight", prefix + ".bias"))
-        self._add_grads(prefix, dw, db)
-        return dx
-
     def _block_backward(self, i, dx, caches):
         """dx: (B, T, C) at the block's output -> dx at its input."""
         ln1, c_attn, attn, attn_proj, ln2, c_fc, act, mlp_proj = caches
         h = f"transformer.h.{i}."
         # forward: x = x + m  (dx flows to both the skip path and the MLP)
-        dm = self._linear_backward(dx, mlp_proj, h + "mlp.c_proj")
+        dm, dw, db = linear.backward(dx, mlp_proj, **self._grad_out(h + "mlp.c_proj"))
+        self._add_grads(h + "mlp.c_proj", dw, db)
         dm = gelu.backward(dm, act)
-        dm = self._linear_backward(dm, c_fc, h + "mlp.c_fc")
+        dm, dw, db = linear.backward(dm, c_fc, **self._grad_out(h + "mlp.c_fc"))
+        self._add_grads(h + "mlp.c_fc", dw, db)
         dm, dw, db = layernorm.backward(dm, ln2)
         self._add_grads(h + "ln_2", dw, db)
         dx = dx + dm
         # forward: x = x + a
-        da = self._linear_backward(dx, attn_proj, h + "attn.c_proj")
+        da, dw, db = linear.backward(dx, attn_proj, **self._grad_out(h + "attn.c_proj"))
+        self._add_grads(h + "attn.c_proj", dw, db)
         da = attention.backward(da, attn)
-        da = self._linear_backward(da, c_attn, h + "attn.c_attn")
+        da, dw, db = linear.backward(da, c_attn, **self._grad_out(h + "attn.c_attn"))
+        self._add_grads(h + "attn.c_attn", dw, db)
         da, dw, db = layernorm.backward(da, ln1)
         self._add_grads(h + "ln_1", dw, db)
         dx += da

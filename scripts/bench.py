@@ -336,7 +336,8 @@ def profile_parts(args):
     print(f"{'part':<24}{'ms/step':>10}{'share':>8}")
     for label, seconds in sorted(med.items(), key=lambda kv: -kv[1]):
         print(f"{label:<24}{seconds * 1e3:>10.1f}{seconds / step:>8.1%}")
-    print(f"{'step (median)':<24}{step * 1e3:>10.1f}   {args.batch_size * args.block_size / step:.1f} tokens/s")
+    tok_per_s = args.batch_size * args.block_size / step
+    print(f"{'step (median)':<24}{step * 1e3:>10.1f}   {tok_per_s:.1f} tokens/s")
     return med
 
 

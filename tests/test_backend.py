@@ -114,7 +114,8 @@ def test_matmul_blocks_equal_one_matmul(threads, n_threads, dtype, M, K, N, monk
     monkeypatch.setattr(backend, "MIN_SPLIT_FLOPS", 0)  # split even these small products
     calls = []
     parallel_map = backend.parallel_map
-    monkeypatch.setattr(backend, "parallel_map", lambda fn, items, xp=np: calls.append(1) or parallel_map(fn, items, xp))
+    monkeypatch.setattr(backend, "parallel_map",
+                        lambda fn, items, xp=np: calls.append(1) or parallel_map(fn, items, xp))
     rng = np.random.default_rng(0)
     a = rng.standard_normal((M, K)).astype(dtype)
     w = rng.standard_normal((N, K)).astype(dtype)  # used as w.T, the linear layer's layout

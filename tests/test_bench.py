@@ -48,6 +48,6 @@ def test_bench_memory_runs_each_library_in_its_own_process(impl):
 
 
 def test_bench_rejects_a_bad_shape():
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--n-embd", "30", "--n-head", "4"],
-                            capture_output=True, text=True, cwd=ROOT)
+    command = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--n-embd", "30", "--n-head", "4"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode != 0 and "not divisible" in result.stderr
