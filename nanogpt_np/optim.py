@@ -14,9 +14,9 @@ Speed. The model keeps all parameters in one flat array (and the gradients in
 another), so this optimizer updates them as one buffer: a few long runs (the
 stretches of decayed and of undecayed parameters) instead of a dozen operations per
 tensor. Parameters that are not views of one buffer are updated tensor by tensor
-with the same formula. The runs are walked in cache-sized chunks: the update is
-fourteen array operations, and on a chunk that stays in the L2 cache only the first
-touch of p, g, m and v goes to main memory.
+with the same formula. The runs are walked in cache-sized chunks, shared among the
+CPU threads: the update is thirteen array operations, and on a chunk that stays in
+the cache only the first touch of p, g, m and v goes to main memory.
 """
 import math
 

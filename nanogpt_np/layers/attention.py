@@ -100,8 +100,9 @@ def forward(qkv, n_head, tile=TILE):
             pt -= col_max
             xp.exp(pt, out=pt)  # unnormalised P.T; the max keeps exp() <= 1
             col_sum = pt.sum(axis=0)  # (tq,)
-            y_tile = xp.matmul(pt.T, v[:t1], out=y[b, t0:t1, cols])  # (tq, hs), in y
+            y_tile = pt.T @ v[:t1]  # (tq, hs) = P @ v
             y_tile /= col_sum[:, None]
+            y[b, t0:t1, cols] = y_tile
             xp.log(col_sum, out=col_sum)
             col_sum += col_max
             lse[b, h, t0:t1] = col_sum  # L = log(sum_j exp(S)), per query
@@ -146,8 +147,8 @@ def backward(dy, cache):
             dst -= D[t0:t1]
             dst *= pt
             # forward: S = (q / sqrt(hs)) @ k.T   (q here already carries the scale)
-            dq[t0:t1] = dst.T @ k[:t1]
-            dk[:t1] += dst @ q[t0:t1]
+            dq[t0:t1] = dst.T @ k[:t1]  # dS @ k
+            dk[:t1] += dst @ q[t0:t1]  # dS.T @ q
         dq *= scale
         for part, grad in ((0, dq), (C, dk), (2 * C, dv)):
             dqkv[b, :, part:][:, cols] = grad

@@ -20,11 +20,12 @@ never be alive at once, so
   - backward writes dlogits *into the logits buffer*, recomputing softmax there.
 After backward the logits array holds dlogits; callers that want logits must copy
 them first.
-Speed: a chunk of CHUNK_ELEMENTS values fits in the L2 cache, so of the passes
-each chunk needs (max, subtract, exp, sum; subtract, exp, scale) only the first
-reads main memory.
+Speed: a chunk of CHUNK_ELEMENTS values stays in the cache, so of the passes each
+chunk needs (max, subtract, exp, sum; subtract, exp) only the first reads main
+memory; the chunks are shared among the CPU threads (backend.map_chunks).
 Stability: logsumexp subtracts the row max before exp(), so large logits cannot
-overflow; backward computes exp(logits - logsumexp) <= 1 for the same reason.
+overflow; backward computes exp(logits - logsumexp) * scale <= scale for the same
+reason.
 """
 import math
 

@@ -30,11 +30,11 @@ def _flat(a):
     return a.reshape(-1)  # a view: layer inputs and outputs here are contiguous
 
 
-def forward(x, out=None):
-    """x: (B, T, C)  ->  out: (B, T, C)   (`out`, if given, receives the result)"""
+def forward(x):
+    """x: (B, T, C)  ->  out: (B, T, C)"""
     xp = array_module(x)
     x = xp.ascontiguousarray(x)
-    out = xp.empty_like(x) if out is None else out
+    out = xp.empty_like(x)
     x1, out1 = _flat(x), _flat(out)  # (B*T*C,)
 
     def chunk(lo, hi):
