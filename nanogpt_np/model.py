@@ -314,17 +314,22 @@ class GPT:
 
     # ---- sampling -------------------------------------------------------------------
 
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, seed=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, seed=None, use_cache=True):
         """Extend idx (B, T) by max_new_tokens sampled tokens -> (B, T + max_new_tokens).
 
         temperature 0 is greedy (argmax). top_k keeps the k most likely tokens before
         sampling. seed makes the draw reproducible. The context is cropped to the last
-        block_size tokens, and each new token runs the whole context again.
+        block_size tokens. With use_cache (the default) each new token runs one
+        position against a key/value cache (see generate.py); use_cache=False runs
+        the whole context again for each token, the reference both must agree with.
         """
+        from .generate import check_sampling_args, generate_cached
+
         idx = to_host(self._check_tokens(idx, "idx")).astype(np.int64)
-        if max_new_tokens < 0 or temperature < 0:
-            raise ValueError("max_new_tokens and temperature must be >= 0")
+        check_sampling_args(max_new_tokens, temperature, top_k)
         rng = np.random.default_rng(seed)
+        if use_cache:
+            return generate_cached(self, idx, max_new_tokens, temperature, top_k, rng, sample_next)
         for _ in range(max_new_tokens):
             context = idx[:, -self.config.block_size :]
             logits, _ = self.forward(context)
