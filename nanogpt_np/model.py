@@ -337,6 +337,24 @@ class GPT:
             idx = np.concatenate([idx, next_token[:, None]], axis=1)
         return idx
 
+    # ---- GPT-2 weights in and out (pretrained.py) ----------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path_or_name, dtype=np.float32, backend="numpy", **kwargs):
+        """A GPT-2 from Hugging Face weights (a directory with model.safetensors and
+        config.json, or a name such as "gpt2" found in the local Hugging Face cache)
+        or from an llm.c model file (gpt2_124M.bin). See pretrained.load for kwargs."""
+        from . import pretrained
+
+        return pretrained.load(path_or_name, dtype=dtype, backend=backend, **kwargs)
+
+    def save_pretrained(self, directory, vocab_size=None):
+        """Write model.safetensors and config.json that transformers' GPT2LMHeadModel
+        loads; a padded vocab is cut back to GPT-2's 50257 (see pretrained.save_hf)."""
+        from . import pretrained
+
+        pretrained.save_hf(self, directory, vocab_size=vocab_size)
+
     def __repr__(self):
         return (
             f"GPT({self.config}, dtype={self.dtype.name}, backend={self.backend}, "
