@@ -87,7 +87,7 @@ def init_std(name, config):
 
 
 class GPT:
-    def __init__(self, config, dtype=np.float32, seed=0, backend="numpy"):
+    def __init__(self, config, dtype=np.float32, seed=0, backend="numpy", init_weights=True):
         self.config = config
         self.dtype = resolve_dtype(dtype)
         self.xp = get_xp(backend)
@@ -99,7 +99,8 @@ class GPT:
         self.params = self._views(self.flat_params)
         self.grads = self._views(self.flat_grads)
         self._caches = None  # set by forward(idx, targets), consumed by backward()
-        self._init_weights(seed)
+        if init_weights:  # False leaves zeros, for weights about to be loaded
+            self._init_weights(seed)
 
     def _views(self, flat):
         views, offset = {}, 0

@@ -70,7 +70,7 @@ def resize_vocab(model, vocab_size):
     padded model's cut copy can then never produce an id the tokenizer lacks.
     """
     cfg = GPTConfig(**{**model.config.to_dict(), "vocab_size": vocab_size})
-    out = GPT(cfg, dtype=model.dtype, backend=model.backend)
+    out = GPT(cfg, dtype=model.dtype, backend=model.backend, init_weights=False)
     sd = {n: p for n, p in model.parameters().items() if n != WTE}
     wte = out.xp.zeros((vocab_size, cfg.n_embd), dtype=model.dtype)
     keep = min(vocab_size, model.config.vocab_size)
@@ -348,7 +348,7 @@ def load_hf(directory, dtype=np.float32, backend="numpy"):
         state[name] = value
     if LM_HEAD in stripped:
         state[LM_HEAD] = stripped[LM_HEAD]  # load_state_dict checks that it equals wte
-    model = GPT(config, dtype=dtype, backend=backend)
+    model = GPT(config, dtype=dtype, backend=backend, init_weights=False)
     model.load_state_dict(state)
     return model
 
@@ -516,6 +516,6 @@ def load_llmc(path, dtype=np.float32, backend="numpy", keep_padding=True):
             value = safetensors_io.bf16_bits_to_float32(raw) if h["dtype"] == "bfloat16" else np.array(raw)
             state[name] = value[:vocab] if name == WTE else value
     del data
-    model = GPT(config, dtype=dtype, backend=backend)
+    model = GPT(config, dtype=dtype, backend=backend, init_weights=False)
     model.load_state_dict(state)
     return model

@@ -72,6 +72,11 @@ def test_load_in_float64_matches_transformers_in_float64(hf_dir, hf_model, idx):
     assert rel_err(model.forward(idx)[0], hf_logits(hf64, idx)) < 1e-12
 
 
+def test_models_built_for_loading_skip_the_random_init():
+    model = GPT(GPTConfig(block_size=8, vocab_size=10, n_layer=1, n_head=1, n_embd=4), init_weights=False)
+    assert not model.flat_params.any()
+
+
 def test_conv1d_weights_are_transposed(hf_dir, hf_model):
     model = GPT.from_pretrained(hf_dir)
     sd = hf_model.state_dict()
