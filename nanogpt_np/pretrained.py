@@ -168,7 +168,8 @@ def resolve_hf(path_or_name, download=False, cache_dir=None, base_url=HF_BASE_UR
     if path.is_dir():
         _check_hf_dir(path)
         return path
-    if path.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1 or path.suffix:
+    looks_like_a_file = path.suffix in (".bin", ".safetensors", ".json")
+    if path.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1 or looks_like_a_file:
         raise FileNotFoundError(
             f"{text}: no such directory or file. Give a directory with config.json and "
             "model.safetensors, an llm.c model file, or a model name such as 'gpt2'"

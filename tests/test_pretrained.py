@@ -253,6 +253,10 @@ def test_a_name_not_found_says_how_to_get_it(tmp_path, monkeypatch):
         GPT.from_pretrained("gpt2-large")
     msg = str(e.value)
     assert str(tmp_path / "hub") in msg and "huggingface-cli download gpt2-large" in msg and "download=True" in msg
+    with pytest.raises(FileNotFoundError, match="huggingface-cli download someone/gpt2-1.5"):
+        GPT.from_pretrained("someone/gpt2-1.5")  # a repo id, dots and all
+    with pytest.raises(FileNotFoundError, match="gpt2_124M.bin: no such directory or file"):
+        GPT.from_pretrained("gpt2_124M.bin")
 
 
 def test_download_fetches_into_our_cache(hf_dir, hf_model, idx, tmp_path, monkeypatch):
