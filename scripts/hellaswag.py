@@ -9,12 +9,12 @@ build-nanogpt reports acc 0.2859, acc_norm 0.2955 for GPT-2 124M on the 10042 va
 Under mpiexec the examples are split across ranks and the counts summed.
 """
 import argparse
-import os
 import sys
 import time
 
 from model_source import add_model_args, load_model
-from nanogpt_np import hellaswag
+from nanogpt_np import distributed, hellaswag
+from nanogpt_np.backend import get_xp
 
 
 def parse_args(argv=None):
@@ -30,41 +30,33 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def mpi_world():
-    """(rank, world_size, reduce_sum) from MPI when launched by mpiexec, else a single process."""
-    launched = any(int(os.environ.get(v, "1")) > 1 for v in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE"))
-    if not launched:
-        return 0, 1, None
-    from mpi4py import MPI
-
-    comm = MPI.COMM_WORLD
-    return comm.Get_rank(), comm.Get_size(), lambda counts: comm.allreduce(counts, op=MPI.SUM)
+def fail(dist, message):
+    """Report on stderr and stop every rank (one rank exiting alone would leave the
+    others waiting in a collective)."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    dist.abort(1)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world_size, reduce_sum = mpi_world()
-    path, error = None, None
-    if rank == 0 or args.path:  # under MPI only rank 0 downloads
+    dist = distributed.init()  # one process, or the ranks mpiexec started
+    rank = dist.rank
+    # Only rank 0 downloads; the others learn the path (or the error) from it.
+    found = {"path": None, "error": None}
+    if rank == 0:
         try:
-            path = str(hellaswag.data_file(args.split, path=args.path, data_dir=args.data_dir))
+            found["path"] = str(hellaswag.data_file(args.split, path=args.path, data_dir=args.data_dir))
         except (ValueError, OSError, RuntimeError) as e:
-            error = str(e)
-    if world_size > 1 and not args.path:
-        from mpi4py import MPI
-
-        path, error = MPI.COMM_WORLD.bcast((path, error), root=0)
-    if error:
-        sys.exit(f"error: {error}")
+            found["error"] = str(e)
+    found = dist.allgather_json(found)[0]
+    if found["error"]:
+        fail(dist, found["error"])
     try:
-        if args.backend == "cupy" and world_size > 1:
-            import cupy
-
-            cupy.cuda.Device(rank % cupy.cuda.runtime.getDeviceCount()).use()  # one GPU per rank
-        examples = hellaswag.load_examples(path, limit=args.limit)
+        dist.pin_device(get_xp(args.backend))  # one GPU per rank
+        examples = hellaswag.load_examples(found["path"], limit=args.limit)
         model = load_model(args)
     except (ValueError, OSError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
+        fail(dist, e)
 
     def progress(done, total, counts):
         if rank == 0 and args.print_every and (done % args.print_every == 0 or done == total):
@@ -72,10 +64,11 @@ def main(argv=None):
 
     t0 = time.perf_counter()
     try:
-        result = hellaswag.evaluate(model, examples, rank=rank, world_size=world_size, reduce_sum=reduce_sum,
+        result = hellaswag.evaluate(model, examples, rank=rank, world_size=dist.world_size,
+                                    reduce_sum=dist.allreduce_sum_,
                                     examples_per_forward=args.examples_per_forward, progress=progress)
     except ValueError as e:
-        sys.exit(f"error: {e}")
+        fail(dist, e)
     if rank == 0:
         print(f"hellaswag {args.split}: {result.n} examples, acc {result.acc:.4f}, acc_norm {result.acc_norm:.4f} "
               f"({time.perf_counter() - t0:.1f} s)")

@@ -28,8 +28,8 @@ def run(script, *args, ok=True):
 def models(tmp_path_factory):
     """A tiny GPT-2-vocab model as a Hugging Face directory and as a padded llm.c file."""
     d = tmp_path_factory.mktemp("models")
-    model = GPT(GPTConfig(block_size=32, vocab_size=50304, n_layer=1, n_head=2, n_embd=8), seed=0)
-    model.flat_params *= 10
+    # seed 4 gets HellaSwag acc 1/3 on EXAMPLES * k: a count lost between ranks would show
+    model = GPT(GPTConfig(block_size=32, vocab_size=50304, n_layer=1, n_head=2, n_embd=8), seed=4)
     model.save_pretrained(d / "hf")
     pretrained.save_llmc(model, d / "tiny.bin")
     return d
@@ -84,3 +84,24 @@ def test_plot_log_script(tmp_path):
     assert (tmp_path / "log.png").is_file() and "min train loss: 5.0000" in proc.stdout
     proc = run("plot_log.py", tmp_path / "nowhere", ok=False)
     assert "holds log.txt" in proc.stderr
+
+
+def test_hellaswag_script_under_mpiexec(models, tmp_path):
+    """Two ranks split the examples and sum their counts: the same result as one process."""
+    pytest.importorskip("mpi4py")
+    from tests.test_mpi import MPIEXEC, run_mpi
+
+    if MPIEXEC is None:
+        pytest.skip("no mpiexec (pip install -e '.[mpi]')")
+    path = write_jsonl(tmp_path / "hellaswag_val.jsonl", EXAMPLES * 3)
+    args = ["--llmc-bin", str(models / "tiny.bin"), "--path", str(path), "--print-every", "0"]
+    proc = run_mpi(ROOT / "scripts" / "hellaswag.py", n=2, args=args)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("hellaswag val")]
+    assert len(lines) == 1  # rank 0 reports
+    result = hellaswag_result(models, EXAMPLES * 3, limit=9)
+    assert result.acc == pytest.approx(1 / 3)
+    assert f"9 examples, acc {result.acc:.4f}, acc_norm {result.acc_norm:.4f}" in lines[0]
+    bad = run_mpi(ROOT / "scripts" / "hellaswag.py", n=2, timeout=60,
+                  args=["--llmc-bin", str(models / "tiny.bin"), "--path", str(tmp_path / "none.jsonl")])
+    assert bad.returncode != 0 and "check --path" in bad.stderr
