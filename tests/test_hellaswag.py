@@ -133,6 +133,9 @@ def test_evaluate_a_jsonl_file(known, tmp_path):
     assert result == (pytest.approx(1 / 3), pytest.approx(2 / 3), 3)
     assert (result.acc, result.acc_norm, result.n) == tuple(result)
     assert hellaswag.load_examples(path, limit=2) == EXAMPLES[:2]
+    # examples rendered once up front (what a training loop evaluating often would pass)
+    rendered = [hellaswag.render_example(e, ENC) for e in examples]
+    assert hellaswag.evaluate(model, rendered) == result
 
 
 @pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-10), (np.float32, 1e-4)])

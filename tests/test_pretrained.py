@@ -84,6 +84,8 @@ def test_conv1d_weights_are_transposed(hf_dir, hf_model):
         name = f"transformer.h.1.{suffix}"
         np.testing.assert_array_equal(model.params[name], sd[name].numpy().T)
     np.testing.assert_array_equal(model.params[WTE], sd["transformer.wte.weight"].numpy())
+    by_file = GPT.from_pretrained(hf_dir / "model.safetensors")  # the file: its directory's config.json
+    np.testing.assert_array_equal(by_file.flat_params, model.flat_params)
 
 
 def rewrite(directory, edit):
