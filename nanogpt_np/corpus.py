@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .data import DataError
 from .prepare import write_token_stream
 from .tokenizer import EOT_TOKEN, get_encoding
 
@@ -63,7 +64,7 @@ def stdlib_files(root=None):
     """Sorted relative paths of the standard library's .py files, tests excluded."""
     root = Path(root or sysconfig.get_paths()["stdlib"])
     if not root.is_dir():
-        raise RuntimeError(f"the standard library folder {root} (from sysconfig) does not exist; "
+        raise DataError(f"the standard library folder {root} (from sysconfig) does not exist; "
                            "pass --data-dir with prepared shards instead")
     files = []
     for path in root.rglob("*.py"):
@@ -109,7 +110,7 @@ def builtin_corpus(cache=None, max_chars=None, log=print):
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise RuntimeError(f"cannot create the corpus cache {final.parent} ({e}); "
+        raise DataError(f"cannot create the corpus cache {final.parent} ({e}); "
                            f"set {CACHE_ENV} to a writable folder") from e
     _remove_abandoned_builds(final)
     tmp = final.parent / f".{final.name}.tmp{os.getpid()}"

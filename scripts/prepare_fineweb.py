@@ -1,6 +1,6 @@
 """Download FineWeb-Edu (sample-10BT) and tokenize it into 100M-token shards.
 
-    pip install datasets
+    pip install -e '.[fineweb]'        # the `datasets` library
     python3 scripts/prepare_fineweb.py --out edu_fineweb10B
     python3 scripts/train.py --data-dir edu_fineweb10B
 
@@ -20,11 +20,12 @@ from nanogpt_np.prepare import shard_documents  # noqa: E402
 
 
 def load_fineweb(remote_name):
-    """The dataset's train split, streamed by `datasets` (imported only here)."""
+    """The dataset's train split, downloaded and cached by `datasets` (imported only here)."""
     try:
         from datasets import load_dataset
     except ImportError:
-        sys.exit("prepare_fineweb.py needs the `datasets` library: pip install datasets")
+        sys.exit("prepare_fineweb.py needs the `datasets` library: pip install datasets "
+                 "(or pip install -e '.[fineweb]')")
     return load_dataset("HuggingFaceFW/fineweb-edu", name=remote_name, split="train")
 
 
