@@ -71,6 +71,9 @@ def stdlib_files(root=None):
         rel = path.relative_to(root)
         if not SKIP_DIRS.intersection(rel.parts[:-1]) and path.is_file():
             files.append(rel.as_posix())
+    if not files:
+        raise DataError(f"no .py files under the standard library folder {root} (this Python may "
+                        "ship it compiled or zipped); pass --data-dir with prepared shards instead")
     return root, sorted(files)
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from nanogpt_np import corpus
-from nanogpt_np.data import DataLoader, find_shards, read_shard
+from nanogpt_np.data import DataError, DataLoader, find_shards, read_shard
 from nanogpt_np.tokenizer import EOT_TOKEN
 
 CAP = 150_000  # characters: a few dozen files, tokenized in well under a second
@@ -63,6 +63,15 @@ def test_cache_location_and_cap_from_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv(corpus.CHARS_ENV, "lots")
     with pytest.raises(ValueError, match="NANOGPT_NP_STDLIB_CHARS"):
         corpus.default_max_chars()
+
+
+def test_a_python_without_stdlib_sources_is_explained(tmp_path):
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "os.pyc").write_bytes(b"")
+    with pytest.raises(DataError, match="no .py files .* --data-dir"):
+        corpus.stdlib_files(tmp_path / "lib")
+    with pytest.raises(DataError, match="does not exist"):
+        corpus.stdlib_files(tmp_path / "missing")
 
 
 def test_cap_selects_a_fixed_subset():

@@ -248,3 +248,16 @@ def test_train_script_reports_errors_cleanly(tmp_path):
 def test_dataclass_and_parser_agree():
     flags = {a.dest for a in build_parser()._actions}
     assert {f.name for f in dataclasses.fields(TrainConfig)} <= flags
+
+
+def test_mfu_peak_is_remeasured_when_a_step_beats_it(data_dir, tmp_path, monkeypatch):
+    import nanogpt_np.train as train
+
+    peaks = iter([1.0, 1e18])  # start-up on a "busy" machine, then a quiet one
+    monkeypatch.setattr(train, "measure_peak_flops", lambda xp, dtype: next(peaks))
+    logs = []
+    cfg = small(data_dir, tmp_path, peak_tflops=None, max_steps=2, val_every=0, sample_every=0, ckpt_every=0)
+    Trainer(cfg, log=logs.append).run()
+    assert any("re-measured" in line for line in logs)
+    mfus = [float(m) for line in logs for m in re.findall(r"MFU ([\d.]+)%", line)]
+    assert len(mfus) == 2 and all(m < 100 for m in mfus)
