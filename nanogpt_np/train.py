@@ -11,7 +11,13 @@ One optimizer step, as build-nanogpt takes it:
 
 grad_accum = total_batch_size / (B * T * world_size). Around the step: validation
 every --val-every steps and at the last step, samples every --sample-every steps,
-and a checkpoint every --ckpt-every steps and at the last step.
+a checkpoint every --ckpt-every steps and at the last step, and HellaSwag
+every --hellaswag-every steps and at the last step.
+
+Ranks. Under `mpiexec -n N` every rank runs this same loop on its own slice of
+each batch (distributed.py). The parameters are broadcast from rank 0 at the
+start (and after a resume), so all ranks start identical; the gradient average
+keeps them so. Only rank 0 prints, writes log.txt, samples and checkpoints.
 
 Exact resume. A checkpoint taken after step s holds everything the next step
 reads: the weights, AdamW's moments and step count, each rank's loader position
@@ -41,7 +47,7 @@ from typing import Optional
 
 import numpy as np
 
-from . import checkpoint
+from . import checkpoint, distributed, hellaswag
 from .backend import get_xp, resolve_dtype, to_device
 from .data import DataError, DataLoader
 from .model import GPT, GPTConfig, parameter_shapes
@@ -85,6 +91,8 @@ class TrainConfig:
     sample_tokens: int = 32
     shuffle: bool = False
     peak_tflops: Optional[float] = None
+    hellaswag_every: int = 250
+    hellaswag_path: Optional[str] = None  # None: the cached val file, downloaded if missing
     preset: Optional[str] = None
 
 
@@ -97,7 +105,7 @@ PRESETS = {
     "tiny": dict(
         n_layer=4, n_head=4, n_embd=64, block_size=128, batch_size=8, total_batch_size=1024,
         max_lr=3e-3, min_lr=3e-4, warmup_steps=10, max_steps=200,
-        val_every=50, val_steps=10, sample_every=100, ckpt_every=100,
+        val_every=50, val_steps=10, sample_every=100, ckpt_every=100, hellaswag_every=0,
     ),
 }
 
@@ -127,6 +135,8 @@ FLAG_HELP = {
     "sample_tokens": "new tokens per sample",
     "shuffle": "shuffle shard order and documents (seeded, resumable)",
     "peak_tflops": "peak TFLOPS for MFU (default: a matmul measured at start-up)",
+    "hellaswag_every": "HellaSwag (val, acc_norm) every N steps (0: off)",
+    "hellaswag_path": "hellaswag_val.jsonl (default: cached copy, downloaded when missing)",
     "preset": "a named set of defaults; explicit flags still win",
 }
 
@@ -158,26 +168,6 @@ def parse_args(argv=None):
 
 
 # ---- pieces of a run --------------------------------------------------------------------
-
-
-class SingleProcess:
-    """One process. Issue 4's distributed.init() returns an object with these same
-    members (rank, world_size, is_master, allreduce_mean_, allreduce_scalars,
-    allgather_json, barrier) for MPI runs; the trainer only calls these."""
-
-    rank, world_size, is_master = 0, 1, True
-
-    def allreduce_mean_(self, buf):
-        return buf
-
-    def allreduce_scalars(self, values, op="sum"):
-        return [float(v) for v in values]
-
-    def allgather_json(self, obj):
-        return [obj]
-
-    def barrier(self):
-        pass
 
 
 def grad_accum_steps(total_batch_size, B, T, world_size=1):
@@ -290,13 +280,14 @@ class Trainer:
     """Builds the model, optimizer and loaders from a TrainConfig and runs the loop."""
 
     def __init__(self, cfg, dist=None, log=None):
-        self.cfg, self.dist = cfg, dist or SingleProcess()
+        self.cfg, self.dist = cfg, dist or distributed.Single()
         self.log = (log or say) if self.dist.is_master else (lambda *a, **k: None)
         self._check_config()
         try:
             self.xp = get_xp(cfg.backend)
         except RuntimeError as e:
             raise ConfigError(str(e)) from e
+        self.dist.pin_device(self.xp)  # one GPU per rank, before anything is allocated
         self.model_config = GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size,
                                       n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
         self.accum = grad_accum_steps(cfg.total_batch_size, cfg.batch_size, cfg.block_size,
@@ -306,9 +297,10 @@ class Trainer:
                                weight_decay=cfg.weight_decay)
         self.data_dir = cfg.data_dir or self._builtin_corpus()
         self.train_loader, self.val_loader = self._make_loaders()
+        self.hellaswag_examples = self._load_hellaswag() if cfg.hellaswag_every else None
         self.rng = np.random.default_rng([cfg.seed, 1])  # draws each sampling's seed
         self.step = 0  # optimizer steps done = the next step to run
-        self.history = {"train": {}, "val": {}, "samples": {}}
+        self.history = {"train": {}, "val": {}, "samples": {}, "hella": {}}
         self.log_path = os.path.join(cfg.log_dir, "log.txt")
 
     def _check_config(self):
@@ -318,7 +310,8 @@ class Trainer:
         for name in ("max_steps", "batch_size", "val_steps", "num_samples"):
             if getattr(cfg, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
-        for name in ("val_every", "sample_every", "ckpt_every", "warmup_steps", "sample_tokens"):
+        for name in ("val_every", "sample_every", "ckpt_every", "warmup_steps", "sample_tokens",
+                     "hellaswag_every"):
             if getattr(cfg, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0 (0 turns it off)")
 
@@ -328,6 +321,26 @@ class Trainer:
         path = builtin_corpus(log=self.log) if self.dist.is_master else None
         self.dist.barrier()  # the other ranks wait for rank 0 to build it, then find it
         return path or builtin_corpus(log=self.log)
+
+    def _load_hellaswag(self):
+        """The val examples, rendered once: rank 0 fetches the file (downloading it
+        if needed) while the others wait, then every rank reads it."""
+        path = None
+        try:
+            if self.dist.is_master:
+                path = hellaswag.data_file("val", path=self.cfg.hellaswag_path)
+            self.dist.barrier()
+            path = path or hellaswag.data_file("val", path=self.cfg.hellaswag_path, download=False)
+            enc = get_encoding()
+            examples = [hellaswag.render_example(e, enc) for e in hellaswag.load_examples(path)]
+        except (OSError, RuntimeError, ValueError) as e:
+            raise ConfigError(f"HellaSwag: {e}. Pass --hellaswag-path FILE, or --hellaswag-every 0 "
+                              "to train without it") from e
+        longest = max((r.tokens.shape[1] for r in examples), default=0)
+        if longest > self.cfg.block_size:  # found now, not hundreds of steps into the run
+            raise ConfigError(f"HellaSwag rows in {path} run to {longest} tokens, more than --block-size "
+                              f"{self.cfg.block_size}; use a larger block size or --hellaswag-every 0")
+        return examples
 
     def _make_loaders(self):
         cfg, d = self.cfg, self.dist
@@ -343,10 +356,14 @@ class Trainer:
         cfg = self.cfg
         os.makedirs(cfg.log_dir, exist_ok=True)
         path = checkpoint.latest_checkpoint(cfg.log_dir) if cfg.resume else None
+        path = self.dist.allgather_json(path)[0]  # every rank resumes from rank 0's choice
         if cfg.resume and path is None:
             self.log(f"--resume: no checkpoint in {cfg.log_dir}, starting from step 0")
         if path is not None:
             self.resume_from(path)
+        # every rank starts from rank 0's weights (they agree already, by seed or by
+        # checkpoint; the broadcast makes sure)
+        self.dist.broadcast_(self.model.flat_params, root=0)
         if self.dist.is_master:
             if path is None:
                 open(self.log_path, "w").close()  # a new run starts a new log, as build-nanogpt's
@@ -379,12 +396,12 @@ class Trainer:
     def save(self):
         """Checkpoint after self.step steps; every rank contributes its loader position."""
         states = self.dist.allgather_json(self.train_loader.state())
-        if not self.dist.is_master:
-            return None
         path = checkpoint.checkpoint_path(self.cfg.log_dir, self.step)
-        checkpoint.save_checkpoint(path, self.model, self.optimizer, self.step, states,
-                                   self.rng.bit_generator.state, dataclasses.asdict(self.cfg))
-        self.log(f"saved checkpoint {path}")
+        if self.dist.is_master:
+            checkpoint.save_checkpoint(path, self.model, self.optimizer, self.step, states,
+                                       self.rng.bit_generator.state, dataclasses.asdict(self.cfg))
+            self.log(f"saved checkpoint {path}")
+        self.dist.barrier()  # no rank looks for this checkpoint before it exists
         return path
 
     # ---- the loop ----------------------------------------------------------------------------
@@ -403,6 +420,8 @@ class Trainer:
             last = step == cfg.max_steps - 1
             if cfg.val_every and (step % cfg.val_every == 0 or last):
                 self.validate(step)
+            if cfg.hellaswag_every and (step % cfg.hellaswag_every == 0 or last):
+                self.evaluate_hellaswag(step)
             if cfg.sample_every and ((step > 0 and step % cfg.sample_every == 0) or last):
                 self.sample(step)
             t0 = time.perf_counter()
@@ -422,6 +441,16 @@ class Trainer:
         self.log(f"step {step:5d} | val loss {loss:.4f}")
         self.append_log(f"{step} val {loss:.4f}")
         return loss
+
+    def evaluate_hellaswag(self, step):
+        result = hellaswag.evaluate(self.model, self.hellaswag_examples, rank=self.dist.rank,
+                                    world_size=self.dist.world_size, reduce_sum=self.dist.allreduce_sum_,
+                                    examples_per_forward=4)
+        self.history["hella"][step] = result.acc_norm
+        self.log(f"step {step:5d} | HellaSwag acc_norm {result.acc_norm:.4f} "
+                 f"(acc {result.acc:.4f}, {result.n} examples)")
+        self.append_log(f"{step} hella {result.acc_norm:.4f}")
+        return result
 
     def sample(self, step):
         seed = int(self.rng.integers(2**63))  # drawn on every rank, so the RNGs stay in step
@@ -483,11 +512,15 @@ class Trainer:
 def main(argv=None):
     cfg = parse_args(argv)
     t0 = time.perf_counter()
+    dist = distributed.init()
     try:
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, dist=dist)
         history = trainer.run()
     except (ConfigError, DataError, checkpoint.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        where = f" on rank {dist.rank}" if dist.world_size > 1 else ""
+        print(f"error{where}: {e}", file=sys.stderr, flush=True)
+        if dist.world_size > 1:
+            dist.abort(1)  # the other ranks may be waiting in a collective: stop them too
         return 1
     except KeyboardInterrupt:
         print(f"\ninterrupted; continue with the same flags plus --resume "

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nanogpt_np import GPT, GPTConfig, pretrained
+from nanogpt_np import GPT, GPTConfig, checkpoint, pretrained
+from nanogpt_np.optim import AdamW
 from tests.test_hellaswag import EXAMPLES, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +33,8 @@ def models(tmp_path_factory):
     model = GPT(GPTConfig(block_size=32, vocab_size=50304, n_layer=1, n_head=2, n_embd=8), seed=4)
     model.save_pretrained(d / "hf")
     pretrained.save_llmc(model, d / "tiny.bin")
+    optimizer = AdamW(model.parameters())
+    checkpoint.save_checkpoint(d / "model_00007.npz", model, optimizer, 7, [{}], rng_state={})
     return d
 
 
@@ -46,6 +49,8 @@ def test_sample_with_and_without_the_cache(models):
     assert samples(run("sample.py", "--pretrained", models / "hf", "--no-cache", *args).stdout) == cached
     # the llm.c file holds the same weights, padded: its padding rows are never sampled
     assert samples(run("sample.py", "--llmc-bin", models / "tiny.bin", *args).stdout) == cached
+    # and so does a training checkpoint
+    assert samples(run("sample.py", "--ckpt", models / "model_00007.npz", *args).stdout) == cached
     greedy = run("sample.py", "--llmc-bin", models / "tiny.bin", "--temperature", 0, "--prompt", "", "--num-samples", 1)
     assert len(samples(greedy.stdout)) == 1 and "tokens/s" in greedy.stderr
 

@@ -12,7 +12,8 @@ from nanogpt_np import GPT, GPTConfig
 from nanogpt_np.checkpoint import CheckpointError, load_checkpoint
 from nanogpt_np.data import write_shard
 from nanogpt_np.optim import AdamW
-from nanogpt_np.train import (PRESETS, ConfigError, SingleProcess, TrainConfig, Trainer, build_parser,
+from nanogpt_np.distributed import Single
+from nanogpt_np.train import (PRESETS, ConfigError, TrainConfig, Trainer, build_parser,
                               flops_per_token, grad_accum_steps, parse_args, train_step, truncate_log)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +37,7 @@ def small(data_dir, log_dir, **overrides):
     cfg = dict(n_layer=2, n_head=2, n_embd=16, block_size=16, vocab_size=50304, batch_size=4,
                total_batch_size=128, max_lr=1e-2, min_lr=1e-3, warmup_steps=2, max_steps=8,
                val_every=3, val_steps=2, sample_every=3, ckpt_every=4, num_samples=2, sample_tokens=3,
-               data_dir=data_dir, log_dir=str(log_dir), peak_tflops=1.0)
+               data_dir=data_dir, log_dir=str(log_dir), peak_tflops=1.0, hellaswag_every=0)
     cfg.update(overrides)
     return TrainConfig(**cfg)
 
@@ -111,7 +112,7 @@ def test_accumulation_gives_the_whole_batch_gradient():
     for batches in ([(x, y)], [(x[:2], y[:2]), (x[2:], y[2:])]):
         model = GPT(cfg, dtype=np.float64, seed=1)
         opt = AdamW(model.parameters(), lr=1e-2)
-        loss, norm = train_step(model, opt, ListLoader(batches), len(batches), 1e-2, 1.0, SingleProcess())
+        loss, norm = train_step(model, opt, ListLoader(batches), len(batches), 1e-2, 1.0, Single())
         results.append((loss, norm, model.flat_params.copy()))
     (l1, n1, p1), (l2, n2, p2) = results
     assert l1 == pytest.approx(l2, rel=1e-13) and n1 == pytest.approx(n2, rel=1e-12)
@@ -186,7 +187,7 @@ def test_truncate_log(tmp_path):
 
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "2",
         "--total-batch-size", "64", "--val-steps", "2", "--num-samples", "1", "--sample-tokens", "4",
-        "--peak-tflops", "1"]
+        "--peak-tflops", "1", "--hellaswag-every", "0"]
 
 
 def run_train(args, tmp_path, timeout=300):
@@ -261,3 +262,30 @@ def test_mfu_peak_is_remeasured_when_a_step_beats_it(data_dir, tmp_path, monkeyp
     assert any("re-measured" in line for line in logs)
     mfus = [float(m) for line in logs for m in re.findall(r"MFU ([\d.]+)%", line)]
     assert len(mfus) == 2 and all(m < 100 for m in mfus)
+
+
+# ---- HellaSwag during training -------------------------------------------------------------
+
+
+def test_hellaswag_every_writes_hella_lines(data_dir, tmp_path):
+    from tests.test_hellaswag import EXAMPLES, write_jsonl
+
+    path = write_jsonl(tmp_path / "hellaswag_val.jsonl", EXAMPLES)
+    cfg = small(data_dir, tmp_path / "log", max_steps=3, val_every=0, sample_every=0, ckpt_every=0,
+                hellaswag_every=2, hellaswag_path=str(path), block_size=32)
+    history = Trainer(cfg, **QUIET).run()
+    assert sorted(history["hella"]) == [0, 2]  # every 2 steps and at the last one
+    lines = (tmp_path / "log" / "log.txt").read_text().splitlines()
+    hella = [line for line in lines if " hella " in line]
+    assert [line.split()[0] for line in hella] == ["0", "2"]
+    for line in hella:
+        assert re.fullmatch(r"\d+ hella \d\.\d{4}", line)
+        assert round(float(line.split()[2]) * 3, 3) in (0, 1, 2, 3)  # 3 examples
+    with pytest.raises(ConfigError, match="run to 2[0-9] tokens, more than --block-size 16"):
+        Trainer(small(data_dir, tmp_path / "log2", hellaswag_every=2, hellaswag_path=str(path)), **QUIET)
+
+
+def test_missing_hellaswag_file_is_a_config_error(data_dir, tmp_path):
+    cfg = small(data_dir, tmp_path, hellaswag_every=5, hellaswag_path=str(tmp_path / "nope.jsonl"))
+    with pytest.raises(ConfigError, match="--hellaswag-path FILE, or --hellaswag-every 0"):
+        Trainer(cfg, **QUIET)
