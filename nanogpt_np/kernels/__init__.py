@@ -1,0 +1,19 @@
+"""The GPU layer implementations: the same modules, names and interfaces as
+nanogpt_np.layers, so the model can run either set (see backend.layer_ops).
+
+    attention      flash attention kernels (attention.cu) for head size 64
+    layernorm      layernorm.cu
+    gelu           gelu.cu
+    cross_entropy  cross_entropy.cu (fused softmax + cross-entropy)
+    linear         the formula layer: its 2-D matmuls go to cuBLAS through CuPy
+    embedding      the formula layer: a CuPy gather and an atomic scatter-add
+and `adamw`, the fused optimizer update that nanogpt_np.optim uses on CuPy arrays.
+
+Each kernel file is compiled by NVRTC on first use (kernels/loader.py). Importing
+this package does not import CuPy. The readable formula every kernel must match
+stays in its layer file under nanogpt_np/layers/.
+"""
+from ..layers import embedding, linear
+from . import adamw, attention, cross_entropy, gelu, layernorm
+
+__all__ = ["adamw", "attention", "cross_entropy", "embedding", "gelu", "layernorm", "linear"]
