@@ -8,6 +8,13 @@ Launches take NumPy arrays where the GPU takes CuPy arrays. Each launch checks
 every argument against the kernel's C signature: an array's dtype against the
 pointer type, and each scalar's exact NumPy type against the parameter type (a
 Python int or float, or an np.float64 where the kernel takes float, is an error).
+
+Every array is handed to the kernel inside a larger buffer with guard zones on
+both sides: NaN for float arrays (a read past either end poisons the result the
+tests compare) and a sentinel for int arrays, different for every argument (so a
+NaN read from one array's guard and written into another's is still caught). After the launch the guards must be
+intact (a write past either end is an error naming the argument), and the
+interior is copied back into the caller's array.
 """
 import ctypes
 import hashlib
@@ -21,6 +28,7 @@ from nanogpt_np.kernels import loader
 
 HERE = Path(__file__).resolve().parent
 POINTER_DTYPES = {"F": np.float32, "D": np.float64, "I": np.int32, "Q": np.int64}
+GUARD = 256  # elements of guard zone on each side of every array argument
 SCALAR_TYPES = {"f": (np.float32, ctypes.c_float), "d": (np.float64, ctypes.c_double),
                 "i": (np.int32, ctypes.c_int32), "q": (np.int64, ctypes.c_int64)}
 
@@ -78,7 +86,7 @@ class EmulatedRunner:
         sig = self.signature(name)
         if len(sig) != len(args):
             raise TypeError(f"{name} takes {len(sig)} arguments, got {len(args)}")
-        holders = []
+        holders, guarded = [], []
         params = (ctypes.c_void_p * len(args))()
         for k, (code, a) in enumerate(zip(sig, args)):
             if code.isupper():
@@ -89,7 +97,9 @@ class EmulatedRunner:
                     raise TypeError(f"{name}: argument {k} is a {a.dtype} array but the kernel reads {np.dtype(want)}")
                 if not a.flags.c_contiguous:
                     raise ValueError(f"{name}: argument {k} is not C-contiguous")
-                holder = ctypes.c_void_p(a.ctypes.data)
+                padded = _guarded_copy(a, k)
+                guarded.append((k, a, padded))
+                holder = ctypes.c_void_p(padded.ctypes.data + GUARD * a.itemsize)
             else:
                 want, ctype = SCALAR_TYPES[code]
                 if type(a) is not want:
@@ -110,3 +120,26 @@ class EmulatedRunner:
         rc = self.lib.emu_launch(name.encode(), *[ctypes.c_uint(v) for v in grid3 + block3], params, err, 2048)
         if rc != 0:
             raise RuntimeError(err.value.decode())
+        for k, a, padded in guarded:
+            guard = _guarded_copy(np.zeros(0, a.dtype), k)
+            if not (_bits(padded[:GUARD]) == _bits(guard[:GUARD])).all() or \
+                    not (_bits(padded[GUARD + a.size:]) == _bits(guard[GUARD:])).all():
+                raise RuntimeError(f"{name}: wrote outside argument {k} (shape {a.shape})")
+            a.reshape(-1)[...] = padded[GUARD:GUARD + a.size]
+
+
+def _guarded_copy(a, k):
+    """a's values, flattened, between two guard zones of GUARD elements that
+    depend on the argument index k."""
+    padded = np.empty(a.size + 2 * GUARD, dtype=a.dtype)
+    if a.dtype.kind == "f":  # a quiet NaN whose payload names the argument
+        bits = padded.view(np.uint32 if a.itemsize == 4 else np.uint64)
+        bits[...] = (0x7FC00000 if a.itemsize == 4 else 0x7FF8000000000000) | (0x5A00 + k)
+    else:
+        padded[...] = np.iinfo(a.dtype).min + 7 + k
+    padded[GUARD:GUARD + a.size] = a.reshape(-1)
+    return padded
+
+
+def _bits(a):
+    return a.view(np.uint8)
