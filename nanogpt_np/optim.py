@@ -32,13 +32,13 @@ def contiguous_base(arrays):
     arrays = list(arrays)
     if not arrays:
         return None
-    base = arrays[0].base
-    if base is None or base.ndim != 1:
+    base = _root(arrays[0])
+    if base is arrays[0] or base.ndim != 1:
         return None
     ptr = _data_pointer
     spans, expected = [], ptr(base)
     for a in arrays:
-        if a.base is not base or not a.flags.c_contiguous or ptr(a) != expected:
+        if _root(a) is not base or not a.flags.c_contiguous or ptr(a) != expected:
             return None
         start = (expected - ptr(base)) // base.itemsize
         spans.append((start, start + a.size))
@@ -46,6 +46,14 @@ def contiguous_base(arrays):
     if spans[-1][1] != base.size:
         return None
     return base, spans
+
+
+def _root(a):
+    """The array that owns a's memory. NumPy's .base is already the owner; a CuPy
+    view of a view may point at the intermediate view, so walk up the chain."""
+    while a.base is not None:
+        a = a.base
+    return a
 
 
 def _data_pointer(a):

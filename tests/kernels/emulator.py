@@ -143,3 +143,16 @@ def _guarded_copy(a, k):
 
 def _bits(a):
     return a.view(np.uint8)
+
+
+class EmulatedCupyRunner(EmulatedRunner):
+    """EmulatedRunner with CupyRunner's `function` (which compiles on the GPU): here it
+    checks the instantiation exists. For dry runs that construct loader.CupyRunner()."""
+
+    lib_path = None
+
+    def __init__(self):
+        super().__init__(self.lib_path)
+
+    def function(self, kernel_file, name):
+        return self.signature(name)
