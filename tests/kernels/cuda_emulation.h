@@ -10,6 +10,9 @@
 // barrier (reading what a later thread has not written yet, and overwriting what
 // an earlier thread still needs). A barrier that some threads never reach (a
 // divergent __syncthreads, an early return) is reported as a deadlock at once.
+// A kernel whose first launch never reached a barrier (an elementwise kernel, say)
+// runs later launches as plain calls, thread after thread, which is much faster;
+// should such a kernel reach a barrier after all, the launch fails loudly.
 // It knows nothing of speed, memory coalescing or bank conflicts.
 #pragma once
 #include <math.h>
@@ -71,6 +74,8 @@ struct EmuBlock {
     alignas(8) unsigned char slots[1024][8];  // shuffle values, by linear thread index
     ucontext_t scheduler;
     std::string error;
+    bool direct = false;          // threads run as plain calls: no barrier may be reached
+    bool reached_barrier = false;
     void (*call)(void*, void**) = nullptr;
     void* kernel = nullptr;
     void** params = nullptr;
@@ -85,8 +90,14 @@ inline void emu_wait(EmuState state) {
     swapcontext(&self.context, &g_block->scheduler);
 }
 
+inline void emu_barrier_reached(EmuBlock& b) {
+    if (b.direct) throw EmuError("a barrier was reached by a kernel whose first launch reached none");
+    b.reached_barrier = true;
+}
+
 inline void __syncthreads() {
     EmuBlock& b = *g_block;
+    emu_barrier_reached(b);
     if (++b.at_syncthreads == int(b.fibers.size())) {  // the last to arrive opens the barrier
         b.at_syncthreads = 0;
         for (auto& f : b.fibers) if (f.state == EmuState::at_syncthreads) f.state = EmuState::ready;
@@ -100,6 +111,7 @@ V __shfl_xor_sync(unsigned mask, V value, int lane_mask, int width = 32) {
     static_assert(sizeof(V) <= 8, "shuffle of a value wider than 8 bytes");
     if (mask != 0xffffffffu || width != 32) throw EmuError("the emulator supports only full-warp shuffles");
     EmuBlock& b = *g_block;
+    emu_barrier_reached(b);
     const int tid = b.current, warp = tid / 32, lane = tid % 32, source = lane ^ lane_mask;
     if (source >= b.warp_size[warp]) throw EmuError("__shfl_xor_sync reads a lane past the end of a partial warp");
     std::memcpy(b.slots[tid], &value, sizeof(V));
@@ -139,6 +151,7 @@ static void emu_fiber_main() {
 static std::string emu_run_block(EmuBlock& b) {
     for (std::size_t t = 0; t < b.fibers.size(); ++t) {
         EmuFiber& f = b.fibers[t];
+        if (!f.stack) f.stack.reset(new char[EMU_STACK_BYTES]);
         f.state = EmuState::ready;
         getcontext(&f.context);
         f.context.uc_stack.ss_sp = f.stack.get();
@@ -237,7 +250,6 @@ extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned g
     auto block = std::make_unique<EmuBlock>();
     block->fibers.resize(n);
     for (int t = 0; t < n; ++t) {
-        block->fibers[t].stack.reset(new char[EMU_STACK_BYTES]);
         block->fibers[t].index = dim3{unsigned(t) % bx, (unsigned(t) / bx) % by, unsigned(t) / (bx * by)};
     }
     for (int w = 0; w * 32 < n; ++w) block->warp_size.push_back(std::min(32, n - w * 32));
@@ -248,13 +260,29 @@ extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned g
     blockDim = dim3{bx, by, bz};
     gridDim = dim3{gx, gy, gz};
     g_block = block.get();
+    static std::map<std::string, bool> barrier_free;  // learned from each kernel's first launch
+    auto known = barrier_free.find(name);
+    block->direct = known != barrier_free.end() && known->second;
     std::string error;
     for (unsigned z = 0; z < gz && error.empty(); ++z)
         for (unsigned y = 0; y < gy && error.empty(); ++y)
             for (unsigned x = 0; x < gx && error.empty(); ++x) {
                 blockIdx = dim3{x, y, z};
-                error = emu_run_block(*block);
+                if (!block->direct) {
+                    error = emu_run_block(*block);
+                    continue;
+                }
+                for (int t = 0; t < n && error.empty(); ++t) {
+                    block->current = t;
+                    threadIdx = block->fibers[t].index;
+                    try {
+                        block->call(block->kernel, block->params);
+                    } catch (const std::exception& e) {
+                        error = e.what();
+                    }
+                }
             }
+    if (known == barrier_free.end() && error.empty()) barrier_free[name] = !block->reached_barrier;
     g_block = nullptr;
     if (!error.empty()) {
         emu_error(err, errlen, std::string(name) + ": " + error);

@@ -192,10 +192,12 @@ BAD_KERNELS = r"""
 #include "cuda_emulation.h"
 template <typename T> __global__ void divergent_barrier(T* x) { if (threadIdx.x < 16) __syncthreads(); x[0] = 1; }
 template <typename T> __global__ void writes_past_the_end(T* x, int n) { if (threadIdx.x <= n) x[threadIdx.x] = 1; }
+template <typename T> __global__ void syncs_if(T* x, int flag) { if (flag) __syncthreads(); x[threadIdx.x] = 2; }
 const std::map<std::string, EmuEntry>& emu_registry() {
     static const std::map<std::string, EmuEntry> r = {
         {"divergent_barrier<float>", emu_entry(&divergent_barrier<float>)},
-        {"writes_past_the_end<float>", emu_entry(&writes_past_the_end<float>)}};
+        {"writes_past_the_end<float>", emu_entry(&writes_past_the_end<float>)},
+        {"syncs_if<float>", emu_entry(&syncs_if<float>)}};
     return r;
 }
 """
@@ -224,3 +226,9 @@ def test_emulator_catches_deadlocks_and_stray_writes(tmp_path):
         runner.launch(None, "writes_past_the_end<float>", (1,), (32,), (x, np.int32(4)), 0)
     runner.launch(None, "writes_past_the_end<float>", (1,), (32,), (x, np.int32(3)), 0)
     np.testing.assert_array_equal(x, 1)
+    # a kernel that reached no barrier on its first launch runs thread after thread later on,
+    # and reaching a barrier then is an error, not a silent race
+    x = np.zeros(32, np.float32)
+    runner.launch(None, "syncs_if<float>", (2,), (32,), (x, np.int32(0)), 0)
+    with pytest.raises(RuntimeError, match="barrier was reached by a kernel whose first launch reached none"):
+        runner.launch(None, "syncs_if<float>", (2,), (32,), (x, np.int32(1)), 0)
