@@ -563,6 +563,11 @@ def main():
     parser.add_argument("--budget", type=float, default=270, help="seconds; torch.compile is skipped when short")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile reference")
     args = parser.parse_args()
+    try:
+        backend.get_xp("cupy")
+    except RuntimeError as e:  # no CuPy or no GPU: say so once instead of failing every row
+        print(f"gpu_check: {e}", file=sys.stderr)
+        return 2
     os.environ["NANOGPT_CUDA_SYNC"] = "1"  # correctness sections: an error names its kernel
     record("0", "environment", environment)
     record("0", "NVRTC compiles every kernel", compile_all)

@@ -15,9 +15,11 @@
 // Template parameters: T the storage/compute type (float, double), HS the head
 // size (64 for GPT-2), and the tile sizes, which the Python wrapper passes so that
 // it, the launch configuration and the NumPy mirror share one definition.
-// Shared memory (static): forward and dq 3 * BLOCK_K * max(HS, BLOCK_Q) values
-// at most 24 KB in float, 48 KB in double for HS = 64; dkdv 2 * BLOCK_Q * HS + 2 * BLOCK_Q values,
-// 16 KB in float. All fit the 48 KB a block gets without opting in.
+// Shared memory (static, per block, HS = 64): forward (2 * BLOCK_K * HS + BLOCK_K *
+// BLOCK_Q values) 24 KB in float, 48 KB in double; dq 16 KB / 32 KB; dkdv
+// (2 * BLOCK_Q * HS + 2 * BLOCK_Q values) 16.3 KB / 32.5 KB. All within the 48 KB a
+// block gets without opting in to more, so no launch needs max_dynamic_shared_size_bytes.
+// Registers (ptxas, sm_90, float): forward 167, dq 255 with a small spill, dkdv 219.
 #include "common.cuh"
 
 // Copy keys [k0, k0 + BLOCK_K) of one head into shared tiles; rows past T are zeros.
