@@ -11,6 +11,12 @@
 // formula to ~1e-12, where an indexing slip cannot hide inside float32 noise.
 #pragma once
 
+// The type a kernel computes and accumulates in, for storage type T: T itself for
+// float and double. A 16-bit storage type (bf16, issue 6) specialises this to
+// float, and the kernels below already load through it and store back to T.
+template <typename T> struct Accumulate { using type = T; };
+template <typename T> using acc_t = typename Accumulate<T>::type;
+
 // Overloads that pick the float or double device function from the argument type.
 __device__ __forceinline__ float exp_(float x) { return expf(x); }
 __device__ __forceinline__ double exp_(double x) { return exp(x); }

@@ -1,7 +1,8 @@
 // Fused softmax + cross-entropy. The NumPy formula they match is
 // nanogpt_np/layers/cross_entropy.py.
 //
-// logits: (N, V) row-major, N = B*T; targets: (N,) int32; lse, losses: (N,).
+// logits: (N, V) row-major, N = B*T; targets: (N,) int32; lse, losses: (N,) in
+// A = acc_t<T>, the type the softmax is computed in.
 // One block per row. Neither kernel ever materialises the softmax: the forward
 // reads each logit once (an online logsumexp), the backward reads it once more
 // and overwrites it with its gradient.
@@ -14,14 +15,15 @@
 // Launch with gridDim.x = N, blockDim.x a multiple of 32 (at most 1024).
 template <typename T>
 __global__ void cross_entropy_forward(const T* __restrict__ logits, const int* __restrict__ targets,
-                                      T* __restrict__ lse, T* __restrict__ losses, int V) {
+                                      acc_t<T>* __restrict__ lse, acc_t<T>* __restrict__ losses, int V) {
+    using A = acc_t<T>;
     const long long row = blockIdx.x;
     const T* row_logits = logits + row * V;
-    T m = neg_inf<T>(), s = 0;
+    A m = neg_inf<A>(), s = 0;
     for (int v = threadIdx.x; v < V; v += blockDim.x) {
-        const T x = row_logits[v];
+        const A x = A(row_logits[v]);
         if (x > m) {
-            s = s * exp_(m - x) + T(1);  // exp(-inf) = 0 on the first element
+            s = s * exp_(m - x) + A(1);  // exp(-inf) = 0 on the first element
             m = x;
         } else {
             s += exp_(x - m);
@@ -29,10 +31,10 @@ __global__ void cross_entropy_forward(const T* __restrict__ logits, const int* _
     }
     block_logsumexp(m, s);
     if (threadIdx.x == 0) {
-        const T row_lse = m + log_(s);
+        const A row_lse = m + log_(s);
         const int target = targets[row];
         lse[row] = row_lse;
-        losses[row] = (target >= 0 && target < V) ? row_lse - row_logits[target] : quiet_nan<T>();
+        losses[row] = (target >= 0 && target < V) ? row_lse - A(row_logits[target]) : quiet_nan<A>();
     }
 }
 
@@ -40,13 +42,14 @@ __global__ void cross_entropy_forward(const T* __restrict__ logits, const int* _
 // over the logits. scale is dloss / N for a mean loss. Launch like the forward.
 template <typename T>
 __global__ void cross_entropy_backward(T* __restrict__ logits, const int* __restrict__ targets,
-                                       const T* __restrict__ lse, int V, T scale) {
+                                       const acc_t<T>* __restrict__ lse, int V, acc_t<T> scale) {
+    using A = acc_t<T>;
     const long long row = blockIdx.x;
     T* row_logits = logits + row * V;
-    const T row_lse = lse[row];
+    const A row_lse = lse[row];
     const int target = targets[row];
     for (int v = threadIdx.x; v < V; v += blockDim.x) {
-        const T p = exp_(row_logits[v] - row_lse);
-        row_logits[v] = (v == target ? p - T(1) : p) * scale;
+        const A p = exp_(A(row_logits[v]) - row_lse);
+        row_logits[v] = T((v == target ? p - A(1) : p) * scale);
     }
 }

@@ -11,9 +11,10 @@ template <typename T>
 __global__ void gelu_forward(const T* __restrict__ x, T* __restrict__ out, long long n) {
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        const T xi = x[i];
-        const T u = T(GELU_SQRT_2_OVER_PI) * (xi + T(GELU_COEF) * xi * xi * xi);
-        out[i] = T(0.5) * xi * (T(1) + tanh_(u));
+        using A = acc_t<T>;
+        const A xi = A(x[i]);
+        const A u = A(GELU_SQRT_2_OVER_PI) * (xi + A(GELU_COEF) * xi * xi * xi);
+        out[i] = T(A(0.5) * xi * (A(1) + tanh_(u)));
     }
 }
 
@@ -23,10 +24,11 @@ template <typename T>
 __global__ void gelu_backward(const T* x, const T* dout, T* dx, long long n) {
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        const T xi = x[i];
-        const T u = T(GELU_SQRT_2_OVER_PI) * (xi + T(GELU_COEF) * xi * xi * xi);
-        const T t = tanh_(u);
-        const T dudx = T(GELU_SQRT_2_OVER_PI) * (T(1) + T(3.0 * GELU_COEF) * xi * xi);
-        dx[i] = dout[i] * (T(0.5) * (T(1) + t) + T(0.5) * xi * (T(1) - t * t) * dudx);
+        using A = acc_t<T>;
+        const A xi = A(x[i]);
+        const A u = A(GELU_SQRT_2_OVER_PI) * (xi + A(GELU_COEF) * xi * xi * xi);
+        const A t = tanh_(u);
+        const A dudx = A(GELU_SQRT_2_OVER_PI) * (A(1) + A(3.0 * GELU_COEF) * xi * xi);
+        dx[i] = T(A(dout[i]) * (A(0.5) * (A(1) + t) + A(0.5) * xi * (A(1) - t * t) * dudx));
     }
 }

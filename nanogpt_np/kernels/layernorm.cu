@@ -3,6 +3,7 @@
 //
 // Layout: x, out, dout, dx are (N, C) row-major, N = B*T rows; weight, bias (C,);
 // mean, rstd (N,): the two per-row statistics the forward saves for backward.
+// Arithmetic and the statistics are in A = acc_t<T> (T itself for float/double).
 #include "common.cuh"
 
 // One warp per row: the 32 lanes stride over the C channels, then combine their
@@ -11,27 +12,28 @@
 template <typename T>
 __global__ void layernorm_forward(const T* __restrict__ x, const T* __restrict__ weight,
                                   const T* __restrict__ bias, T* __restrict__ out,
-                                  T* __restrict__ mean_out, T* __restrict__ rstd_out,
-                                  int N, int C, T eps) {
+                                  acc_t<T>* __restrict__ mean_out, acc_t<T>* __restrict__ rstd_out,
+                                  int N, int C, acc_t<T> eps) {
+    using A = acc_t<T>;
     const int lane = threadIdx.x % 32;
     const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (row >= N) return;  // the whole warp leaves together: no shuffle is left half-done
     const T* x_row = x + (long long)row * C;
     // mean = x.mean(-1)
-    T sum = 0;
-    for (int c = lane; c < C; c += 32) sum += x_row[c];
-    const T mean = warp_sum(sum) / C;
+    A sum = 0;
+    for (int c = lane; c < C; c += 32) sum += A(x_row[c]);
+    const A mean = warp_sum(sum) / C;
     // var = ((x - mean)^2).mean(-1): a second pass over the row (it is in cache),
     // which is more accurate than E[x^2] - mean^2
-    T sq = 0;
+    A sq = 0;
     for (int c = lane; c < C; c += 32) {
-        const T d = x_row[c] - mean;
+        const A d = A(x_row[c]) - mean;
         sq += d * d;
     }
-    const T rstd = T(1) / sqrt_(warp_sum(sq) / C + eps);
+    const A rstd = A(1) / sqrt_(warp_sum(sq) / C + eps);
     // out = (x - mean) * rstd * weight + bias
     T* out_row = out + (long long)row * C;
-    for (int c = lane; c < C; c += 32) out_row[c] = (x_row[c] - mean) * rstd * weight[c] + bias[c];
+    for (int c = lane; c < C; c += 32) out_row[c] = T((A(x_row[c]) - mean) * rstd * A(weight[c]) + A(bias[c]));
     if (lane == 0) {
         mean_out[row] = mean;
         rstd_out[row] = rstd;
@@ -43,26 +45,27 @@ __global__ void layernorm_forward(const T* __restrict__ x, const T* __restrict__
 // One warp per row, launched like layernorm_forward.
 template <typename T>
 __global__ void layernorm_backward_dx(const T* __restrict__ dout, const T* __restrict__ x,
-                                      const T* __restrict__ weight, const T* __restrict__ mean,
-                                      const T* __restrict__ rstd, T* __restrict__ dx, int N, int C) {
+                                      const T* __restrict__ weight, const acc_t<T>* __restrict__ mean,
+                                      const acc_t<T>* __restrict__ rstd, T* __restrict__ dx, int N, int C) {
+    using A = acc_t<T>;
     const int lane = threadIdx.x % 32;
     const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (row >= N) return;
     const long long offset = (long long)row * C;
-    const T m = mean[row], r = rstd[row];
-    T sum_g = 0, sum_g_xhat = 0;
+    const A m = mean[row], r = rstd[row];
+    A sum_g = 0, sum_g_xhat = 0;
     for (int c = lane; c < C; c += 32) {
-        const T xhat = (x[offset + c] - m) * r;
-        const T g = dout[offset + c] * weight[c];
+        const A xhat = (A(x[offset + c]) - m) * r;
+        const A g = A(dout[offset + c]) * A(weight[c]);
         sum_g += g;
         sum_g_xhat += g * xhat;
     }
-    const T mean_g = warp_sum(sum_g) / C;
-    const T mean_g_xhat = warp_sum(sum_g_xhat) / C;
+    const A mean_g = warp_sum(sum_g) / C;
+    const A mean_g_xhat = warp_sum(sum_g_xhat) / C;
     for (int c = lane; c < C; c += 32) {
-        const T xhat = (x[offset + c] - m) * r;
-        const T g = dout[offset + c] * weight[c];
-        dx[offset + c] = r * (g - mean_g - xhat * mean_g_xhat);
+        const A xhat = (A(x[offset + c]) - m) * r;
+        const A g = A(dout[offset + c]) * A(weight[c]);
+        dx[offset + c] = T(r * (g - mean_g - xhat * mean_g_xhat));
     }
 }
 
@@ -74,18 +77,20 @@ __global__ void layernorm_backward_dx(const T* __restrict__ dout, const T* __res
 // row is read in coalesced 128-byte pieces.
 template <typename T>
 __global__ void layernorm_backward_params(const T* __restrict__ dout, const T* __restrict__ x,
-                                          const T* __restrict__ mean, const T* __restrict__ rstd,
-                                          T* __restrict__ dweight_part, T* __restrict__ dbias_part,
+                                          const acc_t<T>* __restrict__ mean, const acc_t<T>* __restrict__ rstd,
+                                          acc_t<T>* __restrict__ dweight_part, acc_t<T>* __restrict__ dbias_part,
                                           int N, int C, int rows_per_chunk) {
+    using A = acc_t<T>;
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
     const int r0 = blockIdx.y * rows_per_chunk;
     const int r1 = min_(N, r0 + rows_per_chunk);
-    T dw = 0, db = 0;
+    A dw = 0, db = 0;
     for (int r = r0; r < r1; ++r) {
         const long long i = (long long)r * C + c;
-        dw += dout[i] * ((x[i] - mean[r]) * rstd[r]);
-        db += dout[i];
+        const A d = A(dout[i]);
+        dw += d * ((A(x[i]) - mean[r]) * rstd[r]);
+        db += d;
     }
     dweight_part[(long long)blockIdx.y * C + c] = dw;
     dbias_part[(long long)blockIdx.y * C + c] = db;

@@ -10,9 +10,8 @@ import pytest
 
 from nanogpt_np import GPTConfig
 from nanogpt_np.kernels import loader
-from tests.kernels.conftest import emulator_lib  # noqa: F401  (the session fixture)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = GPTConfig(block_size=32, vocab_size=61, n_layer=1, n_head=2, n_embd=128)  # head size 64
 SIZES = dict(
     attention=[(1, 5, 2, np.float32), (1, 70, 1, np.float64)],
@@ -57,7 +56,6 @@ def test_gpu_check_dry_run(emulator_lib, monkeypatch, tmp_path, capsys):
     assert sections == {"0", "1", "2", "3", "4", "5"}
     n_kernel_rows = sum(len(SIZES[k]) for k in ("attention", "layernorm", "gelu", "cross_entropy", "adamw"))
     assert len(rows) == 2 + n_kernel_rows + 4 + 1 + 3 + 5
-    print(out)
     assert "skipped (--no-compile)" in out and "rows, 0 failed" in out
     assert (tmp_path / "gpu_check.txt").read_text().startswith("#")
     assert (tmp_path / "gpu_check.json").exists()
