@@ -27,6 +27,22 @@ SIZES = dict(
 )
 
 
+def load_gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_time_limit_stops_a_long_row():
+    import time
+
+    gpu_check = load_gpu_check()
+    with pytest.raises(gpu_check.TimeLimit):
+        gpu_check.with_time_limit(1, lambda: time.sleep(5))
+    assert gpu_check.with_time_limit(5, lambda: 42) == 42
+
+
 @pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not on PATH: no CUDA emulator")
 def test_gpu_check_dry_run(emulator_lib, monkeypatch, tmp_path, capsys):
     from tests.kernels import emulator, fake_cupy
@@ -38,9 +54,7 @@ def test_gpu_check_dry_run(emulator_lib, monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("NANOGPT_CUDA_SYNC", "0")
     monkeypatch.setenv("OUT", str(tmp_path))
     monkeypatch.setattr("sys.argv", ["gpu_check.py", "--no-compile"])
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+    gpu_check = load_gpu_check()
     monkeypatch.setattr(gpu_check, "SIZES", SIZES)
     monkeypatch.setattr(gpu_check, "TORCH_DEVICE", "cpu")
     try:
