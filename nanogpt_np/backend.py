@@ -69,6 +69,17 @@ def _import_cupy():
     return cupy
 
 
+def use_gpu(index):
+    """Make GPU `index` the current device for CuPy (one GPU per MPI rank: call it
+    with the rank's local index before building the model). Returns cupy."""
+    cupy = _import_cupy()
+    n = cupy.cuda.runtime.getDeviceCount()
+    if not 0 <= index < n:
+        raise ValueError(f"GPU index {index} is out of range: this machine has {n} GPU(s)")
+    cupy.cuda.Device(index).use()
+    return cupy
+
+
 def layer_ops(xp):
     """The layer implementations for array module `xp`: a namespace with modules
     attention, cross_entropy, embedding, gelu, layernorm and linear, each with the

@@ -88,3 +88,12 @@ def test_to_device_to_numpy_goes_through_to_host(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", type("cupy", (), {"ndarray": DeviceArray}))
     out = backend.to_device(DeviceArray(np.arange(3.0)), np, np.float32)
     assert out.dtype == np.float32 and np.array_equal(out, [0, 1, 2])
+
+
+def test_use_gpu_checks_the_index(monkeypatch):
+    from tests.kernels import fake_cupy
+
+    fake_cupy.install(monkeypatch)  # one fake GPU
+    assert backend.use_gpu(0) is sys.modules["cupy"]
+    with pytest.raises(ValueError, match="GPU index 1 is out of range: this machine has 1 GPU"):
+        backend.use_gpu(1)

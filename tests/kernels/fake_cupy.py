@@ -81,7 +81,7 @@ def install(monkeypatch):
         runtime=types.SimpleNamespace(getDeviceCount=lambda: 1, getDeviceProperties=lambda i: props,
                                       runtimeGetVersion=lambda: 13000),
         nvrtc=types.SimpleNamespace(getVersion=lambda: (13, 0)),
-        Device=lambda *a: types.SimpleNamespace(synchronize=_noop),
+        Device=lambda *a: types.SimpleNamespace(synchronize=_noop, use=_noop),
         get_current_stream=lambda: types.SimpleNamespace(synchronize=_noop),
         compiler=types.SimpleNamespace(CompileException=RuntimeError),
     )
