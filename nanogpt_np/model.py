@@ -19,8 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import get_xp, resolve_dtype, to_device, to_host
-from .layers import attention, cross_entropy, embedding, gelu, layernorm, linear
+from .backend import get_xp, layer_ops, resolve_dtype, to_device, to_host
 
 WTE = "transformer.wte.weight"
 WPE = "transformer.wpe.weight"
@@ -92,6 +91,8 @@ class GPT:
         self.dtype = resolve_dtype(dtype)
         self.xp = get_xp(backend)
         self.backend = backend
+        # the layer implementations: nanogpt_np.layers on NumPy, CUDA kernels on CuPy
+        self.ops = layer_ops(self.xp)
         self._shapes = parameter_shapes(config)
         total = sum(math.prod(shape) for _, shape in self._shapes)
         self.flat_params = self.xp.zeros(total, dtype=self.dtype)
@@ -222,32 +223,32 @@ class GPT:
         idx, targets = self._check_inputs(idx, targets)
         self._caches = None  # free the previous step's activations first
         p, keep = self.params, targets is not None
-        x, emb_cache = embedding.forward(idx, p[WTE], p[WPE])  # (B, T, C)
+        x, emb_cache = self.ops.embedding.forward(idx, p[WTE], p[WPE])  # (B, T, C)
         block_caches = []
         for i in range(self.config.n_layer):
             x, cache = self._block_forward(i, x)
             if keep:
                 block_caches.append(cache)
-        x, lnf_cache = layernorm.forward(x, p["transformer.ln_f.weight"], p["transformer.ln_f.bias"])
-        logits, head_cache = linear.forward(x, p[WTE], None)  # (B, T, V), weight tied to wte
+        x, lnf_cache = self.ops.layernorm.forward(x, p["transformer.ln_f.weight"], p["transformer.ln_f.bias"])
+        logits, head_cache = self.ops.linear.forward(x, p[WTE], None)  # (B, T, V), weight tied to wte
         if not keep:
             return logits, None
-        loss, ce_cache = cross_entropy.forward(logits, targets)
+        loss, ce_cache = self.ops.cross_entropy.forward(logits, targets)
         self._caches = (emb_cache, block_caches, lnf_cache, head_cache, ce_cache)
         return logits, float(loss)
 
     def _block_forward(self, i, x):
         """One transformer block. x: (B, T, C) -> (B, T, C), and the caches for backward."""
         p, h = self.params, f"transformer.h.{i}."
-        a, ln1 = layernorm.forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"])
-        a, c_attn = linear.forward(a, p[h + "attn.c_attn.weight"], p[h + "attn.c_attn.bias"])  # (B, T, 3C)
-        a, attn = attention.forward(a, self.config.n_head)  # (B, T, C)
-        a, attn_proj = linear.forward(a, p[h + "attn.c_proj.weight"], p[h + "attn.c_proj.bias"])
+        a, ln1 = self.ops.layernorm.forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"])
+        a, c_attn = self.ops.linear.forward(a, p[h + "attn.c_attn.weight"], p[h + "attn.c_attn.bias"])  # (B, T, 3C)
+        a, attn = self.ops.attention.forward(a, self.config.n_head)  # (B, T, C)
+        a, attn_proj = self.ops.linear.forward(a, p[h + "attn.c_proj.weight"], p[h + "attn.c_proj.bias"])
         x = x + a  # a new array: the old x stays in ln1's cache
-        m, ln2 = layernorm.forward(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"])
-        m, c_fc = linear.forward(m, p[h + "mlp.c_fc.weight"], p[h + "mlp.c_fc.bias"])  # (B, T, 4C)
-        m, act = gelu.forward(m)
-        m, mlp_proj = linear.forward(m, p[h + "mlp.c_proj.weight"], p[h + "mlp.c_proj.bias"])  # (B, T, C)
+        m, ln2 = self.ops.layernorm.forward(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"])
+        m, c_fc = self.ops.linear.forward(m, p[h + "mlp.c_fc.weight"], p[h + "mlp.c_fc.bias"])  # (B, T, 4C)
+        m, act = self.ops.gelu.forward(m)
+        m, mlp_proj = self.ops.linear.forward(m, p[h + "mlp.c_proj.weight"], p[h + "mlp.c_proj.bias"])  # (B, T, C)
         x = x + m
         return x, (ln1, c_attn, attn, attn_proj, ln2, c_fc, act, mlp_proj)
 
@@ -267,21 +268,21 @@ class GPT:
         emb_cache, block_caches, lnf_cache, head_cache, ce_cache = self._caches
         self._caches = None
         g = self.grads
-        dlogits = cross_entropy.backward(1.0, ce_cache)  # (B, T, V), in the logits buffer
+        dlogits = self.ops.cross_entropy.backward(1.0, ce_cache)  # (B, T, V), in the logits buffer
         del ce_cache
         # forward: logits = x @ wte.T   (lm_head, tied)
-        dx, dwte, _ = linear.backward(dlogits, head_cache)
+        dx, dwte, _ = self.ops.linear.backward(dlogits, head_cache)
         del dlogits, head_cache
         g[WTE] += dwte
         del dwte
         # forward: x = ln_f(x)
-        dx, dw, db = layernorm.backward(dx, lnf_cache)
+        dx, dw, db = self.ops.layernorm.backward(dx, lnf_cache)
         g["transformer.ln_f.weight"] += dw
         g["transformer.ln_f.bias"] += db
         for i in reversed(range(self.config.n_layer)):
             dx = self._block_backward(i, dx, block_caches.pop())
         # forward: x = wte[idx] + wpe[:T]; adds into wte's gradient next to lm_head's
-        embedding.backward(dx, emb_cache, dwte=g[WTE], dwpe=g[WPE])
+        self.ops.embedding.backward(dx, emb_cache, dwte=g[WTE], dwpe=g[WPE])
         return dict(self.grads)
 
     def _add_grads(self, prefix, dweight, dbias):
@@ -294,21 +295,21 @@ class GPT:
         ln1, c_attn, attn, attn_proj, ln2, c_fc, act, mlp_proj = caches
         h = f"transformer.h.{i}."
         # forward: x = x + m  (dx flows to both the skip path and the MLP)
-        dm, dw, db = linear.backward(dx, mlp_proj)
+        dm, dw, db = self.ops.linear.backward(dx, mlp_proj)
         self._add_grads(h + "mlp.c_proj", dw, db)
-        dm = gelu.backward(dm, act)
-        dm, dw, db = linear.backward(dm, c_fc)
+        dm = self.ops.gelu.backward(dm, act)
+        dm, dw, db = self.ops.linear.backward(dm, c_fc)
         self._add_grads(h + "mlp.c_fc", dw, db)
-        dm, dw, db = layernorm.backward(dm, ln2)
+        dm, dw, db = self.ops.layernorm.backward(dm, ln2)
         self._add_grads(h + "ln_2", dw, db)
         dx = dx + dm
         # forward: x = x + a
-        da, dw, db = linear.backward(dx, attn_proj)
+        da, dw, db = self.ops.linear.backward(dx, attn_proj)
         self._add_grads(h + "attn.c_proj", dw, db)
-        da = attention.backward(da, attn)
-        da, dw, db = linear.backward(da, c_attn)
+        da = self.ops.attention.backward(da, attn)
+        da, dw, db = self.ops.linear.backward(da, c_attn)
         self._add_grads(h + "attn.c_attn", dw, db)
-        da, dw, db = layernorm.backward(da, ln1)
+        da, dw, db = self.ops.layernorm.backward(da, ln1)
         self._add_grads(h + "ln_1", dw, db)
         dx += da
         return dx

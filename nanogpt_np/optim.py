@@ -13,11 +13,15 @@ biases, LayerNorm parameters and anything else 1-D, as build-nanogpt does.
 Speed. The model keeps all parameters in one flat array (and the gradients in
 another), so this optimizer updates them as one buffer: a handful of array
 operations per step instead of a dozen per tensor. Parameters that are not views of
-one buffer are updated tensor by tensor with the same formula.
+one buffer are updated tensor by tensor with the same formula. On the GPU, with
+one flat buffer, the whole update (decay, moments, parameters) is one fused CUDA
+kernel, nanogpt_np/kernels/adamw.cu, which computes the formula below.
 """
 import math
 
-from .backend import array_module, to_host
+import numpy as np
+
+from .backend import array_module, to_device, to_host
 
 CHUNK = 1 << 22  # elements per pass of the update: keeps the one temporary small
 
@@ -28,13 +32,13 @@ def contiguous_base(arrays):
     arrays = list(arrays)
     if not arrays:
         return None
-    base = arrays[0].base
-    if base is None or base.ndim != 1:
+    base = _root(arrays[0])
+    if base is arrays[0] or base.ndim != 1:
         return None
     ptr = _data_pointer
     spans, expected = [], ptr(base)
     for a in arrays:
-        if a.base is not base or not a.flags.c_contiguous or ptr(a) != expected:
+        if _root(a) is not base or not a.flags.c_contiguous or ptr(a) != expected:
             return None
         start = (expected - ptr(base)) // base.itemsize
         spans.append((start, start + a.size))
@@ -42,6 +46,14 @@ def contiguous_base(arrays):
     if spans[-1][1] != base.size:
         return None
     return base, spans
+
+
+def _root(a):
+    """The array that owns a's memory. NumPy's .base is already the owner; a CuPy
+    view of a view may point at the intermediate view, so walk up the chain."""
+    while a.base is not None:
+        a = a.base
+    return a
 
 
 def _data_pointer(a):
@@ -68,6 +80,10 @@ class AdamW:
         self.decayed = [n for n in self.names if self.params[n].ndim >= 2]
         self.flat_params = contiguous_base(arrays)
         self.step_count = 0
+        self._fused = _fused_update(xp)
+        if self._fused is not None:  # the decayed spans of the flat buffer, for the kernel
+            bounds = self._fused.decay_bounds([self.spans[n] for n in self.decayed])
+            self._decay_bounds = to_device(bounds, xp)
 
     def step(self, grads, lr=None):
         """One update from grads {name: array} (the keys of params). lr overrides self.lr."""
@@ -79,11 +95,17 @@ class AdamW:
         beta1, beta2 = self.betas
         step_size = lr / (1 - beta1**self.step_count)
         bias_correction2_sqrt = math.sqrt(1 - beta2**self.step_count)
+        segments = self._segments(grads)
+        if self._fused is not None and len(segments) == 1:
+            p, g, m, v = segments[0]
+            self._fused.step(p, g, m, v, self._decay_bounds, 1 - lr * self.weight_decay, beta1, beta2,
+                             self.eps, step_size, bias_correction2_sqrt)
+            return
         # forward in time: decay first, as torch.optim.AdamW does
         if self.weight_decay:
             for name in self.decayed:
                 self.params[name] *= 1 - lr * self.weight_decay
-        for p, g, m, v in self._segments(grads):
+        for p, g, m, v in segments:
             for lo in range(0, p.size, CHUNK):
                 hi = min(p.size, lo + CHUNK)
                 _adam_chunk(p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi], beta1, beta2,
@@ -121,14 +143,23 @@ class AdamW:
                     f"parameters need {tuple(self.exp_avg.shape)}: the checkpoint is from another model config"
                 )
         xp = array_module(self.exp_avg)
-        self.exp_avg[...] = xp.asarray(state["exp_avg"])
-        self.exp_avg_sq[...] = xp.asarray(state["exp_avg_sq"])
+        self.exp_avg[...] = to_device(state["exp_avg"], xp)  # a GPU checkpoint loads on the CPU and back
+        self.exp_avg_sq[...] = to_device(state["exp_avg_sq"], xp)
         self.step_count = int(to_host(state["step"]))
         for key in ("lr", "eps", "weight_decay"):
             if key in state:
                 setattr(self, key, float(to_host(state[key])))
         if "betas" in state:
             self.betas = tuple(float(b) for b in to_host(state["betas"]))
+
+
+def _fused_update(xp):
+    """nanogpt_np.kernels.adamw for CuPy arrays (the fused kernel), None for NumPy."""
+    if xp is np:
+        return None
+    from .kernels import adamw
+
+    return adamw
 
 
 def _adam_chunk(p, g, m, v, beta1, beta2, step_size, bias_correction2_sqrt, eps):

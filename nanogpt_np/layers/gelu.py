@@ -10,6 +10,8 @@ Derivation. With t = tanh(u) and d tanh(u)/du = 1 - t^2:
     du/dx      = sqrt(2/pi) * (1 + 3 * 0.044715 * x^2)
 The first term is the "gate" (how much of x passes); the second is how the gate
 itself moves with x.
+
+On the GPU this formula runs as nanogpt_np/kernels/gelu.cu, tested against this file.
 """
 import math
 

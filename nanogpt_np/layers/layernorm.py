@@ -14,6 +14,8 @@ so
 The two means are the whole cost of normalising: the gradient loses its component
 along the all-ones direction (the mean was removed) and along xhat (the scale was
 removed).
+
+On the GPU this formula runs as nanogpt_np/kernels/layernorm.cu, tested against this file.
 """
 
 
