@@ -25,16 +25,20 @@ import importlib
 import json
 import os
 import sys
+import time
 import traceback
 
 import numpy as np
 
-from .backend import array_module
+from .backend import array_module, use_gpu
 
 # variables MPI launchers set to the world size: MPICH/Hydra and Intel MPI, Open MPI, MVAPICH
 LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "PMIX_SIZE")
 TRANSPORT_ENV = "NANOGPT_GPU_ALLREDUCE"
 TRANSPORTS = ("nccl", "cuda-aware-mpi", "host")
+# MPI_Abort kills every rank at once; the launcher may not have forwarded the
+# failing rank's last words yet, so they get this long to go out first
+ABORT_GRACE_SECONDS = 0.5
 
 
 def launched_world_size(env=None):
@@ -90,9 +94,11 @@ class Single:
     def pin_device(self, xp):
         """Make this rank's GPU (local_rank modulo the GPUs here) the current one."""
         if xp is not np:
-            xp.cuda.Device(self.local_rank % xp.cuda.runtime.getDeviceCount()).use()
+            use_gpu(self.local_rank % xp.cuda.runtime.getDeviceCount())
 
-    def abort(self, code=1):
+    def abort(self, code=1, message=None):
+        if message:
+            sys.stderr.write(message.rstrip("\n") + "\n")
         sys.exit(code)
 
 
@@ -156,8 +162,9 @@ class MPIDistributed(Single):
             self._gpu_transport = make_gpu_transport(choice, self.comm, self.MPI, cupy)
         return self._gpu_transport
 
-    def abort(self, code=1):
-        self.comm.Abort(code)
+    def abort(self, code=1, message=None):
+        """Print `message` (if any) and stop every rank of the job with exit `code`."""
+        abort_with_message(self.comm, code, message)
 
 
 def install_abort_on_error(comm, rank):
@@ -166,12 +173,19 @@ def install_abort_on_error(comm, rank):
 
     def excepthook(exc_type, exc, tb):
         text = "".join(traceback.format_exception(exc_type, exc, tb))
-        sys.stderr.write(f"\n[rank {rank}] failed with {exc_type.__name__}: {exc}\n{text}")
-        sys.stderr.write(f"[rank {rank}] aborting all ranks\n")
-        sys.stderr.flush()
-        comm.Abort(1)
+        abort_with_message(comm, 1, f"\n[rank {rank}] failed with {exc_type.__name__}: {exc}\n{text}"
+                                    f"[rank {rank}] aborting all ranks")
 
     sys.excepthook = excepthook
+
+
+def abort_with_message(comm, code, message=None):
+    if message:
+        sys.stderr.write(message.rstrip("\n") + "\n")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    time.sleep(ABORT_GRACE_SECONDS)
+    comm.Abort(code)
 
 
 # ---- GPU gradient transports ------------------------------------------------------------

@@ -48,7 +48,7 @@ from typing import Optional
 import numpy as np
 
 from . import checkpoint, distributed, hellaswag
-from .backend import get_xp, resolve_dtype, to_device
+from .backend import get_xp, resolve_dtype, set_tf32, to_device
 from .data import DataError, DataLoader
 from .model import GPT, GPTConfig, parameter_shapes
 from .optim import AdamW, clip_grad_norm, cosine_lr
@@ -86,6 +86,7 @@ class TrainConfig:
     resume: bool = False
     backend: str = "numpy"
     dtype: str = "float32"
+    tf32: bool = False  # cupy: float32 matmuls on TF32 tensor cores
     prompt: str = "Hello, I'm a language model,"
     num_samples: int = 4
     sample_tokens: int = 32
@@ -131,6 +132,7 @@ FLAG_HELP = {
     "ckpt_every": "checkpoint every N steps (0: off)",
     "resume": "continue from the latest checkpoint in --log-dir",
     "backend": "numpy (CPU) or cupy (GPU)", "dtype": "float32 or float64",
+    "tf32": "with --backend cupy: float32 matmuls on TF32 tensor cores (also CUPY_TF32=1)",
     "prompt": "sampling prompt", "num_samples": "samples per sampling",
     "sample_tokens": "new tokens per sample",
     "shuffle": "shuffle shard order and documents (seeded, resumable)",
@@ -288,6 +290,10 @@ class Trainer:
         except RuntimeError as e:
             raise ConfigError(str(e)) from e
         self.dist.pin_device(self.xp)  # one GPU per rank, before anything is allocated
+        if cfg.tf32:
+            if cfg.backend != "cupy":
+                raise ConfigError("--tf32 applies to --backend cupy only")
+            set_tf32(True)
         self.model_config = GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size,
                                       n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
         self.accum = grad_accum_steps(cfg.total_batch_size, cfg.batch_size, cfg.block_size,
@@ -517,10 +523,9 @@ def main(argv=None):
         trainer = Trainer(cfg, dist=dist)
         history = trainer.run()
     except (ConfigError, DataError, checkpoint.CheckpointError) as e:
-        where = f" on rank {dist.rank}" if dist.world_size > 1 else ""
-        print(f"error{where}: {e}", file=sys.stderr, flush=True)
-        if dist.world_size > 1:
-            dist.abort(1)  # the other ranks may be waiting in a collective: stop them too
+        if dist.world_size > 1:  # the other ranks may wait in a collective: stop them too
+            dist.abort(1, f"error on rank {dist.rank}: {e}")
+        print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
         print(f"\ninterrupted; continue with the same flags plus --resume "

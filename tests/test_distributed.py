@@ -196,7 +196,8 @@ def test_numpy_buffers_use_mpi_in_place(no_excepthook_change):
     np.testing.assert_allclose(buf, [2.0, 4.0])
 
 
-def test_excepthook_names_the_rank_and_aborts(capsys, no_excepthook_change):
+def test_excepthook_names_the_rank_and_aborts(capsys, monkeypatch, no_excepthook_change):
+    monkeypatch.setattr(dist, "ABORT_GRACE_SECONDS", 0)
     comm = FakeComm(rank=1)
     dist.MPIDistributed(comm, fake_mpi(False), env={})
     try:
