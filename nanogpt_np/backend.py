@@ -8,6 +8,11 @@ checkpoints moving arrays to and from the host) goes through the helpers here.
 
 CuPy is never imported unless a caller asks for it by name, so a CPU-only install
 pays nothing for the GPU path.
+
+On the GPU, four layers run as fused CUDA kernels (nanogpt_np/kernels/) instead
+of their NumPy formulas: `layer_ops(xp)` hands the model the right set. TF32
+matmuls are off unless asked for: `set_tf32(True)`, or CUPY_TF32=1 in the
+environment (CuPy's own switch).
 """
 import ctypes
 import os
@@ -68,6 +73,59 @@ def _import_cupy():
     return cupy
 
 
+def use_gpu(index):
+    """Make GPU `index` the current device for CuPy (one GPU per MPI rank: call it
+    with the rank's local index before building the model). Returns cupy."""
+    cupy = _import_cupy()
+    n = cupy.cuda.runtime.getDeviceCount()
+    if not 0 <= index < n:
+        raise ValueError(f"GPU index {index} is out of range: this machine has {n} GPU(s)")
+    cupy.cuda.Device(index).use()
+    return cupy
+
+
+def layer_ops(xp):
+    """The layer implementations for array module `xp`: a namespace with modules
+    attention, cross_entropy, embedding, gelu, layernorm and linear, each with the
+    forward(...) -> (out, cache) / backward(dout, cache) interface.
+
+    NumPy gets nanogpt_np.layers, the readable formulas. CuPy gets
+    nanogpt_np.kernels: attention, LayerNorm, GELU and softmax + cross-entropy as
+    CUDA kernels, linear (cuBLAS) and embedding as the formula layers on CuPy
+    arrays. NANOGPT_KERNELS=0 in the environment gives CuPy the formula layers too
+    (slower, but a second opinion when a kernel is in doubt).
+    """
+    if xp is np or os.environ.get("NANOGPT_KERNELS", "1") == "0":
+        from . import layers
+
+        return layers
+    from . import kernels
+
+    return kernels
+
+
+def set_tf32(enabled=True):
+    """Let cuBLAS run float32 matmuls on TF32 tensor cores (about 10 bits of mantissa
+    in the products, float32 accumulation): several times faster on A100/H100, and
+    what PyTorch calls `allow_tf32`. Off by default; CUPY_TF32=1 turns it on too.
+    Affects the CuPy backend only."""
+    cupy = _import_cupy()
+    from cupy._core import _routines_linalg as linalg
+
+    mode = linalg.COMPUTE_TYPE_TF32 if enabled else linalg.COMPUTE_TYPE_DEFAULT
+    linalg.set_compute_type(cupy.dtype(cupy.float32), mode)
+
+
+def tf32_enabled():
+    """Whether CuPy float32 matmuls use TF32 (False when CuPy is not in use)."""
+    cupy = sys.modules.get("cupy")
+    if cupy is None:
+        return False
+    from cupy._core import _routines_linalg as linalg
+
+    return linalg.get_compute_type(cupy.dtype(cupy.float32)) == linalg.COMPUTE_TYPE_TF32
+
+
 def backend_name(xp):
     return "cupy" if xp is not np else "numpy"
 
@@ -93,7 +151,10 @@ def to_host(a):
 
 
 def to_device(a, xp, dtype=None):
-    """`a` as an array of library `xp`, optionally cast to `dtype`."""
+    """`a` as an array of library `xp`, optionally cast to `dtype`. Moves between
+    host and GPU in either direction (a CuPy array to NumPy goes through to_host)."""
+    if xp is np:
+        return np.asarray(to_host(a), dtype=dtype)
     return xp.asarray(a, dtype=dtype)
 
 

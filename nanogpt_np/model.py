@@ -19,8 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import fill, get_xp, keep_freed_memory, on_cpu, resolve_dtype, to_device, to_host
-from .layers import attention, cross_entropy, embedding, gelu, layernorm, linear
+from .backend import fill, get_xp, keep_freed_memory, layer_ops, on_cpu, resolve_dtype, to_device, to_host
 
 WTE = "transformer.wte.weight"
 WPE = "transformer.wpe.weight"
@@ -87,11 +86,13 @@ def init_std(name, config):
 
 
 class GPT:
-    def __init__(self, config, dtype=np.float32, seed=0, backend="numpy"):
+    def __init__(self, config, dtype=np.float32, seed=0, backend="numpy", init_weights=True):
         self.config = config
         self.dtype = resolve_dtype(dtype)
         self.xp = get_xp(backend)
         self.backend = backend
+        # the layer implementations: nanogpt_np.layers on NumPy, CUDA kernels on CuPy
+        self.ops = layer_ops(self.xp)
         if on_cpu(self.xp):
             keep_freed_memory()  # activations are reused step after step (see backend)
         self._shapes = parameter_shapes(config)
@@ -104,7 +105,8 @@ class GPT:
         self._grads_are_zero = True  # backward may write gradients instead of adding them
         self._write_grads = False  # the flag above, as the running backward() found it
         self._logits = None  # the logits buffer that training forwards reuse
-        self._init_weights(seed)
+        if init_weights:  # False leaves zeros, for weights about to be loaded
+            self._init_weights(seed)
 
     def _views(self, flat):
         views, offset = {}, 0
@@ -233,18 +235,19 @@ class GPT:
         idx, targets = self._check_inputs(idx, targets)
         self._caches = None  # free the previous step's activations first
         p, keep = self.params, targets is not None
-        x, emb_cache = embedding.forward(idx, p[WTE], p[WPE])  # (B, T, C)
+        x, emb_cache = self.ops.embedding.forward(idx, p[WTE], p[WPE])  # (B, T, C)
         block_caches = []
         for i in range(self.config.n_layer):
             x, cache = self._block_forward(i, x)
             if keep:
                 block_caches.append(cache)
-        x, lnf_cache = layernorm.forward(x, p["transformer.ln_f.weight"], p["transformer.ln_f.bias"])
-        logits_out = self._logits_buffer(idx.shape) if keep else None
-        logits, head_cache = linear.forward(x, p[WTE], None, out=logits_out)  # (B, T, V), tied to wte
+        x, lnf_cache = self.ops.layernorm.forward(x, p["transformer.ln_f.weight"], p["transformer.ln_f.bias"])
+        # training reuses one logits buffer from step to step; inference gets a fresh array
+        into = {"out": self._logits_buffer(idx.shape)} if keep else {}
+        logits, head_cache = self.ops.linear.forward(x, p[WTE], None, **into)  # (B, T, V), tied to wte
         if not keep:
             return logits, None
-        loss, ce_cache = cross_entropy.forward(logits, targets)
+        loss, ce_cache = self.ops.cross_entropy.forward(logits, targets)
         self._caches = (emb_cache, block_caches, lnf_cache, head_cache, ce_cache)
         return logits, float(loss)
 
@@ -261,15 +264,15 @@ class GPT:
     def _block_forward(self, i, x):
         """One transformer block. x: (B, T, C) -> (B, T, C), and the caches for backward."""
         p, h = self.params, f"transformer.h.{i}."
-        a, ln1 = layernorm.forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"])
-        a, c_attn = linear.forward(a, p[h + "attn.c_attn.weight"], p[h + "attn.c_attn.bias"])  # (B, T, 3C)
-        a, attn = attention.forward(a, self.config.n_head)  # (B, T, C)
-        a, attn_proj = linear.forward(a, p[h + "attn.c_proj.weight"], p[h + "attn.c_proj.bias"])
+        a, ln1 = self.ops.layernorm.forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"])
+        a, c_attn = self.ops.linear.forward(a, p[h + "attn.c_attn.weight"], p[h + "attn.c_attn.bias"])  # (B, T, 3C)
+        a, attn = self.ops.attention.forward(a, self.config.n_head)  # (B, T, C)
+        a, attn_proj = self.ops.linear.forward(a, p[h + "attn.c_proj.weight"], p[h + "attn.c_proj.bias"])
         x = x + a  # a new array: the old x stays in ln1's cache
-        m, ln2 = layernorm.forward(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"])
-        m, c_fc = linear.forward(m, p[h + "mlp.c_fc.weight"], p[h + "mlp.c_fc.bias"])  # (B, T, 4C)
-        m, act = gelu.forward(m)
-        m, mlp_proj = linear.forward(m, p[h + "mlp.c_proj.weight"], p[h + "mlp.c_proj.bias"])  # (B, T, C)
+        m, ln2 = self.ops.layernorm.forward(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"])
+        m, c_fc = self.ops.linear.forward(m, p[h + "mlp.c_fc.weight"], p[h + "mlp.c_fc.bias"])  # (B, T, 4C)
+        m, act = self.ops.gelu.forward(m)
+        m, mlp_proj = self.ops.linear.forward(m, p[h + "mlp.c_proj.weight"], p[h + "mlp.c_proj.bias"])  # (B, T, C)
         x = x + m
         return x, (ln1, c_attn, attn, attn_proj, ln2, c_fc, act, mlp_proj)
 
@@ -293,21 +296,22 @@ class GPT:
         # (gradient accumulation) each layer's gradient is added in.
         self._write_grads, self._grads_are_zero = self._grads_are_zero, False
         g = self.grads
-        dlogits = cross_entropy.backward(1.0, ce_cache)  # (B, T, V), in the logits buffer
+        dlogits = self.ops.cross_entropy.backward(1.0, ce_cache)  # (B, T, V), in the logits buffer
         del ce_cache
         # forward: logits = x @ wte.T   (lm_head, tied)
-        dx, dwte, _ = linear.backward(dlogits, head_cache, **self._grad_out("transformer.wte", bias=False))
+        lm_head_out = self._grad_out("transformer.wte", bias=False)  # the tied weight's gradient
+        dx, dwte, _ = self.ops.linear.backward(dlogits, head_cache, **lm_head_out)
         del dlogits, head_cache
         self._add_grad(WTE, dwte)
         del dwte
         # forward: x = ln_f(x)
-        dx, dw, db = layernorm.backward(dx, lnf_cache)
+        dx, dw, db = self.ops.layernorm.backward(dx, lnf_cache)
         g["transformer.ln_f.weight"] += dw
         g["transformer.ln_f.bias"] += db
         for i in reversed(range(self.config.n_layer)):
             dx = self._block_backward(i, dx, block_caches.pop())
         # forward: x = wte[idx] + wpe[:T]; adds into wte's gradient next to lm_head's
-        embedding.backward(dx, emb_cache, dwte=g[WTE], dwpe=g[WPE])
+        self.ops.embedding.backward(dx, emb_cache, dwte=g[WTE], dwpe=g[WPE])
         return dict(self.grads)
 
     def _grad_out(self, prefix, bias=True):
@@ -334,44 +338,67 @@ class GPT:
         ln1, c_attn, attn, attn_proj, ln2, c_fc, act, mlp_proj = caches
         h = f"transformer.h.{i}."
         # forward: x = x + m  (dx flows to both the skip path and the MLP)
-        dm, dw, db = linear.backward(dx, mlp_proj, **self._grad_out(h + "mlp.c_proj"))
+        dm, dw, db = self.ops.linear.backward(dx, mlp_proj, **self._grad_out(h + "mlp.c_proj"))
         self._add_grads(h + "mlp.c_proj", dw, db)
-        dm = gelu.backward(dm, act)
-        dm, dw, db = linear.backward(dm, c_fc, **self._grad_out(h + "mlp.c_fc"))
+        dm = self.ops.gelu.backward(dm, act)
+        dm, dw, db = self.ops.linear.backward(dm, c_fc, **self._grad_out(h + "mlp.c_fc"))
         self._add_grads(h + "mlp.c_fc", dw, db)
-        dm, dw, db = layernorm.backward(dm, ln2)
+        dm, dw, db = self.ops.layernorm.backward(dm, ln2)
         self._add_grads(h + "ln_2", dw, db)
         dx = dx + dm
         # forward: x = x + a
-        da, dw, db = linear.backward(dx, attn_proj, **self._grad_out(h + "attn.c_proj"))
+        da, dw, db = self.ops.linear.backward(dx, attn_proj, **self._grad_out(h + "attn.c_proj"))
         self._add_grads(h + "attn.c_proj", dw, db)
-        da = attention.backward(da, attn)
-        da, dw, db = linear.backward(da, c_attn, **self._grad_out(h + "attn.c_attn"))
+        da = self.ops.attention.backward(da, attn)
+        da, dw, db = self.ops.linear.backward(da, c_attn, **self._grad_out(h + "attn.c_attn"))
         self._add_grads(h + "attn.c_attn", dw, db)
-        da, dw, db = layernorm.backward(da, ln1)
+        da, dw, db = self.ops.layernorm.backward(da, ln1)
         self._add_grads(h + "ln_1", dw, db)
         dx += da
         return dx
 
     # ---- sampling -------------------------------------------------------------------
 
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, seed=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, seed=None, use_cache=True):
         """Extend idx (B, T) by max_new_tokens sampled tokens -> (B, T + max_new_tokens).
 
         temperature 0 is greedy (argmax). top_k keeps the k most likely tokens before
         sampling. seed makes the draw reproducible. The context is cropped to the last
-        block_size tokens, and each new token runs the whole context again.
+        block_size tokens. With use_cache (the default) each new token runs one
+        position against a key/value cache (see generate.py); use_cache=False runs
+        the whole context again for each token, the reference both must agree with.
         """
+        from .generate import check_sampling_args, generate_cached
+
         idx = to_host(self._check_tokens(idx, "idx")).astype(np.int64)
-        if max_new_tokens < 0 or temperature < 0:
-            raise ValueError("max_new_tokens and temperature must be >= 0")
+        check_sampling_args(max_new_tokens, temperature, top_k)
         rng = np.random.default_rng(seed)
+        if use_cache:
+            return generate_cached(self, idx, max_new_tokens, temperature, top_k, rng, sample_next)
         for _ in range(max_new_tokens):
             context = idx[:, -self.config.block_size :]
             logits, _ = self.forward(context)
             next_token = sample_next(to_host(logits[:, -1, :]), temperature, top_k, rng)  # (B,)
             idx = np.concatenate([idx, next_token[:, None]], axis=1)
         return idx
+
+    # ---- GPT-2 weights in and out (pretrained.py) ----------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path_or_name, dtype=np.float32, backend="numpy", **kwargs):
+        """A GPT-2 from Hugging Face weights (a directory with model.safetensors and
+        config.json, or a name such as "gpt2" found in the local Hugging Face cache)
+        or from an llm.c model file (gpt2_124M.bin). See pretrained.load for kwargs."""
+        from . import pretrained
+
+        return pretrained.load(path_or_name, dtype=dtype, backend=backend, **kwargs)
+
+    def save_pretrained(self, directory, vocab_size=None):
+        """Write model.safetensors and config.json that transformers' GPT2LMHeadModel
+        loads; a padded vocab is cut back to GPT-2's 50257 (see pretrained.save_hf)."""
+        from . import pretrained
+
+        pretrained.save_hf(self, directory, vocab_size=vocab_size)
 
     def __repr__(self):
         return (

@@ -14,13 +14,17 @@ Speed. The model keeps all parameters in one flat array (and the gradients in
 another), so this optimizer updates them as one buffer: a few long runs (the
 stretches of decayed and of undecayed parameters) instead of a dozen operations per
 tensor. Parameters that are not views of one buffer are updated tensor by tensor
-with the same formula. The runs are walked in cache-sized chunks, shared among the
-CPU threads: the update is thirteen array operations, and on a chunk that stays in
-the cache only the first touch of p, g, m and v goes to main memory.
+with the same formula. On the CPU the runs are walked in cache-sized chunks, shared
+among the CPU threads: the update is thirteen array operations, and on a chunk that
+stays in the cache only the first touch of p, g, m and v goes to main memory. On the
+GPU, with one flat buffer, the whole update (decay, moments, parameters) is one
+fused CUDA kernel, nanogpt_np/kernels/adamw.cu, which computes the formula below.
 """
 import math
 
-from .backend import array_module, on_cpu, parallel_map, to_host
+import numpy as np
+
+from .backend import array_module, on_cpu, parallel_map, to_device, to_host
 
 CHUNK = 1 << 18  # elements per chunk (1 MiB per operand): cache-sized, and long enough
 # per NumPy call that threads do not queue for the GIL
@@ -32,13 +36,13 @@ def contiguous_base(arrays):
     arrays = list(arrays)
     if not arrays:
         return None
-    base = arrays[0].base
-    if base is None or base.ndim != 1:
+    base = _root(arrays[0])
+    if base is arrays[0] or base.ndim != 1:
         return None
     ptr = _data_pointer
     spans, expected = [], ptr(base)
     for a in arrays:
-        if a.base is not base or not a.flags.c_contiguous or ptr(a) != expected:
+        if _root(a) is not base or not a.flags.c_contiguous or ptr(a) != expected:
             return None
         start = (expected - ptr(base)) // base.itemsize
         spans.append((start, start + a.size))
@@ -46,6 +50,14 @@ def contiguous_base(arrays):
     if spans[-1][1] != base.size:
         return None
     return base, spans
+
+
+def _root(a):
+    """The array that owns a's memory. NumPy's .base is already the owner; a CuPy
+    view of a view may point at the intermediate view, so walk up the chain."""
+    while a.base is not None:
+        a = a.base
+    return a
 
 
 def _data_pointer(a):
@@ -69,9 +81,14 @@ class AdamW:
         for name, a in zip(self.names, arrays):
             self.spans[name] = (offset, offset + a.size)
             offset += a.size
-        self.decayed = {n for n in self.names if self.params[n].ndim >= 2}
+        self.decayed = [n for n in self.names if self.params[n].ndim >= 2]
         self.flat_params = contiguous_base(arrays)
         self.step_count = 0
+        self._fused = _fused_update(xp)
+        if self._fused is not None:  # the decayed spans of the flat buffer, for the kernel
+            bounds = self._fused.decay_bounds([self.spans[n] for n in self.decayed])
+            self._decay_bounds = to_device(bounds, xp)
+        self._decay_runs = self._runs()
 
     def step(self, grads, lr=None):
         """One update from grads {name: array} (the keys of params). lr overrides self.lr."""
@@ -83,46 +100,55 @@ class AdamW:
         beta1, beta2 = self.betas
         step_size = lr / (1 - beta1**self.step_count)
         bias_correction2_sqrt = math.sqrt(1 - beta2**self.step_count)
+        segments = self._segments(grads)
+        if self._fused is not None and len(segments) == 1:
+            p, g, m, v = segments[0]
+            self._fused.step(p, g, m, v, self._decay_bounds, 1 - lr * self.weight_decay, beta1, beta2,
+                             self.eps, step_size, bias_correction2_sqrt)
+            return
         # decoupled decay, applied first as torch.optim.AdamW does: p *= 1 - lr * wd
         decay_factor = 1 - lr * self.weight_decay
         xp = array_module(self.exp_avg)
         size = CHUNK if on_cpu(xp) else self.exp_avg.size  # a GPU takes each run whole
-        chunks = [(seg, lo, min(seg[0].size, lo + size))
-                  for seg in self._segments(grads) for lo in range(0, seg[0].size, size)]
+        chunks = [(run, lo, min(run[0].size, lo + size))
+                  for run in self._with_decay(segments) for lo in range(0, run[0].size, size)]
 
         def update(chunk):
             (p, g, m, v, decay), lo, hi = chunk
             if decay and self.weight_decay:
                 p[lo:hi] *= decay_factor
-            tmp = xp.empty(hi - lo, dtype=p.dtype)  # scratch
-            _adam_chunk(p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi], tmp, beta1, beta2,
+            _adam_chunk(p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi], beta1, beta2,
                         step_size, bias_correction2_sqrt, self.eps)
 
         parallel_map(update, chunks, xp)  # chunks are disjoint: any thread may take any
 
     def _segments(self, grads):
-        """[(param, grad, exp_avg, exp_avg_sq, decay)] as 1-D arrays. When params and
-        grads are each one flat buffer: one segment per run of neighbouring tensors
-        that are all decayed or all not; else one segment per tensor."""
+        """[(param, grad, exp_avg, exp_avg_sq)] as 1-D arrays: one segment covering
+        everything when params and grads are each one flat buffer, else one per tensor."""
         flat_grads = contiguous_base(grads[n] for n in self.names)
         if self.flat_params is not None and flat_grads is not None:
-            p, g = self.flat_params[0], flat_grads[0]
-            return [(p[a:b], g[a:b], self.exp_avg[a:b], self.exp_avg_sq[a:b], decay)
-                    for a, b, decay in self._runs()]
+            return [(self.flat_params[0], flat_grads[0], self.exp_avg, self.exp_avg_sq)]
         segments = []
         for name in self.names:
             start, stop = self.spans[name]
             segments.append((self.params[name].reshape(-1), grads[name].reshape(-1),
-                             self.exp_avg[start:stop], self.exp_avg_sq[start:stop],
-                             name in self.decayed))
+                             self.exp_avg[start:stop], self.exp_avg_sq[start:stop]))
         return segments
+
+    def _with_decay(self, segments):
+        """[(param, grad, exp_avg, exp_avg_sq, decay)]: the one flat segment cut into
+        runs where weight decay turns on or off; per-tensor segments with their flag."""
+        if len(segments) == 1 and segments[0][2] is self.exp_avg:  # the flat buffer
+            p, g, m, v = segments[0]
+            return [(p[a:b], g[a:b], m[a:b], v[a:b], decay) for a, b, decay in self._decay_runs]
+        return [(*seg, self.params[name].ndim >= 2) for seg, name in zip(segments, self.names)]
 
     def _runs(self):
         """[(start, stop, decay)]: the flat order cut where weight decay turns on or off."""
         runs = []
         for name in self.names:
             start, stop = self.spans[name]
-            decay = name in self.decayed
+            decay = self.params[name].ndim >= 2
             if runs and runs[-1][2] == decay and runs[-1][1] == start:
                 runs[-1] = (runs[-1][0], stop, decay)
             else:
@@ -148,8 +174,8 @@ class AdamW:
                     f"parameters need {tuple(self.exp_avg.shape)}: the checkpoint is from another model config"
                 )
         xp = array_module(self.exp_avg)
-        self.exp_avg[...] = xp.asarray(state["exp_avg"])
-        self.exp_avg_sq[...] = xp.asarray(state["exp_avg_sq"])
+        self.exp_avg[...] = to_device(state["exp_avg"], xp)  # a GPU checkpoint loads on the CPU and back
+        self.exp_avg_sq[...] = to_device(state["exp_avg_sq"], xp)
         self.step_count = int(to_host(state["step"]))
         for key in ("lr", "eps", "weight_decay"):
             if key in state:
@@ -158,10 +184,19 @@ class AdamW:
             self.betas = tuple(float(b) for b in to_host(state["betas"]))
 
 
-def _adam_chunk(p, g, m, v, tmp, beta1, beta2, step_size, bias_correction2_sqrt, eps):
-    """The AdamW moment and parameter update on matching 1-D slices, in place;
-    tmp is scratch of the same length."""
+def _fused_update(xp):
+    """nanogpt_np.kernels.adamw for CuPy arrays (the fused kernel), None for NumPy."""
+    if xp is np:
+        return None
+    from .kernels import adamw
+
+    return adamw
+
+
+def _adam_chunk(p, g, m, v, beta1, beta2, step_size, bias_correction2_sqrt, eps):
+    """The AdamW moment and parameter update on matching 1-D slices, in place."""
     xp = array_module(p)
+    tmp = xp.empty_like(p)  # the one temporary, a chunk long
     # m = beta1 * m + (1 - beta1) * g
     m *= beta1
     xp.multiply(g, 1 - beta1, out=tmp)

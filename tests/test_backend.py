@@ -179,3 +179,54 @@ def test_keep_freed_memory_on_glibc():
     assert kept is backend.keep_freed_memory()  # asked once, remembered
     if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
         assert kept is True
+
+
+def test_layer_ops_picks_the_formulas_for_numpy(monkeypatch):
+    from nanogpt_np import kernels, layers
+
+    assert backend.layer_ops(np) is layers
+
+    class FakeCupy:  # any module other than numpy gets the kernels
+        pass
+
+    assert backend.layer_ops(FakeCupy) is kernels
+    monkeypatch.setenv("NANOGPT_KERNELS", "0")
+    assert backend.layer_ops(FakeCupy) is layers
+    for name in layers.__all__:  # a new layer module needs a GPU version (or a re-export) too
+        for ops in (kernels, layers):
+            assert callable(getattr(ops, name).forward) and callable(getattr(ops, name).backward)
+
+
+def test_numpy_model_uses_the_formula_layers():
+    from nanogpt_np import GPT, GPTConfig, layers
+
+    model = GPT(GPTConfig(block_size=8, vocab_size=11, n_layer=1, n_head=1, n_embd=4))
+    assert model.ops is layers
+
+
+def test_to_device_to_numpy_goes_through_to_host(monkeypatch):
+    """A GPU checkpoint loads into a CPU model: CuPy arrays refuse np.asarray, so
+    to_device(a, numpy) must copy through .get()."""
+
+    class DeviceArray:  # stands in for a CuPy array
+        def __init__(self, a):
+            self.a = a
+
+        def get(self):
+            return self.a
+
+        def __array__(self, *args, **kwargs):
+            raise TypeError("implicit conversion to a NumPy array is not allowed")
+
+    monkeypatch.setitem(sys.modules, "cupy", type("cupy", (), {"ndarray": DeviceArray}))
+    out = backend.to_device(DeviceArray(np.arange(3.0)), np, np.float32)
+    assert out.dtype == np.float32 and np.array_equal(out, [0, 1, 2])
+
+
+def test_use_gpu_checks_the_index(monkeypatch):
+    from tests.kernels import fake_cupy
+
+    fake_cupy.install(monkeypatch)  # one fake GPU
+    assert backend.use_gpu(0) is sys.modules["cupy"]
+    with pytest.raises(ValueError, match="GPU index 1 is out of range: this machine has 1 GPU"):
+        backend.use_gpu(1)

@@ -17,6 +17,8 @@ the CPU's cache. So the work is done in cache-sized chunks of the flattened arra
 (see backend.map_chunks): the first operation on a chunk reads it from memory, and
 the rest of the formula runs on data already in the cache. Each chunk function
 below is the plain formula, one operation per line, in place.
+
+On the GPU this formula runs as nanogpt_np/kernels/gelu.cu, tested against this file.
 """
 import math
 

@@ -1,0 +1,316 @@
+"""Data parallelism over MPI: one process (rank) per device, gradients averaged.
+
+    mpiexec -n 8 python scripts/train.py --backend cupy
+
+Every rank holds a full copy of the model and reads its own slice of each batch.
+After the last micro-step of gradient accumulation the ranks sum their gradients
+with one allreduce over the model's flat gradient buffer and divide by the world
+size, so every rank takes the same optimizer step and the copies stay identical.
+
+A single process never imports mpi4py: `init()` looks at the variables MPI
+launchers set (PMI_SIZE, OMPI_COMM_WORLD_SIZE, ...) and returns a `Single` that
+does nothing when there is only one rank.
+
+Gradient transports. NumPy buffers go straight to mpi4py's buffer methods
+(`Allreduce` with `MPI.IN_PLACE`, never the pickling lowercase methods). CuPy
+buffers go through one of three transports behind the same `allreduce_sum_`:
+  - NCCL (`cupy.cuda.nccl`), bootstrapped by broadcasting its unique id over MPI:
+    the fast path, since the pip MPI wheels are not GPU-aware;
+  - CUDA-aware MPI, when the MPI library reports it (`MPIX_Query_cuda_support`);
+  - host staging: copy to the host, MPI allreduce, copy back.
+`NANOGPT_GPU_ALLREDUCE=nccl|cuda-aware-mpi|host` forces one.
+"""
+import ctypes
+import importlib
+import json
+import os
+import sys
+import time
+import traceback
+
+import numpy as np
+
+from .backend import array_module, use_gpu
+
+# variables MPI launchers set to the world size: MPICH/Hydra and Intel MPI, Open MPI, MVAPICH
+LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "PMIX_SIZE")
+TRANSPORT_ENV = "NANOGPT_GPU_ALLREDUCE"
+TRANSPORTS = ("nccl", "cuda-aware-mpi", "host")
+# MPI_Abort kills every rank at once; the launcher may not have forwarded the
+# failing rank's last words yet, so they get this long to go out first
+ABORT_GRACE_SECONDS = 0.5
+
+
+def launched_world_size(env=None):
+    """The world size an MPI launcher announced in the environment (1 if none)."""
+    env = os.environ if env is None else env
+    for var in LAUNCHER_SIZE_VARS:
+        if env.get(var, "").isdigit():
+            return int(env[var])
+    return 1
+
+
+def init(env=None):
+    """`Single()` for one process, else an `MPIDistributed` over COMM_WORLD."""
+    if launched_world_size(env) <= 1:
+        return Single()
+    from mpi4py import MPI
+
+    if MPI.COMM_WORLD.Get_size() == 1:
+        return Single()
+    return MPIDistributed(MPI.COMM_WORLD, MPI)
+
+
+class Single:
+    """One process: every collective is the identity."""
+
+    rank, world_size, local_rank, local_size = 0, 1, 0, 1
+
+    @property
+    def is_master(self):
+        return self.rank == 0
+
+    def barrier(self):
+        pass
+
+    def allreduce_sum_(self, buf):
+        return buf
+
+    def allreduce_mean_(self, buf):
+        """Average a contiguous buffer (the flat gradients) over ranks, in place."""
+        return buf
+
+    def allreduce_scalars(self, values, op="sum"):
+        """[float] -> [float] summed (or averaged with op='mean') over ranks."""
+        return [float(v) for v in values]
+
+    def broadcast_(self, buf, root=0):
+        return buf
+
+    def allgather_json(self, obj):
+        """Every rank's small JSON-able object, as a list in rank order."""
+        return [obj]
+
+    def pin_device(self, xp):
+        """Make this rank's GPU (local_rank modulo the GPUs here) the current one."""
+        if xp is not np:
+            use_gpu(self.local_rank % xp.cuda.runtime.getDeviceCount())
+
+    def abort(self, code=1, message=None):
+        if message:
+            sys.stderr.write(message.rstrip("\n") + "\n")
+        sys.exit(code)
+
+
+class MPIDistributed(Single):
+    def __init__(self, comm, MPI, env=None):
+        self.comm, self.MPI = comm, MPI
+        self.rank, self.world_size = comm.Get_rank(), comm.Get_size()
+        local = comm.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks on this machine
+        self.local_rank, self.local_size = local.Get_rank(), local.Get_size()
+        local.Free()
+        self.env = os.environ if env is None else env
+        self._gpu_transport = None
+        install_abort_on_error(comm, self.rank)
+
+    def barrier(self):
+        self.comm.Barrier()
+
+    def allreduce_sum_(self, buf):
+        if array_module(buf) is np:
+            self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
+        else:
+            self.gpu_transport(array_module(buf)).allreduce_sum_(buf)
+        return buf
+
+    def allreduce_mean_(self, buf):
+        self.allreduce_sum_(buf)
+        buf /= self.world_size
+        return buf
+
+    def allreduce_scalars(self, values, op="sum"):
+        buf = np.array(values, dtype=np.float64)
+        self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
+        if op == "mean":
+            buf /= self.world_size
+        return [float(v) for v in buf]
+
+    def broadcast_(self, buf, root=0):
+        if array_module(buf) is np:
+            self.comm.Bcast(buf, root=root)
+        else:
+            self.gpu_transport(array_module(buf)).broadcast_(buf, root)
+        return buf
+
+    def allgather_json(self, obj):
+        """Pickle-free gather of small objects: JSON bytes through Allgatherv."""
+        data = np.frombuffer(json.dumps(obj).encode(), dtype=np.uint8)
+        sizes = np.zeros(self.world_size, dtype=np.int64)
+        self.comm.Allgather(np.array([data.size], dtype=np.int64), sizes)
+        gathered = np.empty(int(sizes.sum()), dtype=np.uint8)
+        self.comm.Allgatherv(data, [gathered, sizes.tolist()])
+        offsets = np.concatenate([[0], np.cumsum(sizes)])
+        return [json.loads(gathered[a:b].tobytes()) for a, b in zip(offsets[:-1], offsets[1:])]
+
+    def gpu_transport(self, cupy):
+        if self._gpu_transport is None:
+            choice = choose_gpu_transport(
+                nccl_available=nccl_available(cupy),
+                cuda_aware=mpi_cuda_aware(self.MPI),
+                override=self.env.get(TRANSPORT_ENV),
+            )
+            self._gpu_transport = make_gpu_transport(choice, self.comm, self.MPI, cupy)
+        return self._gpu_transport
+
+    def abort(self, code=1, message=None):
+        """Print `message` (if any) and stop every rank of the job with exit `code`."""
+        abort_with_message(self.comm, code, message)
+
+
+def install_abort_on_error(comm, rank):
+    """An uncaught exception on any rank prints which rank failed and why, then
+    aborts the whole job, so the other ranks never hang in a collective."""
+
+    def excepthook(exc_type, exc, tb):
+        text = "".join(traceback.format_exception(exc_type, exc, tb))
+        abort_with_message(comm, 1, f"\n[rank {rank}] failed with {exc_type.__name__}: {exc}\n{text}"
+                                    f"[rank {rank}] aborting all ranks")
+
+    sys.excepthook = excepthook
+
+
+def abort_with_message(comm, code, message=None):
+    if message:
+        sys.stderr.write(message.rstrip("\n") + "\n")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    time.sleep(ABORT_GRACE_SECONDS)
+    comm.Abort(code)
+
+
+# ---- GPU gradient transports ------------------------------------------------------------
+
+
+def choose_gpu_transport(nccl_available, cuda_aware, override=None):
+    """Which transport reduces CuPy buffers: the override if given, else NCCL,
+    else CUDA-aware MPI, else host staging."""
+    if override:
+        if override not in TRANSPORTS:
+            raise ValueError(f"{TRANSPORT_ENV}={override!r}; choose one of {', '.join(TRANSPORTS)}")
+        if override == "nccl" and not nccl_available:
+            raise RuntimeError(f"{TRANSPORT_ENV}=nccl, but cupy.cuda.nccl is not available; "
+                               "install NCCL for CuPy (`pip install nvidia-nccl-cu12`) or pick another")
+        if override == "cuda-aware-mpi" and not cuda_aware:
+            raise RuntimeError(f"{TRANSPORT_ENV}=cuda-aware-mpi, but this MPI library is not "
+                               "CUDA-aware (MPIX_Query_cuda_support() == 0)")
+        return override
+    if nccl_available:
+        return "nccl"
+    if cuda_aware:
+        return "cuda-aware-mpi"
+    return "host"
+
+
+def import_nccl(cupy):
+    """CuPy's NCCL binding (cupy.cuda.nccl), which is imported on its own."""
+    return importlib.import_module(cupy.__name__ + ".cuda.nccl")
+
+
+def nccl_available(cupy):
+    try:
+        return bool(getattr(import_nccl(cupy), "available", True))
+    except Exception:  # NCCL libraries missing or broken: fall back, don't fail
+        return False
+
+
+def mpi_cuda_aware(MPI):
+    """Whether the MPI library accepts device pointers (MPIX_Query_cuda_support,
+    an extension both Open MPI and MPICH provide; absent means no)."""
+    query = getattr(MPI, "Query_cuda_support", None)  # newer mpi4py exposes it
+    if query is not None:
+        return bool(query())
+    try:
+        fn = ctypes.CDLL(MPI.__file__).MPIX_Query_cuda_support
+    except (AttributeError, OSError, TypeError):
+        return False
+    fn.restype = ctypes.c_int
+    return bool(fn())
+
+
+def make_gpu_transport(choice, comm, MPI, cupy):
+    if choice == "nccl":
+        return NCCLTransport(comm, cupy)
+    if choice == "cuda-aware-mpi":
+        return CudaAwareMPITransport(comm, MPI, cupy)
+    return HostStagingTransport(comm, MPI, cupy)
+
+
+class HostStagingTransport:
+    """Device -> host copy, MPI allreduce on the host, host -> device copy."""
+
+    name = "host"
+
+    def __init__(self, comm, MPI, cupy):
+        self.comm, self.MPI, self.cupy = comm, MPI, cupy
+
+    def allreduce_sum_(self, buf):
+        host = self.cupy.asnumpy(buf)
+        self.comm.Allreduce(self.MPI.IN_PLACE, host, op=self.MPI.SUM)
+        buf.set(host)
+
+    def broadcast_(self, buf, root):
+        host = self.cupy.asnumpy(buf)
+        self.comm.Bcast(host, root=root)
+        buf.set(host)
+
+
+class CudaAwareMPITransport:
+    """MPI reads and writes device memory directly (mpi4py takes CuPy arrays
+    through __cuda_array_interface__). MPI knows nothing of CUDA streams, so the
+    stream that produced the buffer is synchronised first."""
+
+    name = "cuda-aware-mpi"
+
+    def __init__(self, comm, MPI, cupy):
+        self.comm, self.MPI, self.cupy = comm, MPI, cupy
+
+    def allreduce_sum_(self, buf):
+        self.cupy.cuda.get_current_stream().synchronize()
+        self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
+
+    def broadcast_(self, buf, root):
+        self.cupy.cuda.get_current_stream().synchronize()
+        self.comm.Bcast(buf, root=root)
+
+
+class NCCLTransport:
+    """NCCL collectives on the current CUDA stream. Rank 0 makes the NCCL unique
+    id and MPI broadcasts it, so every rank joins the same NCCL communicator."""
+
+    name = "nccl"
+
+    UNIQUE_ID_BYTES = 128  # sizeof(ncclUniqueId)
+
+    def __init__(self, comm, cupy):
+        self.nccl, self.cupy = import_nccl(cupy), cupy
+        uid = np.zeros(self.UNIQUE_ID_BYTES, dtype=np.int64)
+        if comm.Get_rank() == 0:
+            uid[:] = self.nccl.get_unique_id()  # a tuple of 128 byte values
+        comm.Bcast(uid, root=0)
+        self.comm = self.nccl.NcclCommunicator(comm.Get_size(), tuple(uid.tolist()), comm.Get_rank())
+
+    def _dtype(self, buf):
+        names = {np.dtype(np.float32): "NCCL_FLOAT32", np.dtype(np.float64): "NCCL_FLOAT64",
+                 np.dtype(np.float16): "NCCL_FLOAT16"}
+        name = names.get(np.dtype(buf.dtype), "NCCL_BFLOAT16" if buf.dtype.itemsize == 2 else None)
+        if name is None or not hasattr(self.nccl, name):
+            raise TypeError(f"NCCL transport cannot reduce dtype {buf.dtype}")
+        return getattr(self.nccl, name)
+
+    def allreduce_sum_(self, buf):
+        stream = self.cupy.cuda.get_current_stream().ptr
+        self.comm.allReduce(buf.data.ptr, buf.data.ptr, buf.size, self._dtype(buf), self.nccl.NCCL_SUM, stream)
+
+    def broadcast_(self, buf, root):
+        stream = self.cupy.cuda.get_current_stream().ptr
+        self.comm.bcast(buf.data.ptr, buf.size, self._dtype(buf), root, stream)

@@ -1,0 +1,99 @@
+// Helpers shared by every kernel file.
+//
+// The kernels are compiled at run time by NVRTC (through cupy.RawModule), which
+// has no host standard library: no <cmath>, no <cstdio>, no INFINITY macro.
+// Everything a kernel needs beyond CUDA's built-in device functions is here.
+// The loader pastes this file in place of `#include "common.cuh"` so that CuPy's
+// kernel cache sees every byte of the source (a changed header recompiles).
+//
+// Every kernel is a template over the storage type T (float or double). The
+// double instantiations exist so tests can compare a kernel with the NumPy
+// formula to ~1e-12, where an indexing slip cannot hide inside float32 noise.
+#pragma once
+
+// The type a kernel computes and accumulates in, for storage type T: T itself for
+// float and double. A 16-bit storage type (bf16, issue 6) specialises this to
+// float, and the kernels below already load through it and store back to T.
+template <typename T> struct Accumulate { using type = T; };
+template <typename T> using acc_t = typename Accumulate<T>::type;
+
+// Overloads that pick the float or double device function from the argument type.
+__device__ __forceinline__ float exp_(float x) { return expf(x); }
+__device__ __forceinline__ double exp_(double x) { return exp(x); }
+__device__ __forceinline__ float log_(float x) { return logf(x); }
+__device__ __forceinline__ double log_(double x) { return log(x); }
+__device__ __forceinline__ float sqrt_(float x) { return sqrtf(x); }
+__device__ __forceinline__ double sqrt_(double x) { return sqrt(x); }
+__device__ __forceinline__ float tanh_(float x) { return tanhf(x); }
+__device__ __forceinline__ double tanh_(double x) { return tanh(x); }
+
+template <typename T>
+__device__ __forceinline__ T max_(T a, T b) { return a > b ? a : b; }
+template <typename T>
+__device__ __forceinline__ T min_(T a, T b) { return a < b ? a : b; }
+
+// -infinity, built from its bit pattern (NVRTC has no INFINITY macro).
+template <typename T> __device__ __forceinline__ T neg_inf();
+template <> __device__ __forceinline__ float neg_inf<float>() { return __int_as_float((int)0xff800000u); }
+template <> __device__ __forceinline__ double neg_inf<double>() {
+    return __longlong_as_double((long long)0xfff0000000000000ull);
+}
+
+template <typename T> __device__ __forceinline__ T quiet_nan();
+template <> __device__ __forceinline__ float quiet_nan<float>() { return __int_as_float((int)0x7fc00000u); }
+template <> __device__ __forceinline__ double quiet_nan<double>() {
+    return __longlong_as_double((long long)0x7ff8000000000000ull);
+}
+
+// Sum over the 32 lanes of a warp; every lane gets the total. All 32 lanes must call it.
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+
+// Merge two partial logsumexp states (running max m, sum s of exp(x - m)) into (m, s).
+// A state with m == -inf holds nothing; two empty states stay empty (no NaN from inf - inf).
+template <typename T>
+__device__ __forceinline__ void logsumexp_merge(T& m, T& s, T m2, T s2) {
+    const T M = max_(m, m2);
+    if (M == neg_inf<T>()) return;
+    s = (m == M ? s : s * exp_(m - M)) + (m2 == M ? s2 : s2 * exp_(m2 - M));
+    m = M;
+}
+
+// Merge the (m, s) states of all threads of a block; every thread gets the result.
+// blockDim.x must be a multiple of 32 and at most 1024. Every thread must call it,
+// and a kernel calls it once (its shared scratch is not fenced for a second call).
+template <typename T>
+__device__ void block_logsumexp(T& m, T& s) {
+    __shared__ T shared_m[32];
+    __shared__ T shared_s[32];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        const T m2 = __shfl_xor_sync(0xffffffffu, m, offset);
+        const T s2 = __shfl_xor_sync(0xffffffffu, s, offset);
+        logsumexp_merge(m, s, m2, s2);
+    }
+    if (lane == 0) {
+        shared_m[warp] = m;
+        shared_s[warp] = s;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        m = lane < n_warps ? shared_m[lane] : neg_inf<T>();
+        s = lane < n_warps ? shared_s[lane] : T(0);
+        for (int offset = 16; offset > 0; offset >>= 1) {
+            const T m2 = __shfl_xor_sync(0xffffffffu, m, offset);
+            const T s2 = __shfl_xor_sync(0xffffffffu, s, offset);
+            logsumexp_merge(m, s, m2, s2);
+        }
+        if (lane == 0) {
+            shared_m[0] = m;
+            shared_s[0] = s;
+        }
+    }
+    __syncthreads();
+    m = shared_m[0];
+    s = shared_s[0];
+}

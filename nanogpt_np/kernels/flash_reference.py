@@ -1,0 +1,107 @@
+"""attention.cu's tiling, step for step, in NumPy: the CPU-testable mirror of the
+flash attention kernels.
+
+The CUDA kernels cannot run without a GPU, but their algorithm can: this file
+walks the same tiles in the same order, with the same online softmax, the same
+rescaling and the same backward recomputation, vectorised over what the kernel
+spreads across threads (batch, heads, and the rows of a tile). The tests check it
+against plain attention (nanogpt_np/layers/attention.py), forward and backward,
+on sizes that are not multiples of the tiles. The tile sizes default to the
+kernels' own (kernels/attention.py passes the same constants as template arguments).
+
+Key: B batch, T time, C channels, NH heads, hs head size; i a query row, j a key row.
+"""
+import math
+
+import numpy as np
+
+from .attention import BWD_BLOCK_KV, BWD_BLOCK_Q, FWD_BLOCK_K, FWD_BLOCK_Q
+
+
+def _heads(a, n_head, parts):
+    """(B, T, parts*C) -> (parts, B, NH, T, hs), a transposed view."""
+    B, T, PC = a.shape
+    return a.reshape(B, T, parts, n_head, PC // parts // n_head).transpose(2, 0, 3, 1, 4)
+
+
+def _causal(rows, keys):
+    """(len(rows), len(keys)) boolean: key j is visible to query i when j <= i."""
+    return keys[None, :] <= rows[:, None]
+
+
+def forward(qkv, n_head, block_q=FWD_BLOCK_Q, block_k=FWD_BLOCK_K):
+    """qkv: (B, T, 3C) -> y: (B, T, C), cache (qkv, y, lse, n_head); flash_attention_forward."""
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    q, k, v = _heads(qkv, n_head, 3)  # each (B, NH, T, hs)
+    q = q * (1.0 / math.sqrt(C // n_head))  # each thread scales its q row once
+    y = np.empty(q.shape, dtype=qkv.dtype)  # (B, NH, T, hs)
+    lse = np.empty(q.shape[:3], dtype=qkv.dtype)  # (B, NH, T)
+    for q0 in range(0, T, block_q):  # one CUDA block per (b, h) and query tile
+        q1 = min(T, q0 + block_q)
+        rows = np.arange(q0, q1)
+        m = np.full(q.shape[:2] + (q1 - q0,), -np.inf, dtype=qkv.dtype)  # running max, (B, NH, nq)
+        l = np.zeros_like(m)  # running sum of exp(s - m)
+        o = np.zeros(q.shape[:2] + (q1 - q0, q.shape[-1]), dtype=qkv.dtype)  # (B, NH, nq, hs)
+        for k0 in range(0, q1, block_k):  # key tiles up to the block's last row
+            k1 = min(T, k0 + block_k)
+            s = q[:, :, q0:q1] @ k[:, :, k0:k1].swapaxes(-1, -2)  # (B, NH, nq, nk)
+            s = np.where(_causal(rows, np.arange(k0, k1)), s, -np.inf)
+            m_new = np.maximum(m, s.max(axis=-1))  # finite: key 0 is in the first tile
+            alpha = np.exp(m - m_new)  # rescales what the earlier tiles summed
+            p = np.exp(s - m_new[..., None])  # 0 where masked
+            l = l * alpha + p.sum(axis=-1)
+            o = o * alpha[..., None] + p @ v[:, :, k0:k1]
+            m = m_new
+        y[:, :, q0:q1] = o / l[..., None]
+        lse[:, :, q0:q1] = m + np.log(l)
+    y = np.ascontiguousarray(y.transpose(0, 2, 1, 3)).reshape(B, T, C)  # (B, T, C)
+    return y, (qkv, y, lse, n_head)
+
+
+def backward(dy, cache, block_q=FWD_BLOCK_Q, block_k=FWD_BLOCK_K, block_kv=BWD_BLOCK_KV,
+             block_q_bwd=BWD_BLOCK_Q):
+    """dy: (B, T, C) -> dqkv: (B, T, 3C); flash_attention_backward_dq, then _dkdv."""
+    qkv, y, lse, n_head = cache
+    B, T, C = y.shape
+    scale = 1.0 / math.sqrt(C // n_head)
+    q, k, v = _heads(qkv, n_head, 3)  # each (B, NH, T, hs)
+    q = q * scale
+    (dy4,) = _heads(dy, n_head, 1)  # (B, NH, T, hs)
+    dqkv = np.empty((3,) + q.shape, dtype=qkv.dtype)  # (3, B, NH, T, hs)
+
+    # Part 1, as flash_attention_backward_dq: query tiles of block_q rows over key
+    # tiles of block_k; D = dy . y is computed here and kept for part 2.
+    (y4,) = _heads(y, n_head, 1)
+    D = (dy4 * y4).sum(axis=-1)  # (B, NH, T)
+    for q0 in range(0, T, block_q):
+        q1 = min(T, q0 + block_q)
+        rows = np.arange(q0, q1)
+        dq = np.zeros(q.shape[:2] + (q1 - q0, q.shape[-1]), dtype=qkv.dtype)  # (B, NH, nq, hs)
+        for k0 in range(0, q1, block_k):
+            k1 = min(T, k0 + block_k)
+            s = q[:, :, q0:q1] @ k[:, :, k0:k1].swapaxes(-1, -2)  # (B, NH, nq, nk)
+            p = np.where(_causal(rows, np.arange(k0, k1)), np.exp(s - lse[:, :, q0:q1, None]), 0.0)
+            dp = dy4[:, :, q0:q1] @ v[:, :, k0:k1].swapaxes(-1, -2)  # (B, NH, nq, nk)
+            ds = p * (dp - D[:, :, q0:q1, None])
+            dq += ds @ k[:, :, k0:k1]
+        dqkv[0, :, :, q0:q1] = dq * scale
+
+    # Part 2, as flash_attention_backward_dkdv: key blocks of block_kv rows, query
+    # tiles of block_q_bwd rows from the tile holding the block's first key onward.
+    for j0 in range(0, T, block_kv):
+        j1 = min(T, j0 + block_kv)
+        keys = np.arange(j0, j1)
+        dk = np.zeros(q.shape[:2] + (j1 - j0, q.shape[-1]), dtype=qkv.dtype)  # (B, NH, nk, hs)
+        dv = np.zeros_like(dk)
+        for i0 in range((j0 // block_q_bwd) * block_q_bwd, T, block_q_bwd):
+            i1 = min(T, i0 + block_q_bwd)
+            s = q[:, :, i0:i1] @ k[:, :, j0:j1].swapaxes(-1, -2)  # (B, NH, nq, nk)
+            p = np.where(_causal(np.arange(i0, i1), keys), np.exp(s - lse[:, :, i0:i1, None]), 0.0)
+            dv += p.swapaxes(-1, -2) @ dy4[:, :, i0:i1]
+            dp = dy4[:, :, i0:i1] @ v[:, :, j0:j1].swapaxes(-1, -2)
+            ds = p * (dp - D[:, :, i0:i1, None])
+            dk += ds.swapaxes(-1, -2) @ q[:, :, i0:i1]  # q carries the scale already
+        dqkv[1, :, :, j0:j1] = dk
+        dqkv[2, :, :, j0:j1] = dv
+    return np.ascontiguousarray(dqkv.transpose(1, 3, 0, 2, 4)).reshape(B, T, 3 * C)  # (B, T, 3C)

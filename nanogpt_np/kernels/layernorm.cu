@@ -1,0 +1,97 @@
+// LayerNorm forward and backward. The NumPy formula they match is
+// nanogpt_np/layers/layernorm.py.
+//
+// Layout: x, out, dout, dx are (N, C) row-major, N = B*T rows; weight, bias (C,);
+// mean, rstd (N,): the two per-row statistics the forward saves for backward.
+// Arithmetic and the statistics are in A = acc_t<T> (T itself for float/double).
+#include "common.cuh"
+
+// One warp per row: the 32 lanes stride over the C channels, then combine their
+// partial sums with shuffles. Launch with blockDim.x a multiple of 32 and
+// gridDim.x = ceil(N / (blockDim.x / 32)).
+template <typename T>
+__global__ void layernorm_forward(const T* __restrict__ x, const T* __restrict__ weight,
+                                  const T* __restrict__ bias, T* __restrict__ out,
+                                  acc_t<T>* __restrict__ mean_out, acc_t<T>* __restrict__ rstd_out,
+                                  int N, int C, acc_t<T> eps) {
+    using A = acc_t<T>;
+    const int lane = threadIdx.x % 32;
+    const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (row >= N) return;  // the whole warp leaves together: no shuffle is left half-done
+    const T* x_row = x + (long long)row * C;
+    // mean = x.mean(-1)
+    A sum = 0;
+    for (int c = lane; c < C; c += 32) sum += A(x_row[c]);
+    const A mean = warp_sum(sum) / C;
+    // var = ((x - mean)^2).mean(-1): a second pass over the row (it is in cache),
+    // which is more accurate than E[x^2] - mean^2
+    A sq = 0;
+    for (int c = lane; c < C; c += 32) {
+        const A d = A(x_row[c]) - mean;
+        sq += d * d;
+    }
+    const A rstd = A(1) / sqrt_(warp_sum(sq) / C + eps);
+    // out = (x - mean) * rstd * weight + bias
+    T* out_row = out + (long long)row * C;
+    for (int c = lane; c < C; c += 32) out_row[c] = T((A(x_row[c]) - mean) * rstd * A(weight[c]) + A(bias[c]));
+    if (lane == 0) {
+        mean_out[row] = mean;
+        rstd_out[row] = rstd;
+    }
+}
+
+// dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),  g = dout * weight,
+// xhat = (x - mean) * rstd recomputed from the saved statistics.
+// One warp per row, launched like layernorm_forward.
+template <typename T>
+__global__ void layernorm_backward_dx(const T* __restrict__ dout, const T* __restrict__ x,
+                                      const T* __restrict__ weight, const acc_t<T>* __restrict__ mean,
+                                      const acc_t<T>* __restrict__ rstd, T* __restrict__ dx, int N, int C) {
+    using A = acc_t<T>;
+    const int lane = threadIdx.x % 32;
+    const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (row >= N) return;
+    const long long offset = (long long)row * C;
+    const A m = mean[row], r = rstd[row];
+    A sum_g = 0, sum_g_xhat = 0;
+    for (int c = lane; c < C; c += 32) {
+        const A xhat = (A(x[offset + c]) - m) * r;
+        const A g = A(dout[offset + c]) * A(weight[c]);
+        sum_g += g;
+        sum_g_xhat += g * xhat;
+    }
+    const A mean_g = warp_sum(sum_g) / C;
+    const A mean_g_xhat = warp_sum(sum_g_xhat) / C;
+    for (int c = lane; c < C; c += 32) {
+        const A xhat = (A(x[offset + c]) - m) * r;
+        const A g = A(dout[offset + c]) * A(weight[c]);
+        dx[offset + c] = T(r * (g - mean_g - xhat * mean_g_xhat));
+    }
+}
+
+// dweight = sum over rows of dout * xhat, dbias = sum over rows of dout, in two
+// steps so the result does not depend on thread timing (no atomics): block
+// (bx, by) sums rows [by * rows_per_chunk, ...) of the columns bx * blockDim.x + tid
+// into row by of dweight_part / dbias_part, (n_chunks, C). The caller sums the
+// n_chunks partial rows. Neighbouring threads read neighbouring columns, so every
+// row is read in coalesced 128-byte pieces.
+template <typename T>
+__global__ void layernorm_backward_params(const T* __restrict__ dout, const T* __restrict__ x,
+                                          const acc_t<T>* __restrict__ mean, const acc_t<T>* __restrict__ rstd,
+                                          acc_t<T>* __restrict__ dweight_part, acc_t<T>* __restrict__ dbias_part,
+                                          int N, int C, int rows_per_chunk) {
+    using A = acc_t<T>;
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    const int r0 = blockIdx.y * rows_per_chunk;
+    const int r1 = min_(N, r0 + rows_per_chunk);
+    A dw = 0, db = 0;
+    for (int r = r0; r < r1; ++r) {
+        const long long i = (long long)r * C + c;
+        const A d = A(dout[i]);
+        dw += d * ((A(x[i]) - mean[r]) * rstd[r]);
+        db += d;
+    }
+    dweight_part[(long long)blockIdx.y * C + c] = dw;
+    dbias_part[(long long)blockIdx.y * C + c] = db;
+}

@@ -1,0 +1,538 @@
+"""build-nanogpt's training run: the loop behind scripts/train.py.
+
+One optimizer step, as build-nanogpt takes it:
+
+    for each of grad_accum micro-steps:   x, y = loader.next_batch()      (B, T)
+                                          forward(x, y); backward()      grads += d(mean loss)
+    grads /= grad_accum                   the mean over the whole batch, as loss/grad_accum does
+    allreduce_mean_(grads)                across ranks (a no-op for one process)
+    norm = clip_grad_norm(grads, 1.0)
+    opt.step(grads, lr=cosine_lr(step))
+
+grad_accum = total_batch_size / (B * T * world_size). Around the step: validation
+every --val-every steps and at the last step, samples every --sample-every steps,
+a checkpoint every --ckpt-every steps and at the last step, and HellaSwag
+every --hellaswag-every steps and at the last step.
+
+Ranks. Under `mpiexec -n N` every rank runs this same loop on its own slice of
+each batch (distributed.py). The parameters are broadcast from rank 0 at the
+start (and after a resume), so all ranks start identical; the gradient average
+keeps them so. Only rank 0 prints, writes log.txt, samples and checkpoints.
+
+Exact resume. A checkpoint taken after step s holds everything the next step
+reads: the weights, AdamW's moments and step count, each rank's loader position
+(with its shuffle epoch), the sampling RNG, and s itself (which drives the lr
+schedule). `--resume` restores all of it, so the continued run computes the same
+floating-point operations in the same order: same losses, same weights, bit for
+bit (on the same machine, backend and thread count).
+
+MFU. A training token costs 6N + 6*L*C*T FLOPs: 6N for the matmuls of the N
+weights it passes through (2 forward, 4 backward; wpe is a lookup and is left out
+of N, the tied wte counts once for lm_head), and 6*L*C*T for attention's
+QK^T and AV (2*2*T*C per layer forward, times 3 with backward, halved because
+the causal mask leaves half of the T x T scores unused). MFU is that rate over
+a peak: --peak-tflops if given, else the rate of a 1024^3 matmul in the training
+dtype measured on this device at start-up (an achievable peak, not a datasheet
+one; on a CPU it is the BLAS sgemm/dgemm rate), measured again whenever a step
+beats it (a machine busy at start-up measures low).
+"""
+import argparse
+import dataclasses
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from . import checkpoint, distributed, hellaswag
+from .backend import get_xp, resolve_dtype, set_tf32, to_device
+from .data import DataError, DataLoader
+from .model import GPT, GPTConfig, parameter_shapes
+from .optim import AdamW, clip_grad_norm, cosine_lr
+from .tokenizer import N_VOCAB, get_encoding
+
+
+class ConfigError(ValueError):
+    """Flags that cannot work together; the message says which and how to fix them."""
+
+
+@dataclass
+class TrainConfig:
+    """Every flag of scripts/train.py; the defaults are build-nanogpt's GPT-2 124M run."""
+
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    block_size: int = 1024  # the sequence length T of training
+    vocab_size: int = 50304  # 50257 padded to a multiple of 128
+    batch_size: int = 64  # B, sequences per micro-step per rank
+    total_batch_size: int = 524288  # tokens per optimizer step (~0.5M, as GPT-3 small)
+    max_lr: float = 6e-4
+    min_lr: float = 6e-5
+    warmup_steps: int = 715
+    max_steps: int = 19073  # 10B tokens / 524288
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # 0 turns clipping off (the norm is still reported)
+    seed: int = 1337
+    data_dir: Optional[str] = None  # None: the built-in standard-library corpus
+    log_dir: str = "log"
+    val_every: int = 250
+    val_steps: int = 20
+    sample_every: int = 250
+    ckpt_every: int = 5000
+    resume: bool = False
+    backend: str = "numpy"
+    dtype: str = "float32"
+    tf32: bool = False  # cupy: float32 matmuls on TF32 tensor cores
+    prompt: str = "Hello, I'm a language model,"
+    num_samples: int = 4
+    sample_tokens: int = 32
+    shuffle: bool = False
+    peak_tflops: Optional[float] = None
+    hellaswag_every: int = 250
+    hellaswag_path: Optional[str] = None  # None: the cached val file, downloaded if missing
+    preset: Optional[str] = None
+
+
+PRESETS = {
+    # build-nanogpt's run; the same as the defaults, named for clarity
+    "124M": {},
+    # a few minutes on a 2-core CPU, on the built-in corpus: a 3.4M-parameter model
+    # (most of it the 50304 x 64 embedding; the vocab-sized output layer is most of
+    # the work), 200 steps of 1024 tokens
+    "tiny": dict(
+        n_layer=4, n_head=4, n_embd=64, block_size=128, batch_size=8, total_batch_size=1024,
+        max_lr=3e-3, min_lr=3e-4, warmup_steps=10, max_steps=200,
+        val_every=50, val_steps=10, sample_every=100, ckpt_every=100, hellaswag_every=0,
+    ),
+}
+
+# the flags that must match for a resumed run to be the run never stopped
+RESUME_SENSITIVE = ("total_batch_size", "max_lr", "min_lr", "warmup_steps", "max_steps",
+                    "weight_decay", "grad_clip", "seed", "shuffle")
+
+
+# ---- command line ---------------------------------------------------------------------
+
+FLAG_HELP = {
+    "n_layer": "transformer blocks", "n_head": "attention heads", "n_embd": "channels C",
+    "block_size": "context length T", "vocab_size": "vocabulary (50257 padded up)",
+    "batch_size": "micro-batch B per rank", "total_batch_size": "tokens per optimizer step",
+    "max_lr": "peak learning rate", "min_lr": "final learning rate",
+    "warmup_steps": "linear warmup steps", "max_steps": "optimizer steps",
+    "weight_decay": "AdamW decoupled weight decay (2-D weights only)",
+    "grad_clip": "clip the global grad norm to this (0: off)",
+    "seed": "init, sampling and shuffle seed",
+    "data_dir": "folder of *_train_* / *_val_* shards (default: built-in stdlib corpus)",
+    "log_dir": "log.txt and checkpoints go here", "val_every": "validate every N steps (0: off)",
+    "val_steps": "batches per validation", "sample_every": "print samples every N steps (0: off)",
+    "ckpt_every": "checkpoint every N steps (0: off)",
+    "resume": "continue from the latest checkpoint in --log-dir",
+    "backend": "numpy (CPU) or cupy (GPU)", "dtype": "float32 or float64",
+    "tf32": "with --backend cupy: float32 matmuls on TF32 tensor cores (also CUPY_TF32=1)",
+    "prompt": "sampling prompt", "num_samples": "samples per sampling",
+    "sample_tokens": "new tokens per sample",
+    "shuffle": "shuffle shard order and documents (seeded, resumable)",
+    "peak_tflops": "peak TFLOPS for MFU (default: a matmul measured at start-up)",
+    "hellaswag_every": "HellaSwag (val, acc_norm) every N steps (0: off)",
+    "hellaswag_path": "hellaswag_val.jsonl (default: cached copy, downloaded when missing)",
+    "preset": "a named set of defaults; explicit flags still win",
+}
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description="Train GPT-2 with nanogpt_np (build-nanogpt's recipe by default).",
+        argument_default=argparse.SUPPRESS,  # only flags given on the command line are set
+    )
+    choices = {"backend": ["numpy", "cupy"], "dtype": ["float32", "float64"], "preset": sorted(PRESETS)}
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        default = field.default
+        help_text = FLAG_HELP[field.name] + ("" if default is None else f" (default: {default})")
+        if isinstance(default, bool):
+            p.add_argument(flag, action="store_true", help=help_text)
+            continue
+        kind = float if field.name == "peak_tflops" else type(default) if default is not None else str
+        p.add_argument(flag, type=kind, choices=choices.get(field.name), help=help_text)
+    return p
+
+
+def parse_args(argv=None):
+    """TrainConfig from the command line: defaults, then the preset, then explicit flags."""
+    given = vars(build_parser().parse_args(argv))
+    values = dict(PRESETS[given["preset"]]) if given.get("preset") else {}
+    values.update(given)
+    return TrainConfig(**values)
+
+
+# ---- pieces of a run --------------------------------------------------------------------
+
+
+def grad_accum_steps(total_batch_size, B, T, world_size=1):
+    tokens_per_micro = B * T * world_size
+    if total_batch_size % tokens_per_micro:
+        raise ConfigError(
+            f"--total-batch-size {total_batch_size} is not divisible by B*T*ranks = "
+            f"{B}*{T}*{world_size} = {tokens_per_micro}; pick a multiple of {tokens_per_micro}"
+        )
+    return total_batch_size // tokens_per_micro
+
+
+def flops_per_token(config):
+    """6N + 6*L*C*T training FLOPs per token; N leaves out wpe (a lookup, no matmul)."""
+    n = sum(math.prod(s) for _, s in parameter_shapes(config)) - config.block_size * config.n_embd
+    return 6 * n + 6 * config.n_layer * config.n_embd * config.block_size
+
+
+def synchronize(xp):
+    """Wait for queued GPU work, so step times are real (nothing to do for NumPy)."""
+    if xp is not np:
+        xp.cuda.get_current_stream().synchronize()
+
+
+def measure_peak_flops(xp, dtype, n=1024, repeats=10):
+    """FLOP/s of an n x n matmul on this device, the best of `repeats` runs (the best,
+    because a busy machine only ever slows a run down; still, a machine busy with
+    other work at start-up gives a low peak, and then MFU reads high)."""
+    rng = np.random.default_rng(0)
+    a = to_device(rng.standard_normal((n, n)), xp, dtype)
+    b = to_device(rng.standard_normal((n, n)), xp, dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first call warms up BLAS / cuBLAS
+        t0 = time.perf_counter()
+        a @ b
+        synchronize(xp)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def say(*args):
+    """print, flushed at once, so progress shows through pipes and `tee`."""
+    print(*args, flush=True)
+
+
+def format_seconds(s):
+    s = int(round(s))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def train_step(model, optimizer, loader, accum, lr, grad_clip, dist):
+    """One optimizer step over `accum` micro-batches -> (mean loss, grad norm before clipping)."""
+    model.zero_grad()
+    loss_sum = 0.0
+    for _ in range(accum):
+        x, y = loader.next_batch()
+        _, loss = model.forward(to_device(x, model.xp), to_device(y, model.xp))
+        model.backward()  # adds the gradient of this micro-batch's mean loss
+        loss_sum += loss
+    if accum > 1:
+        model.flat_grads /= accum  # the gradient of the mean over all micro-batches
+    dist.allreduce_mean_(model.flat_grads)
+    (loss,) = dist.allreduce_scalars([loss_sum / accum], op="mean")
+    norm = clip_grad_norm(model.grads, grad_clip if grad_clip > 0 else float("inf"))
+    optimizer.step(model.grads, lr=lr)
+    return loss, norm
+
+
+def evaluate(model, loader, steps, dist):
+    """Mean loss over `steps` batches from the start of the loader's split."""
+    loader.reset()
+    total = 0.0
+    for _ in range(steps):
+        x, y = loader.next_batch()
+        _, loss = model.forward(to_device(x, model.xp), to_device(y, model.xp))
+        total += loss
+    (mean,) = dist.allreduce_scalars([total / steps], op="mean")
+    return mean
+
+
+def generate_samples(model, prompt, num_samples, max_new_tokens, seed):
+    """num_samples continuations of prompt, top-k 50, as decoded text."""
+    enc = get_encoding()
+    tokens = enc.encode(prompt) or [enc.eot_token]
+    idx = np.tile(np.array(tokens, dtype=np.int64), (num_samples, 1))  # (num_samples, len(prompt))
+    out = model.generate(idx, max_new_tokens, temperature=1.0, top_k=50, seed=seed)
+    # ids in the padding above GPT-2's vocabulary (50257..vocab_size) have no text
+    return [enc.decode([t for t in row.tolist() if t < N_VOCAB]) for row in out]
+
+
+def truncate_log(path, first_dropped_step):
+    """Keep only log.txt lines of steps before `first_dropped_step` (a resumed run
+    rewrites the rest)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if line.split()[:1] and int(line.split()[0]) < first_dropped_step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
+# ---- the run ------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Builds the model, optimizer and loaders from a TrainConfig and runs the loop."""
+
+    def __init__(self, cfg, dist=None, log=None):
+        self.cfg, self.dist = cfg, dist or distributed.Single()
+        self.log = (log or say) if self.dist.is_master else (lambda *a, **k: None)
+        self._check_config()
+        try:
+            self.xp = get_xp(cfg.backend)
+        except RuntimeError as e:
+            raise ConfigError(str(e)) from e
+        self.dist.pin_device(self.xp)  # one GPU per rank, before anything is allocated
+        if cfg.tf32:
+            if cfg.backend != "cupy":
+                raise ConfigError("--tf32 applies to --backend cupy only")
+            set_tf32(True)
+        self.model_config = GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size,
+                                      n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
+        self.accum = grad_accum_steps(cfg.total_batch_size, cfg.batch_size, cfg.block_size,
+                                      self.dist.world_size)
+        self.model = GPT(self.model_config, dtype=resolve_dtype(cfg.dtype), seed=cfg.seed, backend=cfg.backend)
+        self.optimizer = AdamW(self.model.parameters(), lr=cfg.max_lr, betas=(0.9, 0.95), eps=1e-8,
+                               weight_decay=cfg.weight_decay)
+        self.data_dir = cfg.data_dir or self._builtin_corpus()
+        self.train_loader, self.val_loader = self._make_loaders()
+        self.hellaswag_examples = self._load_hellaswag() if cfg.hellaswag_every else None
+        self.rng = np.random.default_rng([cfg.seed, 1])  # draws each sampling's seed
+        self.step = 0  # optimizer steps done = the next step to run
+        self.history = {"train": {}, "val": {}, "samples": {}, "hella": {}}
+        self.log_path = os.path.join(cfg.log_dir, "log.txt")
+
+    def _check_config(self):
+        cfg = self.cfg
+        if cfg.vocab_size < N_VOCAB:
+            raise ConfigError(f"--vocab-size {cfg.vocab_size} is smaller than GPT-2's {N_VOCAB} tokens")
+        for name in ("max_steps", "batch_size", "val_steps", "num_samples"):
+            if getattr(cfg, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+        for name in ("val_every", "sample_every", "ckpt_every", "warmup_steps", "sample_tokens",
+                     "hellaswag_every"):
+            if getattr(cfg, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0 (0 turns it off)")
+
+    def _builtin_corpus(self):
+        from .corpus import builtin_corpus
+
+        path = builtin_corpus(log=self.log) if self.dist.is_master else None
+        self.dist.barrier()  # the other ranks wait for rank 0 to build it, then find it
+        return path or builtin_corpus(log=self.log)
+
+    def _load_hellaswag(self):
+        """The val examples, rendered once: rank 0 fetches the file (downloading it
+        if needed) while the others wait, then every rank reads it."""
+        path = None
+        try:
+            if self.dist.is_master:
+                path = hellaswag.data_file("val", path=self.cfg.hellaswag_path)
+            self.dist.barrier()
+            path = path or hellaswag.data_file("val", path=self.cfg.hellaswag_path, download=False)
+            enc = get_encoding()
+            examples = [hellaswag.render_example(e, enc) for e in hellaswag.load_examples(path)]
+        except (OSError, RuntimeError, ValueError) as e:
+            raise ConfigError(f"HellaSwag: {e}. Pass --hellaswag-path FILE, or --hellaswag-every 0 "
+                              "to train without it") from e
+        longest = max((r.tokens.shape[1] for r in examples), default=0)
+        if longest > self.cfg.block_size:  # found now, not hundreds of steps into the run
+            raise ConfigError(f"HellaSwag rows in {path} run to {longest} tokens, more than --block-size "
+                              f"{self.cfg.block_size}; use a larger block size or --hellaswag-every 0")
+        return examples
+
+    def _make_loaders(self):
+        cfg, d = self.cfg, self.dist
+        common = dict(B=cfg.batch_size, T=cfg.block_size, rank=d.rank, world_size=d.world_size)
+        train = DataLoader(self.data_dir, split="train", shuffle=cfg.shuffle, seed=cfg.seed, **common)
+        val = DataLoader(self.data_dir, split="val", **common) if cfg.val_every else None
+        return train, val
+
+    # ---- starting and resuming -----------------------------------------------------------
+
+    def start(self):
+        """Fresh run: clear log.txt. With --resume: load the latest checkpoint, if any."""
+        cfg = self.cfg
+        os.makedirs(cfg.log_dir, exist_ok=True)
+        path = checkpoint.latest_checkpoint(cfg.log_dir) if cfg.resume else None
+        path = self.dist.allgather_json(path)[0]  # every rank resumes from rank 0's choice
+        if cfg.resume and path is None:
+            self.log(f"--resume: no checkpoint in {cfg.log_dir}, starting from step 0")
+        if path is not None:
+            self.resume_from(path)
+        # every rank starts from rank 0's weights (they agree already, by seed or by
+        # checkpoint; the broadcast makes sure)
+        self.dist.broadcast_(self.model.flat_params, root=0)
+        if self.dist.is_master:
+            if path is None:
+                open(self.log_path, "w").close()  # a new run starts a new log, as build-nanogpt's
+            else:
+                truncate_log(self.log_path, self.step)
+
+    def resume_from(self, path):
+        ckpt = checkpoint.load_checkpoint(path)
+        meta = checkpoint.restore(ckpt, self.model, self.optimizer, path)
+        states = meta["loader_states"]
+        if len(states) != self.dist.world_size:
+            raise checkpoint.CheckpointError(
+                f"{path} was written by a run of {len(states)} rank(s), but this run has "
+                f"{self.dist.world_size}; resume with the same number of ranks"
+            )
+        self.train_loader.load_state(states[self.dist.rank])
+        self.rng.bit_generator.state = meta["rng_state"]
+        self.step = meta["step"]
+        self._warn_changed_flags(meta.get("train_args", {}))
+        self.log(f"resumed from {path} at step {self.step}")
+
+    def _warn_changed_flags(self, saved):
+        now = dataclasses.asdict(self.cfg)
+        changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in RESUME_SENSITIVE
+                   if k in saved and saved[k] != now[k]]
+        if changed:
+            self.log("warning: flags differ from the checkpoint's run (" + ", ".join(changed)
+                     + "); the continued run will not match the original one")
+
+    def save(self):
+        """Checkpoint after self.step steps; every rank contributes its loader position."""
+        states = self.dist.allgather_json(self.train_loader.state())
+        path = checkpoint.checkpoint_path(self.cfg.log_dir, self.step)
+        if self.dist.is_master:
+            checkpoint.save_checkpoint(path, self.model, self.optimizer, self.step, states,
+                                       self.rng.bit_generator.state, dataclasses.asdict(self.cfg))
+            self.log(f"saved checkpoint {path}")
+        self.dist.barrier()  # no rank looks for this checkpoint before it exists
+        return path
+
+    # ---- the loop ----------------------------------------------------------------------------
+
+    def run(self, stop_at=None):
+        """Train until --max-steps (or until step `stop_at`, to stand in for a killed run).
+        Returns self.history: {"train": {step: loss}, "val": {step: loss}, "samples": {step: [text]}}."""
+        cfg = self.cfg
+        self.start()
+        self.announce()
+        stop = cfg.max_steps if stop_at is None else min(stop_at, cfg.max_steps)
+        if self.step >= cfg.max_steps:
+            self.log(f"nothing to do: the run is at step {self.step}, --max-steps is {cfg.max_steps}")
+        self.clock = None  # (time, step) at the end of this process's first step
+        for step in range(self.step, stop):
+            last = step == cfg.max_steps - 1
+            if cfg.val_every and (step % cfg.val_every == 0 or last):
+                self.validate(step)
+            if cfg.hellaswag_every and (step % cfg.hellaswag_every == 0 or last):
+                self.evaluate_hellaswag(step)
+            if cfg.sample_every and ((step > 0 and step % cfg.sample_every == 0) or last):
+                self.sample(step)
+            t0 = time.perf_counter()
+            lr = cosine_lr(step, cfg.max_lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
+            loss, norm = train_step(self.model, self.optimizer, self.train_loader, self.accum, lr,
+                                    cfg.grad_clip, self.dist)
+            synchronize(self.xp)
+            self.step = step + 1
+            self.report(step, loss, lr, norm, time.perf_counter() - t0)
+            if cfg.ckpt_every and (self.step % cfg.ckpt_every == 0 or last):
+                self.save()
+        return self.history
+
+    def validate(self, step):
+        loss = evaluate(self.model, self.val_loader, self.cfg.val_steps, self.dist)
+        self.history["val"][step] = loss
+        self.log(f"step {step:5d} | val loss {loss:.4f}")
+        self.append_log(f"{step} val {loss:.4f}")
+        return loss
+
+    def evaluate_hellaswag(self, step):
+        result = hellaswag.evaluate(self.model, self.hellaswag_examples, rank=self.dist.rank,
+                                    world_size=self.dist.world_size, reduce_sum=self.dist.allreduce_sum_,
+                                    examples_per_forward=4)
+        self.history["hella"][step] = result.acc_norm
+        self.log(f"step {step:5d} | HellaSwag acc_norm {result.acc_norm:.4f} "
+                 f"(acc {result.acc:.4f}, {result.n} examples)")
+        self.append_log(f"{step} hella {result.acc_norm:.4f}")
+        return result
+
+    def sample(self, step):
+        seed = int(self.rng.integers(2**63))  # drawn on every rank, so the RNGs stay in step
+        if not self.dist.is_master:
+            return
+        cfg = self.cfg
+        texts = generate_samples(self.model, cfg.prompt, cfg.num_samples, cfg.sample_tokens, seed)
+        self.history["samples"][step] = texts
+        for i, text in enumerate(texts):
+            self.log(f"sample {i}: {text!r}")
+
+    def append_log(self, line):
+        if self.dist.is_master:
+            with open(self.log_path, "a") as f:
+                f.write(line + "\n")
+
+    def announce(self):
+        cfg, m = self.cfg, self.model
+        tokens = cfg.total_batch_size
+        self.flops_per_step = flops_per_token(self.model_config) * tokens
+        if cfg.peak_tflops:
+            self.peak, source = cfg.peak_tflops * 1e12, "--peak-tflops"
+        else:
+            self.peak = measure_peak_flops(self.xp, m.dtype)
+            source = f"measured {m.dtype.name} 1024^3 matmul on this {cfg.backend} device"
+        self.log(f"model: {m}")
+        self.log(f"data: {self.data_dir} | {self.dist.world_size} rank(s) x B={cfg.batch_size} x "
+                 f"T={cfg.block_size} x {self.accum} micro-steps = {tokens:,} tokens per step")
+        self.log(f"MFU peak: {self.peak / 1e12:.3f} TFLOPS per rank ({source}); "
+                 f"{flops_per_token(self.model_config) / 1e6:.1f} MFLOPs per token")
+
+    def remeasure_peak(self):
+        """A step beat the measured peak: the machine was busier at start-up than now.
+        Measure again and keep the best, so MFU stays a fraction of what BLAS achieves."""
+        old = self.peak
+        self.peak = max(old, measure_peak_flops(self.xp, self.model.dtype))
+        self.log(f"MFU peak re-measured: {old / 1e12:.3f} -> {self.peak / 1e12:.3f} TFLOPS per rank")
+
+    def report(self, step, loss, lr, norm, dt):
+        cfg = self.cfg
+        self.history["train"][step] = loss
+        self.append_log(f"{step} train {loss:.6f}")
+        achieved = self.flops_per_step / dt / self.dist.world_size  # FLOP/s per rank
+        if achieved > self.peak and not cfg.peak_tflops:
+            self.remeasure_peak()
+        mfu = achieved / self.peak
+        # the average since the end of the first step, which carries one-off costs
+        now = time.perf_counter()
+        if self.clock is None:
+            self.clock, per_step = (now, self.step), dt
+        else:
+            per_step = (now - self.clock[0]) / (self.step - self.clock[1])
+        eta = per_step * (cfg.max_steps - self.step)
+        self.log(f"step {step:5d}/{cfg.max_steps} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | "
+                 f"{dt * 1000:.1f} ms | {cfg.total_batch_size / dt:,.0f} tok/s | MFU {100 * mfu:.2f}% | "
+                 f"{100 * self.step / cfg.max_steps:.0f}% ETA {format_seconds(eta)}")
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    t0 = time.perf_counter()
+    dist = distributed.init()
+    try:
+        trainer = Trainer(cfg, dist=dist)
+        history = trainer.run()
+    except (ConfigError, DataError, checkpoint.CheckpointError) as e:
+        if dist.world_size > 1:  # the other ranks may wait in a collective: stop them too
+            dist.abort(1, f"error on rank {dist.rank}: {e}")
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; continue with the same flags plus --resume "
+              f"(from the latest checkpoint in {cfg.log_dir})", file=sys.stderr)
+        return 130
+    if history["val"]:
+        step = max(history["val"])
+        say(f"final val loss {history['val'][step]:.4f} (step {step})")
+    say(f"done in {format_seconds(time.perf_counter() - t0)}; log: {trainer.log_path}")
+    return 0

@@ -1,0 +1,208 @@
+"""distributed.py on one CPU process: launcher detection, the GPU transport choice,
+and each transport's calls, with fake MPI, CuPy and NCCL modules injected."""
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from nanogpt_np import distributed as dist
+
+
+def test_single_process_needs_no_mpi(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # importing it would fail
+    d = dist.init(env={})
+    assert isinstance(d, dist.Single) and d.is_master and d.world_size == 1
+    buf = np.arange(4.0)
+    assert d.allreduce_mean_(buf) is buf and list(buf) == [0, 1, 2, 3]
+    assert d.allreduce_scalars([1, 2.5]) == [1.0, 2.5]
+    assert d.allgather_json({"a": 1}) == [{"a": 1}]
+
+
+@pytest.mark.parametrize(
+    "env,size",
+    [({}, 1), ({"PMI_SIZE": "4"}, 4), ({"OMPI_COMM_WORLD_SIZE": "2"}, 2), ({"PMI_SIZE": ""}, 1)],
+)
+def test_launched_world_size(env, size):
+    assert dist.launched_world_size(env) == size
+
+
+@pytest.mark.parametrize(
+    "nccl,aware,override,expected",
+    [
+        (True, True, None, "nccl"),
+        (True, False, None, "nccl"),
+        (False, True, None, "cuda-aware-mpi"),
+        (False, False, None, "host"),
+        (True, True, "host", "host"),
+        (True, True, "cuda-aware-mpi", "cuda-aware-mpi"),
+        (True, False, "nccl", "nccl"),
+    ],
+)
+def test_gpu_transport_choice(nccl, aware, override, expected):
+    assert dist.choose_gpu_transport(nccl, aware, override) == expected
+
+
+def test_gpu_transport_override_errors():
+    with pytest.raises(ValueError, match="choose one of nccl, cuda-aware-mpi, host"):
+        dist.choose_gpu_transport(True, True, "gloo")
+    with pytest.raises(RuntimeError, match="cupy.cuda.nccl is not available"):
+        dist.choose_gpu_transport(False, True, "nccl")
+    with pytest.raises(RuntimeError, match="not CUDA-aware"):
+        dist.choose_gpu_transport(True, False, "cuda-aware-mpi")
+
+
+def test_cuda_awareness_query():
+    assert dist.mpi_cuda_aware(types.SimpleNamespace(Query_cuda_support=lambda: 1)) is True
+    assert dist.mpi_cuda_aware(types.SimpleNamespace(Query_cuda_support=lambda: 0)) is False
+    assert dist.mpi_cuda_aware(types.SimpleNamespace(__file__="/nonexistent/MPI.so")) is False
+
+
+def test_cuda_awareness_of_the_installed_mpi():
+    MPI = pytest.importorskip("mpi4py.MPI")
+    # the pip `mpich` wheel is built without CUDA
+    assert dist.mpi_cuda_aware(MPI) is False
+
+
+# ---- fakes -------------------------------------------------------------------------------
+
+
+class FakeDeviceArray:
+    """Stands in for a cupy.ndarray: host memory, a device pointer, a .set()."""
+
+    def __init__(self, values):
+        self.host = np.array(values, dtype=np.float32)
+        self.size, self.dtype = self.host.size, self.host.dtype
+        self.data = types.SimpleNamespace(ptr=0xDEAD0000)
+
+    def set(self, host):
+        self.host[...] = host
+
+    def __itruediv__(self, k):
+        self.host /= k
+        return self
+
+
+class FakeComm:
+    """Two ranks' worth of MPI: Allreduce doubles the buffer (both ranks hold the same)."""
+
+    def __init__(self, rank=0, size=2):
+        self.rank, self.size, self.calls = rank, size, []
+
+    def Get_rank(self):
+        return self.rank
+
+    def Get_size(self):
+        return self.size
+
+    def Split_type(self, kind):
+        return types.SimpleNamespace(Get_rank=lambda: self.rank, Get_size=lambda: self.size, Free=lambda: None)
+
+    def Allreduce(self, sendbuf, recvbuf, op=None):
+        target = recvbuf.host if isinstance(recvbuf, FakeDeviceArray) else recvbuf
+        self.calls.append(("Allreduce", type(recvbuf).__name__))
+        target *= self.size
+
+    def Bcast(self, buf, root=0):
+        self.calls.append(("Bcast", type(buf).__name__))
+        if self.rank != root and isinstance(buf, np.ndarray) and buf.dtype == np.int64:
+            buf[:] = 7  # the id rank 0 sent
+
+    def Abort(self, code):
+        self.calls.append(("Abort", code))
+
+
+def fake_mpi(cuda_aware):
+    return types.SimpleNamespace(
+        IN_PLACE="IN_PLACE", SUM="SUM", COMM_TYPE_SHARED=1, Query_cuda_support=lambda: int(cuda_aware)
+    )
+
+
+def fake_cupy(monkeypatch, nccl_available):
+    cupy = types.ModuleType("cupy")
+    cupy.ndarray = FakeDeviceArray
+    syncs = []
+    stream = types.SimpleNamespace(ptr=42, synchronize=lambda: syncs.append(1))
+    cupy.cuda = types.SimpleNamespace(get_current_stream=lambda: stream)
+    cupy.asnumpy = lambda a: a.host.copy()
+    nccl = types.ModuleType("cupy.cuda.nccl")
+    nccl.available = nccl_available
+    nccl.NCCL_FLOAT32, nccl.NCCL_FLOAT64, nccl.NCCL_SUM = 7, 8, 0
+    nccl.get_unique_id = lambda: tuple(range(-64, 64))
+    nccl.made = []
+
+    class NcclCommunicator:
+        def __init__(self, n, uid, rank):
+            nccl.made.append((n, uid, rank))
+            self.calls = []
+
+        def allReduce(self, send, recv, count, dtype, op, stream_ptr):
+            self.calls.append((send, recv, count, dtype, op, stream_ptr))
+
+    nccl.NcclCommunicator = NcclCommunicator
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    monkeypatch.setitem(sys.modules, "cupy.cuda.nccl", nccl)
+    return cupy, nccl, syncs
+
+
+@pytest.fixture
+def no_excepthook_change(monkeypatch):
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+
+
+@pytest.mark.parametrize("nccl_ok,aware,expected", [(True, False, "nccl"), (False, True, "cuda-aware-mpi"),
+                                                    (False, False, "host")])
+def test_transport_selected_for_cupy_buffers(monkeypatch, no_excepthook_change, nccl_ok, aware, expected):
+    cupy, nccl, syncs = fake_cupy(monkeypatch, nccl_ok)
+    comm = FakeComm(rank=0)
+    d = dist.MPIDistributed(comm, fake_mpi(aware), env={})
+    buf = FakeDeviceArray([1.0, 2.0, 3.0])
+    d.allreduce_mean_(buf)
+    transport = d.gpu_transport(cupy)
+    assert transport.name == expected
+    if expected == "nccl":
+        (n, uid, rank), = nccl.made
+        assert (n, rank) == (2, 0) and uid == tuple(range(-64, 64))
+        assert transport.comm.calls == [(0xDEAD0000, 0xDEAD0000, 3, nccl.NCCL_FLOAT32, nccl.NCCL_SUM, 42)]
+        assert ("Bcast", "ndarray") in comm.calls  # the unique id went over MPI
+    elif expected == "cuda-aware-mpi":
+        assert comm.calls[-1] == ("Allreduce", "FakeDeviceArray") and syncs  # device buffer, after a sync
+        np.testing.assert_allclose(buf.host, [1, 2, 3])  # summed over 2 equal ranks, then / 2
+    else:
+        assert comm.calls[-1] == ("Allreduce", "ndarray")  # staged through the host
+        np.testing.assert_allclose(buf.host, [1, 2, 3])
+
+
+def test_nccl_unique_id_comes_from_rank_0(monkeypatch, no_excepthook_change):
+    cupy, nccl, _ = fake_cupy(monkeypatch, True)
+    d = dist.MPIDistributed(FakeComm(rank=1), fake_mpi(False), env={})
+    d.gpu_transport(cupy)
+    (n, uid, rank), = nccl.made
+    assert rank == 1 and uid == (7,) * 128  # what the Bcast delivered, not a local id
+
+
+def test_env_forces_host_staging(monkeypatch, no_excepthook_change):
+    cupy, nccl, _ = fake_cupy(monkeypatch, True)
+    d = dist.MPIDistributed(FakeComm(), fake_mpi(True), env={dist.TRANSPORT_ENV: "host"})
+    assert d.gpu_transport(cupy).name == "host" and not nccl.made
+
+
+def test_numpy_buffers_use_mpi_in_place(no_excepthook_change):
+    comm = FakeComm()
+    d = dist.MPIDistributed(comm, fake_mpi(False), env={})
+    buf = np.array([2.0, 4.0])
+    d.allreduce_mean_(buf)
+    assert comm.calls == [("Allreduce", "ndarray")]
+    np.testing.assert_allclose(buf, [2.0, 4.0])
+
+
+def test_excepthook_names_the_rank_and_aborts(capsys, monkeypatch, no_excepthook_change):
+    monkeypatch.setattr(dist, "ABORT_GRACE_SECONDS", 0)
+    comm = FakeComm(rank=1)
+    dist.MPIDistributed(comm, fake_mpi(False), env={})
+    try:
+        raise RuntimeError("shard missing")
+    except RuntimeError:
+        sys.excepthook(*sys.exc_info())
+    assert "[rank 1] failed with RuntimeError: shard missing" in capsys.readouterr().err
+    assert comm.calls[-1] == ("Abort", 1)

@@ -1,0 +1,70 @@
+"""log.txt parsing and the two-panel PNG."""
+import sys
+
+import numpy as np
+import pytest
+
+from nanogpt_np import logplot
+
+LOG = """0 train 10.998012
+0 val 10.9876
+0 hella 0.2480
+1 train 9.654321
+2 train 8.123456
+250 val 6.2361
+250 hella 0.2510
+251 train 6.000001
+"""
+
+
+def write_log(tmp_path, text=LOG):
+    (tmp_path / "log.txt").write_text(text)
+    return tmp_path
+
+
+def test_read_log_groups_kinds_and_sorts_steps(tmp_path):
+    series = logplot.read_log(write_log(tmp_path))
+    assert set(series) == {"train", "val", "hella"}
+    steps, values = series["train"]
+    np.testing.assert_array_equal(steps, [0, 1, 2, 251])
+    np.testing.assert_allclose(values, [10.998012, 9.654321, 8.123456, 6.000001])
+    np.testing.assert_array_equal(series["hella"][0], [0, 250])
+    assert logplot.summary(series) == ["min train loss: 6.0000", "min val loss: 6.2361", "max HellaSwag acc_norm: 0.2510"]
+    assert logplot.read_log(tmp_path / "log.txt").keys() == series.keys()  # the file itself works too
+
+
+def test_a_resumed_run_keeps_the_last_value_of_a_step(tmp_path):
+    series = logplot.read_log(write_log(tmp_path, LOG + "2 train 7.5\n3 train 7.0\n"))
+    np.testing.assert_array_equal(series["train"][0], [0, 1, 2, 3, 251])
+    assert series["train"][1][2] == 7.5
+
+
+def test_an_unfinished_last_line_is_skipped_but_bad_lines_are_named(tmp_path):
+    series = logplot.read_log(write_log(tmp_path, LOG + "252 tra"))
+    assert series["train"][0][-1] == 251
+    with pytest.raises(ValueError, match=r"log.txt:3: expected '\{step\} \{kind\} \{value\}', got '0 hella'"):
+        logplot.read_log(write_log(tmp_path, "0 train 1.0\n0 val 2.0\n0 hella\n1 train 0.5\n"))
+    with pytest.raises(FileNotFoundError, match="holds log.txt"):
+        logplot.read_log(tmp_path / "nowhere")
+
+
+def test_plot_writes_a_png(tmp_path):
+    out = logplot.plot(write_log(tmp_path))
+    assert out == tmp_path / "log.png"
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    import matplotlib.image
+
+    height, width, _ = matplotlib.image.imread(out).shape
+    assert width > 1.5 * height  # two panels side by side
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.png", "log.txt"]  # no temporary left
+    # a log without HellaSwag lines still plots
+    other = tmp_path / "run2"
+    other.mkdir()
+    assert logplot.plot(write_log(other, "0 train 3.0\n1 train 2.5\n"), out=other / "p.png").is_file()
+
+
+def test_missing_matplotlib_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
+    with pytest.raises(RuntimeError, match=r"needs matplotlib.*pip install -e '\.\[plot\]'"):
+        logplot.plot(write_log(tmp_path))
