@@ -13,6 +13,7 @@ of threads.
     python scripts/bench.py --n-layer 4 --n-embd 256 --n-head 4 --block-size 256 \\
         --batch-size 4 --vocab 50304 --steps 10 --threads 2
     python scripts/bench.py --preset 124m --memory  # peak RSS, one process per library
+    python scripts/bench.py --preset 124m --ranks 1,2   # data parallel over MPI ranks (needs '.[mpi]')
 
 The two libraries take turns step by step, so a neighbour that steals the CPU for a
 while slows both alike; the report gives the median of the timed steps. Thread
@@ -65,6 +66,10 @@ def parse_args(argv=None):
     p.add_argument("--profile", action="store_true",
                    help="instead of comparing, time nanogpt_np's step part by part "
                         "(each layer's forward and backward, clip, AdamW)")
+    p.add_argument("--ranks", metavar="N,M,...",
+                   help="instead of comparing, time nanogpt_np's data-parallel step under "
+                        "`mpiexec -n N` for each N, the --threads shared out among the ranks, and "
+                        "its gradient allreduce against one bare Allreduce of the same bytes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
     args = p.parse_args(argv)
@@ -75,6 +80,13 @@ def parse_args(argv=None):
         p.error(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
     if args.steps < 1 or args.warmup < 0 or args.threads < 1:
         p.error("--steps and --threads must be at least 1, --warmup at least 0")
+    if args.ranks is not None:
+        try:
+            args.ranks = [int(r) for r in args.ranks.split(",")]
+        except ValueError:
+            p.error(f"--ranks takes rank counts separated by commas, e.g. 1,2; got {args.ranks!r}")
+        if min(args.ranks) < 1:
+            p.error("--ranks counts must be at least 1")
     return args
 
 
@@ -398,14 +410,118 @@ def run_memory(args, argv):
     return results
 
 
+# ---- data parallel over MPI ranks -------------------------------------------------------
+
+
+def child_ranks(args):
+    """Under mpiexec: each rank runs the data-parallel step (its own batch of B rows,
+    gradients averaged by distributed.allreduce_mean_ over the flat gradient
+    buffer, then clip and AdamW), timing the step and the allreduce inside it.
+    Afterwards, the same bytes through one bare comm.Allreduce, for comparison.
+    Rank 0 prints the medians as JSON."""
+    import numpy as np
+
+    from nanogpt_np import distributed
+
+    dist = distributed.init()
+    runner = NumpyStep(shape_of(args), args.seed)
+    model, comm = runner.model, getattr(dist, "comm", None)
+    steps, reduces = [], []
+    for i, (idx, targets) in enumerate(make_batches(shape_of(args), args.warmup + args.steps,
+                                                    args.seed + dist.rank)):
+        dist.barrier()
+        t0 = time.perf_counter()
+        model.zero_grad()
+        model.forward(idx, targets)
+        model.backward()
+        t1 = time.perf_counter()
+        dist.allreduce_mean_(model.flat_grads)
+        t2 = time.perf_counter()
+        runner.clip(model.grads, 1.0)
+        runner.opt.step(model.grads, lr=6e-4)
+        t3 = time.perf_counter()
+        if i >= args.warmup:
+            steps.append(t3 - t0)
+            reduces.append(t2 - t1)
+    bare = []
+    if comm is not None:
+        from mpi4py import MPI
+
+        buf = np.ones_like(model.flat_grads)
+        for i in range(args.warmup + args.steps):
+            comm.Barrier()
+            t0 = time.perf_counter()
+            comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+            if i >= args.warmup:
+                bare.append(time.perf_counter() - t0)
+    # the slowest rank sets the pace: report the largest median over the ranks
+    per_rank = dist.allgather_json([statistics.median(steps), statistics.median(reduces),
+                                    statistics.median(bare) if bare else 0.0])
+    step_s, allreduce_s, bare_s = (max(column) for column in zip(*per_rank))
+    if dist.is_master:
+        print(json.dumps(dict(ranks=dist.world_size, step_s=step_s, allreduce_s=allreduce_s,
+                              bare_allreduce_s=bare_s, grad_bytes=int(model.flat_grads.nbytes))))
+
+
+def mpiexec_path():
+    import shutil
+
+    venv_bin = os.path.dirname(sys.executable)
+    return shutil.which("mpiexec", path=venv_bin + os.pathsep + os.environ.get("PATH", ""))
+
+
+def run_ranks(args, argv):
+    """Tokens/s of nanogpt_np's step for each rank count, and the allreduce's cost."""
+    mpiexec = mpiexec_path()
+    if mpiexec is None:
+        sys.exit("error: --ranks needs mpiexec; install it with `python3 -m pip install -e '.[mpi]'`")
+    base = [a for a in argv if a != "--json"]
+    base = [a for i, a in enumerate(base) if a != "--ranks" and (i == 0 or base[i - 1] != "--ranks")]
+    base = [a for i, a in enumerate(base) if a != "--threads" and (i == 0 or base[i - 1] != "--threads")]
+    results = []
+    for n in args.ranks:
+        per_rank = max(1, args.threads // n)
+        cmd = [mpiexec, "-n", str(n), sys.executable, __file__, *base, "--threads", str(per_rank),
+               "--_child-ranks"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"error: {' '.join(cmd)} failed:\n{proc.stdout}{proc.stderr}")
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        r.update(threads_per_rank=per_rank, tok_per_s=n * args.batch_size * args.block_size / r["step_s"])
+        results.append(r)
+    if args.json:
+        print(json.dumps(dict(config=shape_of(args), threads=args.threads, ranks=results)))
+        return results
+    print(f"config : {describe(args)} in all, shared out among the ranks")
+    print(f"step   : per rank B={args.batch_size} x T={args.block_size}: forward + backward + allreduce_mean_ "
+          f"of the flat gradients + clip + AdamW; medians of {args.steps} steps after {args.warmup} warmup")
+    print()
+    print(f"{'ranks':>5}{'thr/rank':>10}{'step ms':>10}{'tokens/s':>10}{'allreduce ms':>14}"
+          f"{'bare Allreduce ms':>19}{'ratio':>7}")
+    for r in results:
+        bare = r["bare_allreduce_s"]
+        ratio = f"{r['allreduce_s'] / bare:.2f}" if bare else "-"
+        print(f"{r['ranks']:>5}{r['threads_per_rank']:>10}{r['step_s'] * 1e3:>10.1f}{r['tok_per_s']:>10.1f}"
+              f"{r['allreduce_s'] * 1e3:>14.1f}{bare * 1e3 if bare else 0:>19.1f}{ratio:>7}")
+    print()
+    print(f"gradient: {results[0]['grad_bytes'] / 1e6:.0f} MB per allreduce; 'bare' is one comm.Allreduce "
+          "of the same bytes in place; ratio = the step's allreduce / bare")
+    return results
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     child = "--_child-memory" in argv
-    argv_clean = [a for a in argv if a != "--_child-memory"]
+    child_mpi = "--_child-ranks" in argv
+    argv_clean = [a for a in argv if a not in ("--_child-memory", "--_child-ranks")]
     args = parse_args(argv_clean)
     set_thread_env(args.threads)
     sys.path.insert(0, str(ROOT))  # this checkout's nanogpt_np, and tests/torch_gpt.py
-    if child:
+    if child_mpi:
+        child_ranks(args)
+    elif args.ranks is not None:
+        run_ranks(args, argv_clean)
+    elif child:
         child_peak_memory(args)
     elif args.memory:
         run_memory(args, argv_clean)

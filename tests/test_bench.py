@@ -51,3 +51,15 @@ def test_bench_rejects_a_bad_shape():
     command = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--n-embd", "30", "--n-head", "4"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode != 0 and "not divisible" in result.stderr
+
+
+def test_bench_ranks_times_one_and_two_ranks():
+    pytest.importorskip("mpi4py")
+    result = json.loads(bench("--ranks", "1,2", "--json").strip().splitlines()[-1])
+    one, two = result["ranks"]
+    assert (one["ranks"], two["ranks"]) == (1, 2)
+    assert one["bare_allreduce_s"] == 0 and two["bare_allreduce_s"] > 0 and two["allreduce_s"] > 0
+    assert two["grad_bytes"] == one["grad_bytes"] > 0
+    assert all(r["tok_per_s"] > 0 and r["threads_per_rank"] == 1 for r in result["ranks"])
+    out = bench("--ranks", "2")
+    assert "bare Allreduce ms" in out and "ratio" in out
