@@ -33,7 +33,7 @@ import math
 import numpy as np
 
 from .backend import array_module, to_host
-from .layers import attention, gelu, layernorm, linear
+from .layers import attention
 
 WTE = "transformer.wte.weight"  # the same names as model.py (not imported: model.py imports us)
 WPE = "transformer.wpe.weight"
@@ -56,11 +56,12 @@ class KVCache:
         return self.k.shape[3]
 
 
-def cached_attention(qkv, n_head, cache, layer):
+def cached_attention(qkv, n_head, cache, layer, full_attention=attention.forward):
     """Attention for T new positions that follow the cache's `length` stored ones.
 
     qkv: (B, T, 3C), c_attn's output for the new positions  ->  y: (B, T, C)
     Writes the new keys and values into the cache (the caller advances length).
+    full_attention is the layer that runs the prompt (the model's, GPU kernel or formula).
     """
     xp = array_module(qkv)
     B, T, C3 = qkv.shape
@@ -75,7 +76,7 @@ def cached_attention(qkv, n_head, cache, layer):
     if t0 == 0:
         # The prompt: plain causal attention over it, the very computation of the
         # training forward, so the first sampled token matches it bit for bit.
-        y, _ = attention.forward(qkv, n_head)
+        y, _ = full_attention(qkv, n_head)
         return y
     q = qkv5[0] * (1.0 / math.sqrt(hs))  # (B, NH, T, hs), scaled once as in attention.py
     k, v = cache.k[layer, :, :, :t1], cache.v[layer, :, :, :t1]  # (B, NH, t1, hs)
@@ -88,24 +89,6 @@ def cached_attention(qkv, n_head, cache, layer):
     y = s @ v  # (B, NH, T, hs)
     y /= s.sum(axis=-1, keepdims=True)
     return y.transpose(0, 2, 1, 3).reshape(B, T, C)  # (B, T, C), heads side by side
-
-
-def _block(model, i, x, cache):
-    """Block i on x: (B, T, C), with cached attention when a cache is given."""
-    p, h = model.params, f"transformer.h.{i}."
-    a, _ = layernorm.forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"])
-    qkv, _ = linear.forward(a, p[h + "attn.c_attn.weight"], p[h + "attn.c_attn.bias"])  # (B, T, 3C)
-    if cache is None:
-        a, _ = attention.forward(qkv, model.config.n_head)
-    else:
-        a = cached_attention(qkv, model.config.n_head, cache, i)
-    a, _ = linear.forward(a, p[h + "attn.c_proj.weight"], p[h + "attn.c_proj.bias"])
-    x = x + a
-    m, _ = layernorm.forward(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"])
-    m, _ = linear.forward(m, p[h + "mlp.c_fc.weight"], p[h + "mlp.c_fc.bias"])  # (B, T, 4C)
-    m, _ = gelu.forward(m)
-    m, _ = linear.forward(m, p[h + "mlp.c_proj.weight"], p[h + "mlp.c_proj.bias"])  # (B, T, C)
-    return x + m
 
 
 def hidden_states(model, idx, cache=None):
@@ -123,8 +106,12 @@ def hidden_states(model, idx, cache=None):
     x = p[WTE][idx]  # (B, T, C), as layers/embedding.py
     x += p[WPE][start : start + T]
     for i in range(model.config.n_layer):
-        x = _block(model, i, x, cache)
-    x, _ = layernorm.forward(x, p["transformer.ln_f.weight"], p["transformer.ln_f.bias"])
+        attend = None
+        if cache is not None:  # this layer's attention, through the cache
+            def attend(qkv, i=i):
+                return cached_attention(qkv, model.config.n_head, cache, i, model.ops.attention.forward)
+        x, _ = model._block_forward(i, x, attend)  # the training forward's block, caches dropped
+    x, _ = model.ops.layernorm.forward(x, p["transformer.ln_f.weight"], p["transformer.ln_f.bias"])
     if cache is not None:
         cache.length += T
     return x
@@ -132,7 +119,7 @@ def hidden_states(model, idx, cache=None):
 
 def last_logits(model, h):
     """lm_head on the last position only: h: (B, T, C) -> (B, V) on the host."""
-    logits, _ = linear.forward(h[:, -1], model.params[WTE], None)  # (B, V)
+    logits, _ = model.ops.linear.forward(h[:, -1], model.params[WTE], None)  # (B, V)
     return to_host(logits)
 
 

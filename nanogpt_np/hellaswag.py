@@ -32,7 +32,6 @@ import numpy as np
 
 from .backend import to_host
 from .generate import hidden_states
-from .layers import linear
 
 URLS = {
     split: f"https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
@@ -179,7 +178,7 @@ def ending_losses(model, tokens, mask):
     for start in range(0, len(rows), step):
         stop = min(len(rows), start + step)
         r, c = xp.asarray(rows[start:stop]), xp.asarray(cols[start:stop])
-        logits, _ = linear.forward(h[r, c], wte, None)  # (n, V), the chunk's positions only
+        logits, _ = model.ops.linear.forward(h[r, c], wte, None)  # (n, V), the chunk's positions only
         row_max = logits.max(axis=-1, keepdims=True)  # (n, 1)
         target_logits = logits[xp.arange(stop - start), xp.asarray(targets[start:stop])]  # (n,)
         logits -= row_max

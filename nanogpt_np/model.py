@@ -261,12 +261,19 @@ class GPT:
             self._logits = self.xp.empty(shape, dtype=self.dtype)
         return self._logits
 
-    def _block_forward(self, i, x):
-        """One transformer block. x: (B, T, C) -> (B, T, C), and the caches for backward."""
+    def _block_forward(self, i, x, attend=None):
+        """One transformer block. x: (B, T, C) -> (B, T, C), and the caches for backward.
+
+        attend(qkv) -> y, when given, replaces the causal attention: sampling
+        (generate.py) passes one that reads and extends a key/value cache.
+        """
         p, h = self.params, f"transformer.h.{i}."
         a, ln1 = self.ops.layernorm.forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"])
         a, c_attn = self.ops.linear.forward(a, p[h + "attn.c_attn.weight"], p[h + "attn.c_attn.bias"])  # (B, T, 3C)
-        a, attn = self.ops.attention.forward(a, self.config.n_head)  # (B, T, C)
+        if attend is None:
+            a, attn = self.ops.attention.forward(a, self.config.n_head)  # (B, T, C)
+        else:
+            a, attn = attend(a), None
         a, attn_proj = self.ops.linear.forward(a, p[h + "attn.c_proj.weight"], p[h + "attn.c_proj.bias"])
         x = x + a  # a new array: the old x stays in ln1's cache
         m, ln2 = self.ops.layernorm.forward(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"])
