@@ -130,11 +130,67 @@ def backend_name(xp):
     return "cupy" if xp is not np else "numpy"
 
 
+# ---- precision ------------------------------------------------------------------------
+#
+# The dtype policy. A model has a parameter dtype (its master weights, gradients and
+# AdamW moments) and a compute dtype (activations and matmul inputs):
+#   float64  float64 / float64   NumPy or CuPy; the gradient checks
+#   float32  float32 / float32   NumPy (the CPU default) or CuPy
+#   bf16     float32 / bf16      CuPy only (its default): mixed precision
+# In bf16 the matmuls read bf16 and accumulate in float32 on tensor cores (cuBLAS
+# gemmEx), attention runs on tensor cores with a float32 softmax, and LayerNorm
+# statistics, the residual stream, the loss and every gradient that reaches a
+# parameter stay float32. bf16 keeps float32's exponent range, so unlike float16 it
+# needs no loss scaling. NumPy has no bf16 arithmetic worth using on a CPU, so the
+# NumPy backend refuses it; NumPy code never sees a bf16 array.
+
+BF16_NAMES = ("bf16", "bfloat16")
+PRECISIONS = ("float32", "float64", "bf16")
+
+
+def bfloat16():
+    """The NumPy/CuPy dtype of bf16 arrays, ml_dtypes.bfloat16 (CuPy 14 takes bf16
+    through it). A clear error when ml_dtypes is missing."""
+    try:
+        import ml_dtypes
+    except ImportError as e:
+        raise RuntimeError(
+            "dtype bf16 needs the ml_dtypes package, which gives NumPy and CuPy (>= 14) their "
+            "bfloat16 dtype: `pip install ml_dtypes`, or run with --dtype float32"
+        ) from e
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def is_bfloat16(dtype):
+    return dtype is not None and not isinstance(dtype, str) and np.dtype(dtype).name == "bfloat16"
+
+
+def default_precision(backend):
+    """bf16 on a GPU (what build-nanogpt trains in), float32 on the CPU."""
+    return "bf16" if backend == "cupy" else "float32"
+
+
+def resolve_precision(dtype, backend="numpy"):
+    """(parameter dtype, compute dtype) for a precision name or dtype (see above).
+
+    float32/float64 give the same dtype twice; bf16 gives (float32, bfloat16) and is
+    refused on the NumPy backend with a message saying what to use instead."""
+    if (isinstance(dtype, str) and dtype.lower() in BF16_NAMES) or is_bfloat16(dtype):
+        if backend != "cupy":
+            raise ValueError(
+                "dtype bf16 (mixed precision) runs on the GPU only: use --backend cupy, or "
+                "--dtype float32 on the NumPy backend"
+            )
+        return np.dtype(np.float32), bfloat16()
+    dt = resolve_dtype(dtype)
+    return dt, dt
+
+
 def resolve_dtype(dtype):
     """np.float32 / np.float64 from a dtype or a name such as 'float32'."""
     if isinstance(dtype, str):
         if dtype not in _DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; choose float32 or float64")
+            raise ValueError(f"unknown dtype {dtype!r}; choose float32, float64 or (with the cupy backend) bf16")
         return np.dtype(_DTYPES[dtype])
     dt = np.dtype(dtype)
     if dt not in (np.float32, np.float64):

@@ -22,10 +22,31 @@ def test_scatter_add_rows_equals_add_at(N, V, C, dtype):
 def test_resolve_dtype():
     assert backend.resolve_dtype("float32") == np.float32
     assert backend.resolve_dtype(np.float64) == np.float64
-    with pytest.raises(ValueError, match="float32 or float64"):
+    with pytest.raises(ValueError, match="float32, float64 or"):
         backend.resolve_dtype("float16")
     with pytest.raises(ValueError, match="not supported"):
         backend.resolve_dtype(np.int64)
+
+
+def test_precision_policy():
+    """(parameter dtype, compute dtype): bf16 is mixed precision, and GPU-only."""
+    assert backend.resolve_precision("float32") == (np.float32, np.float32)
+    assert backend.resolve_precision(np.float64, "cupy") == (np.float64, np.float64)
+    params, compute = backend.resolve_precision("bf16", "cupy")
+    assert params == np.float32 and compute == backend.bfloat16() and compute.itemsize == 2
+    assert backend.resolve_precision("bfloat16", "cupy")[1] == compute
+    assert backend.resolve_precision(compute, "cupy") == (np.float32, compute)
+    with pytest.raises(ValueError, match="runs on the GPU only: use --backend cupy"):
+        backend.resolve_precision("bf16", "numpy")
+    assert backend.default_precision("cupy") == "bf16" and backend.default_precision("numpy") == "float32"
+
+
+def test_bfloat16_needs_ml_dtypes(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ml_dtypes", None)
+    with pytest.raises(RuntimeError, match="pip install ml_dtypes"):
+        backend.bfloat16()
 
 
 def test_numpy_backend_and_unknown_name():

@@ -25,6 +25,6 @@ compile and launch path, speed, and the hardware's own floating point and memory
 behaviour. scripts/gpu_check.py and `pytest -m gpu` are written for that run.
 """
 from ..layers import embedding, linear
-from . import adamw, attention, cross_entropy, gelu, layernorm
+from . import adamw, attention, cross_entropy, fused, gelu, gemm, layernorm
 
-__all__ = ["adamw", "attention", "cross_entropy", "embedding", "gelu", "layernorm", "linear"]
+__all__ = ["adamw", "attention", "cross_entropy", "embedding", "fused", "gelu", "gemm", "layernorm", "linear"]

@@ -6,15 +6,45 @@
 // The loader pastes this file in place of `#include "common.cuh"` so that CuPy's
 // kernel cache sees every byte of the source (a changed header recompiles).
 //
-// Every kernel is a template over the storage type T (float or double). The
-// double instantiations exist so tests can compare a kernel with the NumPy
-// formula to ~1e-12, where an indexing slip cannot hide inside float32 noise.
+// Every kernel is a template over the storage type T (float, double, and for the
+// mixed-precision path bf16). The double instantiations exist so tests can compare
+// a kernel with the NumPy formula to ~1e-12, where an indexing slip cannot hide
+// inside float32 noise.
 #pragma once
 
+// bfloat16 storage: the top 16 bits of an IEEE float (8 exponent bits, 7 mantissa
+// bits). Defined here rather than taken from <cuda_bf16.h> because NVRTC under
+// CuPy sees no CUDA headers unless its include path is set up, and a header-free
+// type also runs in the CPU emulator. Arithmetic never happens in bf16: a value
+// is widened to float on load (exact: shift the bits up) and rounded back on
+// store, to nearest with ties to even, as cuBLAS, PyTorch and ml_dtypes round.
+// Host code sees the same 2-byte layout as ml_dtypes.bfloat16.
+__device__ __forceinline__ unsigned short float_to_bf16_bits(float f) {
+    unsigned u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);  // NaN stays a quiet NaN
+    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest, ties to even; overflow rounds to infinity
+    return (unsigned short)(u >> 16);
+}
+
+struct bf16 {
+    unsigned short bits;
+    bf16() = default;  // trivial, so a bf16 array may live in __shared__ memory
+    __device__ explicit bf16(float f) : bits(float_to_bf16_bits(f)) {}
+    __device__ explicit bf16(double f) : bits(float_to_bf16_bits((float)f)) {}
+    __device__ explicit operator float() const { return __uint_as_float((unsigned)bits << 16); }
+};
+
+// Two bf16 in one 32-bit register, `lo` in the low half: the operand format of
+// the tensor-core mma instructions (the element with the smaller index is low).
+__device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {
+    return (unsigned)float_to_bf16_bits(lo) | ((unsigned)float_to_bf16_bits(hi) << 16);
+}
+
 // The type a kernel computes and accumulates in, for storage type T: T itself for
-// float and double. A 16-bit storage type (bf16, issue 6) specialises this to
-// float, and the kernels below already load through it and store back to T.
+// float and double, float for bf16. Kernels load through it (A(x[i])) and store
+// back to T (T(value)), so one template body serves all three.
 template <typename T> struct Accumulate { using type = T; };
+template <> struct Accumulate<bf16> { using type = float; };
 template <typename T> using acc_t = typename Accumulate<T>::type;
 
 // Overloads that pick the float or double device function from the argument type.

@@ -1,13 +1,14 @@
 """GELU through gelu.cu, with the interface of nanogpt_np/layers/gelu.py.
 
 As in the formula layer, only x is cached and tanh is recomputed in backward.
+bf16 arrays are computed in float32 and rounded once on the way out.
 """
 import numpy as np
 
 from ..backend import array_module
 from .loader import KernelFile, ceil_div, ctype, kernel_array
 
-_cu = KernelFile("gelu.cu", [f"gelu_{part}<{t}>" for part in ("forward", "backward") for t in ("float", "double")])
+_cu = KernelFile("gelu.cu", [f"gelu_{part}<{t}>" for part in ("forward", "backward") for t in ("float", "double", "bf16")])
 THREADS = 256
 MAX_BLOCKS = 65536  # grid-stride loops cover the rest
 

@@ -3,22 +3,26 @@
 //
 // Layout: x, out, dout, dx are (N, C) row-major, N = B*T rows; weight, bias (C,);
 // mean, rstd (N,): the two per-row statistics the forward saves for backward.
-// Arithmetic and the statistics are in A = acc_t<T> (T itself for float/double).
+// Types: x (and dx) are TX, out (and dout) TO. In single precision both are the
+// model's dtype; in the mixed-precision path x is the float32 residual stream and
+// out/dout are bf16 (the matmul that follows reads bf16), so the cast to bf16 is
+// fused into the forward and the widening of dout into the backward. Arithmetic,
+// the statistics and the parameters are in A = acc_t<TX> (float for float/bf16).
 #include "common.cuh"
 
 // One warp per row: the 32 lanes stride over the C channels, then combine their
 // partial sums with shuffles. Launch with blockDim.x a multiple of 32 and
 // gridDim.x = ceil(N / (blockDim.x / 32)).
-template <typename T>
-__global__ void layernorm_forward(const T* __restrict__ x, const T* __restrict__ weight,
-                                  const T* __restrict__ bias, T* __restrict__ out,
-                                  acc_t<T>* __restrict__ mean_out, acc_t<T>* __restrict__ rstd_out,
-                                  int N, int C, acc_t<T> eps) {
-    using A = acc_t<T>;
+template <typename TX, typename TO>
+__global__ void layernorm_forward(const TX* __restrict__ x, const acc_t<TX>* __restrict__ weight,
+                                  const acc_t<TX>* __restrict__ bias, TO* __restrict__ out,
+                                  acc_t<TX>* __restrict__ mean_out, acc_t<TX>* __restrict__ rstd_out,
+                                  int N, int C, acc_t<TX> eps) {
+    using A = acc_t<TX>;
     const int lane = threadIdx.x % 32;
     const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (row >= N) return;  // the whole warp leaves together: no shuffle is left half-done
-    const T* x_row = x + (long long)row * C;
+    const TX* x_row = x + (long long)row * C;
     // mean = x.mean(-1)
     A sum = 0;
     for (int c = lane; c < C; c += 32) sum += A(x_row[c]);
@@ -32,8 +36,8 @@ __global__ void layernorm_forward(const T* __restrict__ x, const T* __restrict__
     }
     const A rstd = A(1) / sqrt_(warp_sum(sq) / C + eps);
     // out = (x - mean) * rstd * weight + bias
-    T* out_row = out + (long long)row * C;
-    for (int c = lane; c < C; c += 32) out_row[c] = T((A(x_row[c]) - mean) * rstd * A(weight[c]) + A(bias[c]));
+    TO* out_row = out + (long long)row * C;
+    for (int c = lane; c < C; c += 32) out_row[c] = TO((A(x_row[c]) - mean) * rstd * weight[c] + bias[c]);
     if (lane == 0) {
         mean_out[row] = mean;
         rstd_out[row] = rstd;
@@ -41,13 +45,16 @@ __global__ void layernorm_forward(const T* __restrict__ x, const T* __restrict__
 }
 
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),  g = dout * weight,
-// xhat = (x - mean) * rstd recomputed from the saved statistics.
+// xhat = (x - mean) * rstd recomputed from the saved statistics. With
+// accumulate != 0 the result is added into dx instead of written (the residual
+// stream's gradient already there: the block's `dx = dx + dm`, fused).
 // One warp per row, launched like layernorm_forward.
-template <typename T>
-__global__ void layernorm_backward_dx(const T* __restrict__ dout, const T* __restrict__ x,
-                                      const T* __restrict__ weight, const acc_t<T>* __restrict__ mean,
-                                      const acc_t<T>* __restrict__ rstd, T* __restrict__ dx, int N, int C) {
-    using A = acc_t<T>;
+template <typename TO, typename TX>
+__global__ void layernorm_backward_dx(const TO* __restrict__ dout, const TX* __restrict__ x,
+                                      const acc_t<TX>* __restrict__ weight, const acc_t<TX>* __restrict__ mean,
+                                      const acc_t<TX>* __restrict__ rstd, TX* __restrict__ dx, int N, int C,
+                                      int accumulate) {
+    using A = acc_t<TX>;
     const int lane = threadIdx.x % 32;
     const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (row >= N) return;
@@ -56,7 +63,7 @@ __global__ void layernorm_backward_dx(const T* __restrict__ dout, const T* __res
     A sum_g = 0, sum_g_xhat = 0;
     for (int c = lane; c < C; c += 32) {
         const A xhat = (A(x[offset + c]) - m) * r;
-        const A g = A(dout[offset + c]) * A(weight[c]);
+        const A g = A(dout[offset + c]) * weight[c];
         sum_g += g;
         sum_g_xhat += g * xhat;
     }
@@ -64,8 +71,9 @@ __global__ void layernorm_backward_dx(const T* __restrict__ dout, const T* __res
     const A mean_g_xhat = warp_sum(sum_g_xhat) / C;
     for (int c = lane; c < C; c += 32) {
         const A xhat = (A(x[offset + c]) - m) * r;
-        const A g = A(dout[offset + c]) * A(weight[c]);
-        dx[offset + c] = T(r * (g - mean_g - xhat * mean_g_xhat));
+        const A g = A(dout[offset + c]) * weight[c];
+        const A value = r * (g - mean_g - xhat * mean_g_xhat);
+        dx[offset + c] = TX(accumulate ? A(dx[offset + c]) + value : value);
     }
 }
 
@@ -74,13 +82,13 @@ __global__ void layernorm_backward_dx(const T* __restrict__ dout, const T* __res
 // (bx, by) sums rows [by * rows_per_chunk, ...) of the columns bx * blockDim.x + tid
 // into row by of dweight_part / dbias_part, (n_chunks, C). The caller sums the
 // n_chunks partial rows. Neighbouring threads read neighbouring columns, so every
-// row is read in coalesced 128-byte pieces.
-template <typename T>
-__global__ void layernorm_backward_params(const T* __restrict__ dout, const T* __restrict__ x,
-                                          const acc_t<T>* __restrict__ mean, const acc_t<T>* __restrict__ rstd,
-                                          acc_t<T>* __restrict__ dweight_part, acc_t<T>* __restrict__ dbias_part,
+// row is read in coalesced pieces.
+template <typename TO, typename TX>
+__global__ void layernorm_backward_params(const TO* __restrict__ dout, const TX* __restrict__ x,
+                                          const acc_t<TX>* __restrict__ mean, const acc_t<TX>* __restrict__ rstd,
+                                          acc_t<TX>* __restrict__ dweight_part, acc_t<TX>* __restrict__ dbias_part,
                                           int N, int C, int rows_per_chunk) {
-    using A = acc_t<T>;
+    using A = acc_t<TX>;
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
     const int r0 = blockIdx.y * rows_per_chunk;

@@ -3,61 +3,80 @@
 The readable formula and its derivation are in that file; the kernels compute the
 same thing row by row (one warp per row) and save the same statistics, mean and
 rstd, so the cache has the same contents.
+
+Mixed precision (see backend.py): `forward(x, ..., out_dtype=bf16)` normalises the
+float32 residual stream and writes its output in bf16 for the matmul that follows;
+backward then takes a bf16 dout and returns a float32 dx. `backward(..., dx_out=a)`
+adds dx into `a` (the residual stream's gradient) instead of returning a new array.
 """
 import numpy as np
 
 from ..backend import array_module
-from .loader import KernelFile, ceil_div, ctype, kernel_array, scalar
+from .loader import KernelFile, accumulate_dtype, ceil_div, ctype, kernel_array, scalar
 
+# (x, out) type pairs: single precision, and the mixed-precision float32 -> bf16
+TYPE_PAIRS = [("float", "float"), ("double", "double"), ("float", "bf16")]
 _cu = KernelFile(
     "layernorm.cu",
-    [f"layernorm_{part}<{t}>" for part in ("forward", "backward_dx", "backward_params") for t in ("float", "double")],
+    [f"layernorm_forward<{tx}, {to}>" for tx, to in TYPE_PAIRS]
+    + [f"layernorm_{part}<{to}, {tx}>" for part in ("backward_dx", "backward_params") for tx, to in TYPE_PAIRS],
 )
 ROWS_PER_BLOCK = 8  # one warp per row, so 256 threads per block
 PARAM_THREADS = 256  # columns per block in the dweight/dbias kernel
 PARAM_CHUNKS = 256  # row chunks summed separately for dweight/dbias, then added up
 
 
-def forward(x, weight, bias, eps=1e-5):
-    """x: (B, T, C)  weight, bias: (C,)  ->  out: (B, T, C)"""
+def forward(x, weight, bias, eps=1e-5, out_dtype=None):
+    """x: (B, T, C)  weight, bias: (C,)  ->  out: (B, T, C), in out_dtype (default x's)"""
     xp = array_module(x)
     C = x.shape[-1]
     x2 = kernel_array(x, x.dtype, xp).reshape(-1, C)  # (N, C)
     N = x2.shape[0]
-    out = xp.empty_like(x2)
+    out_dtype = x.dtype if out_dtype is None else np.dtype(out_dtype)
+    out = xp.empty((N, C), dtype=out_dtype)
     mean = xp.empty(N, dtype=x.dtype)  # (N,)
     rstd = xp.empty(N, dtype=x.dtype)  # (N,)
     _cu.launch(
-        f"layernorm_forward<{ctype(x.dtype)}>", (ceil_div(N, ROWS_PER_BLOCK),), (32 * ROWS_PER_BLOCK,),
+        f"layernorm_forward<{ctype(x.dtype)}, {ctype(out_dtype)}>", (ceil_div(N, ROWS_PER_BLOCK),),
+        (32 * ROWS_PER_BLOCK,),
         (x2, kernel_array(weight, x.dtype, xp), kernel_array(bias, x.dtype, xp), out, mean, rstd,
-         np.int32(N), np.int32(C), scalar(eps, x.dtype)),
+         np.int32(N), np.int32(C), scalar(eps, accumulate_dtype(x.dtype))),
     )
     stat_shape = x.shape[:-1] + (1,)
     cache = (x2.reshape(x.shape), weight, mean.reshape(stat_shape), rstd.reshape(stat_shape))
     return out.reshape(x.shape), cache
 
 
-def backward(dout, cache):
-    """dout: (B, T, C)  ->  dx: (B, T, C), dweight: (C,), dbias: (C,)"""
+def backward(dout, cache, dx_out=None):
+    """dout: (B, T, C)  ->  dx: (B, T, C), dweight: (C,), dbias: (C,)
+
+    dx has x's dtype. With dx_out (an array like x), dx is added into it and
+    dx_out is returned as dx."""
     xp = array_module(dout)
     x, weight, mean, rstd = cache
     C = x.shape[-1]
-    t = ctype(x.dtype)
+    pair = f"{ctype(dout.dtype)}, {ctype(x.dtype)}"
     x2 = x.reshape(-1, C)  # (N, C), contiguous since forward made it so
-    dout2 = kernel_array(dout, x.dtype, xp).reshape(-1, C)  # (N, C)
+    dout2 = kernel_array(dout, dout.dtype, xp).reshape(-1, C)  # (N, C)
     N = x2.shape[0]
     mean1, rstd1 = mean.reshape(-1), rstd.reshape(-1)  # (N,)
-    dx = xp.empty_like(dout2)
+    if dx_out is not None:
+        if dx_out.shape != x.shape or dx_out.dtype != x.dtype or not dx_out.flags.c_contiguous:
+            raise ValueError(f"dx_out must be a contiguous {x.dtype} array of shape {x.shape}")
+        dx = dx_out.reshape(N, C)
+    else:
+        dx = xp.empty((N, C), dtype=x.dtype)
     _cu.launch(
-        f"layernorm_backward_dx<{t}>", (ceil_div(N, ROWS_PER_BLOCK),), (32 * ROWS_PER_BLOCK,),
-        (dout2, x2, kernel_array(weight, x.dtype, xp), mean1, rstd1, dx, np.int32(N), np.int32(C)),
+        f"layernorm_backward_dx<{pair}>", (ceil_div(N, ROWS_PER_BLOCK),), (32 * ROWS_PER_BLOCK,),
+        (dout2, x2, kernel_array(weight, x.dtype, xp), mean1, rstd1, dx, np.int32(N), np.int32(C),
+         np.int32(dx_out is not None)),
     )
     rows_per_chunk = ceil_div(N, min(N, PARAM_CHUNKS))
     n_chunks = ceil_div(N, rows_per_chunk)
     dweight_part = xp.empty((n_chunks, C), dtype=x.dtype)
     dbias_part = xp.empty((n_chunks, C), dtype=x.dtype)
     _cu.launch(
-        f"layernorm_backward_params<{t}>", (ceil_div(C, PARAM_THREADS), n_chunks), (PARAM_THREADS,),
+        f"layernorm_backward_params<{pair}>", (ceil_div(C, PARAM_THREADS), n_chunks), (PARAM_THREADS,),
         (dout2, x2, mean1, rstd1, dweight_part, dbias_part, np.int32(N), np.int32(C), np.int32(rows_per_chunk)),
     )
-    return dx.reshape(dout.shape), dweight_part.sum(axis=0), dbias_part.sum(axis=0)
+    return dx.reshape(x.shape), dweight_part.sum(axis=0), dbias_part.sum(axis=0)

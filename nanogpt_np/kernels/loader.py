@@ -79,7 +79,9 @@ def check_args(name, args):
             if not isinstance(a, _SCALAR_TYPES):
                 raise TypeError(f"{name}: argument {k} has type {type(a).__name__}; use one of "
                                 "np.float32, np.float64, np.int32, np.int64")
-        elif hasattr(a, "__cuda_array_interface__") or hasattr(a, "__array_interface__"):
+        elif hasattr(a, "flags") and hasattr(a, "dtype") and hasattr(a, "shape"):  # a NumPy or CuPy array
+            # (not `hasattr(a, "__cuda_array_interface__")`: CuPy may raise from that
+            # property for a bf16 array, and hasattr only swallows AttributeError)
             if not a.flags.c_contiguous:
                 raise ValueError(f"{name}: argument {k} is not C-contiguous; kernels index raw memory")
         else:
@@ -144,13 +146,23 @@ def use_runner(runner):
 
 
 def ctype(dtype):
-    """The C name of a float dtype, as it appears in a kernel's template arguments."""
+    """The C name of a float dtype, as it appears in a kernel's template arguments:
+    float, double, or bf16 (common.cuh's type, laid out as ml_dtypes.bfloat16)."""
     dtype = np.dtype(dtype)
     if dtype == np.float32:
         return "float"
     if dtype == np.float64:
         return "double"
+    if dtype.name == "bfloat16":
+        return "bf16"
     raise TypeError(f"no kernel instantiation for dtype {dtype}")
+
+
+def accumulate_dtype(dtype):
+    """The dtype a kernel computes in for storage dtype `dtype` (acc_t in common.cuh):
+    float32 for bf16, the dtype itself otherwise."""
+    dtype = np.dtype(dtype)
+    return np.dtype(np.float32) if dtype.name == "bfloat16" else dtype
 
 
 def scalar(value, dtype):

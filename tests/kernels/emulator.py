@@ -24,10 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from nanogpt_np.kernels import loader
+from nanogpt_np.backend import bfloat16
+from nanogpt_np.kernels import gemm, loader
 
 HERE = Path(__file__).resolve().parent
-POINTER_DTYPES = {"F": np.float32, "D": np.float64, "I": np.int32, "Q": np.int64}
+POINTER_DTYPES = {"F": np.float32, "D": np.float64, "I": np.int32, "Q": np.int64, "H": bfloat16()}
 GUARD = 256  # elements of guard zone on each side of every array argument
 SCALAR_TYPES = {"f": (np.float32, ctypes.c_float), "d": (np.float64, ctypes.c_double),
                 "i": (np.int32, ctypes.c_int32), "q": (np.int64, ctypes.c_int64)}
@@ -38,6 +39,8 @@ def generated_source():
 
     lines = ['#include "cuda_emulation.h"']
     lines += [f'#include "{kf.path}"' for kf in loader.ALL_FILES]
+    # common.cuh's bf16 (2 bytes, ml_dtypes.bfloat16's layout) as an argument type
+    lines.append("template <> struct EmuCode<bf16> { static constexpr char value = 'h'; };")
     lines.append("const std::map<std::string, EmuEntry>& emu_registry() {")
     lines.append("    static const std::map<std::string, EmuEntry> registry = {")
     for kf in loader.ALL_FILES:
@@ -135,6 +138,8 @@ def _guarded_copy(a, k):
     if a.dtype.kind == "f":  # a quiet NaN whose payload names the argument
         bits = padded.view(np.uint32 if a.itemsize == 4 else np.uint64)
         bits[...] = (0x7FC00000 if a.itemsize == 4 else 0x7FF8000000000000) | (0x5A00 + k)
+    elif a.dtype.name == "bfloat16":  # a bf16 quiet NaN, payload k
+        padded.view(np.uint16)[...] = 0x7FC0 | (k % 64)
     else:
         padded[...] = np.iinfo(a.dtype).min + 7 + k
     padded[GUARD:GUARD + a.size] = a.reshape(-1)
@@ -156,3 +161,46 @@ class EmulatedCupyRunner(EmulatedRunner):
 
     def function(self, kernel_file, name):
         return self.signature(name)
+
+
+class NumpyCublas:
+    """cublasGemmEx's contract, computed with NumPy: a stand-in for
+    kernels.gemm.CublasRunner. It reads the operands and writes the result only
+    through the pointers and leading dimensions it is given, as cuBLAS would
+    (column-major), and checks that every element it touches lies inside the
+    array the pointer came from; so the row-major to column-major bookkeeping of
+    kernels/gemm.py is tested for real. Products are taken in float64 and rounded
+    once to the output dtype (cuBLAS accumulates bf16 and float32 in float32)."""
+
+    TYPES = {gemm.CUDA_R_32F: np.dtype(np.float32), gemm.CUDA_R_64F: np.dtype(np.float64),
+             gemm.CUDA_R_16BF: bfloat16()}
+
+    def __init__(self):
+        self.calls = []  # (transa, transb, m, n, k, lda, ldb, ldc, beta), for tests
+
+    def _matrix(self, arr, cuda_type, ld, rows, cols):
+        """The column-major (rows, cols) matrix with leading dimension ld at arr's address."""
+        dtype = self.TYPES[cuda_type]
+        if np.dtype(arr.dtype) != dtype:
+            raise TypeError(f"gemmEx: a {arr.dtype} array passed as cuda type {cuda_type}")
+        if ld < max(1, rows):
+            raise ValueError(f"gemmEx: leading dimension {ld} < rows {rows}")
+        extent = ((cols - 1) * ld + rows) * dtype.itemsize
+        if extent > arr.nbytes:
+            raise ValueError(f"gemmEx: a {rows}x{cols} matrix with ld {ld} reads past an array of {arr.nbytes} bytes")
+        raw = (ctypes.c_uint8 * extent).from_address(gemm.pointer(arr))
+        flat = np.frombuffer(raw, dtype=np.uint8).view(dtype)
+        return np.lib.stride_tricks.as_strided(flat, shape=(rows, cols), strides=(dtype.itemsize, ld * dtype.itemsize))
+
+    def gemm_ex(self, transa, transb, m, n, k, alpha, A, a_type, lda, B, b_type, ldb, beta, C, c_type, ldc,
+                compute):
+        self.calls.append((transa, transb, m, n, k, lda, ldb, ldc, float(beta)))
+        a = self._matrix(A, a_type, lda, *((m, k) if transa == gemm.OP_N else (k, m)))
+        b = self._matrix(B, b_type, ldb, *((k, n) if transb == gemm.OP_N else (n, k)))
+        c = self._matrix(C, c_type, ldc, m, n)
+        op_a = a if transa == gemm.OP_N else a.T  # (m, k)
+        op_b = b if transb == gemm.OP_N else b.T  # (k, n)
+        result = float(alpha) * (op_a.astype(np.float64) @ op_b.astype(np.float64))
+        if float(beta) != 0.0:
+            result += float(beta) * c.astype(np.float64)
+        c[...] = result.astype(c.dtype)

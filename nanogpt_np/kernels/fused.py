@@ -1,0 +1,122 @@
+"""Python side of fused.cu: the elementwise work around a block's matmuls, fused.
+
+Each function states the formula it computes; kernels/block.py strings them
+together with the matmuls, and the tests check them against these formulas in
+NumPy. `T` below is the activation dtype (float32, float64 or bf16) and `TX` the
+residual stream's (float32 or float64); biases and bias gradients are in the
+accumulate dtype (float32 for bf16).
+"""
+import numpy as np
+
+from ..backend import array_module
+from .loader import KernelFile, accumulate_dtype, ceil_div, ctype, kernel_array
+
+SINGLE = ("float", "double", "bf16")
+RESIDUAL = [("float", "float"), ("double", "double"), ("float", "bf16")]  # (TX, T)
+CASTS = [("float", "bf16"), ("bf16", "float"), ("float", "float"), ("double", "double")]
+
+_cu = KernelFile(
+    "fused.cu",
+    [f"cast<{a}, {b}>" for a, b in CASTS]
+    + [f"{k}<{t}>" for k in ("bias_add", "bias_gelu_forward", "bias_gelu_backward", "column_sums") for t in SINGLE]
+    + [f"bias_residual<{tx}, {t}>" for tx, t in RESIDUAL]
+    + [f"cast_column_sums<{tx}, {t}>" for tx, t in RESIDUAL],
+)
+THREADS = 256
+MAX_BLOCKS = 65536  # grid-stride loops cover the rest
+COLUMN_THREADS = 256  # columns per block in the column-sum kernels
+ROW_CHUNKS = 128  # row chunks summed separately, then added up
+
+
+def _grid(n):
+    return (max(1, min(ceil_div(n, THREADS), MAX_BLOCKS)),)
+
+
+def _rows(a):
+    """a as (N, C): every kernel here walks rows of the last axis."""
+    return a.reshape(-1, a.shape[-1])
+
+
+def cast(a, dtype, out=None):
+    """out = a converted to dtype (rounded to nearest even for bf16), same shape."""
+    xp = array_module(a)
+    a = kernel_array(a, a.dtype, xp)
+    out = xp.empty(a.shape, dtype=dtype) if out is None else out
+    if out.shape != a.shape or np.dtype(out.dtype) != np.dtype(dtype):
+        raise ValueError(f"cast: out is {out.dtype} {out.shape}, wanted {np.dtype(dtype)} {a.shape}")
+    _cu.launch(f"cast<{ctype(a.dtype)}, {ctype(dtype)}>", _grid(a.size), (THREADS,),
+               (a, out, np.int64(a.size)))
+    return out
+
+
+def bias_add(out, bias):
+    """out += bias, broadcast over rows, in place (out: (..., C), contiguous)."""
+    xp = array_module(out)
+    _cu.launch(f"bias_add<{ctype(out.dtype)}>", _grid(out.size), (THREADS,),
+               (out, kernel_array(bias, accumulate_dtype(out.dtype), xp), np.int64(out.size),
+                np.int32(out.shape[-1])))
+    return out
+
+
+def bias_gelu_forward(pre, bias):
+    """out = gelu(pre + bias)  (pre: (..., C); the sum is not stored: backward recomputes it)"""
+    xp = array_module(pre)
+    out = xp.empty_like(pre)
+    _cu.launch(f"bias_gelu_forward<{ctype(pre.dtype)}>", _grid(pre.size), (THREADS,),
+               (pre, kernel_array(bias, accumulate_dtype(pre.dtype), xp), out, np.int64(pre.size),
+                np.int32(pre.shape[-1])))
+    return out
+
+
+def _chunks(N):
+    rows_per_chunk = ceil_div(N, min(N, ROW_CHUNKS))
+    return rows_per_chunk, ceil_div(N, rows_per_chunk)
+
+
+def bias_gelu_backward(dout, pre, bias):
+    """dpre = gelu'(pre + bias) * dout  and  dbias = dpre summed over rows."""
+    xp = array_module(dout)
+    N, C = _rows(pre).shape
+    rows_per_chunk, n_chunks = _chunks(N)
+    dpre = xp.empty_like(pre)
+    part = xp.empty((n_chunks, C), dtype=accumulate_dtype(pre.dtype))
+    _cu.launch(f"bias_gelu_backward<{ctype(pre.dtype)}>", (ceil_div(C, COLUMN_THREADS), n_chunks), (COLUMN_THREADS,),
+               (pre, kernel_array(bias, part.dtype, xp), kernel_array(dout, pre.dtype, xp), dpre, part,
+                np.int32(N), np.int32(C), np.int32(rows_per_chunk)))
+    return dpre, part.sum(axis=0)
+
+
+def bias_residual(x, a, bias):
+    """out = x + a + bias: a block's output projection (a, in the activation dtype)
+    plus its bias, added to the residual stream x (float32/float64). A new array."""
+    xp = array_module(x)
+    out = xp.empty_like(x)
+    _cu.launch(f"bias_residual<{ctype(x.dtype)}, {ctype(a.dtype)}>", _grid(x.size), (THREADS,),
+               (kernel_array(x, x.dtype, xp), kernel_array(a, a.dtype, xp), kernel_array(bias, x.dtype, xp), out,
+                np.int64(x.size), np.int32(x.shape[-1])))
+    return out
+
+
+def cast_column_sums(a, dtype):
+    """(a converted to dtype, a summed over rows): the residual stream's gradient
+    made into a matmul operand, and the bias gradient of that matmul's output."""
+    xp = array_module(a)
+    N, C = _rows(a).shape
+    rows_per_chunk, n_chunks = _chunks(N)
+    out = xp.empty(a.shape, dtype=dtype)
+    part = xp.empty((n_chunks, C), dtype=accumulate_dtype(a.dtype))
+    _cu.launch(f"cast_column_sums<{ctype(a.dtype)}, {ctype(dtype)}>", (ceil_div(C, COLUMN_THREADS), n_chunks),
+               (COLUMN_THREADS,), (kernel_array(a, a.dtype, xp), out, part, np.int32(N), np.int32(C),
+                                   np.int32(rows_per_chunk)))
+    return out, part.sum(axis=0)
+
+
+def column_sums(a):
+    """a summed over rows, in the accumulate dtype: (..., C) -> (C,)."""
+    xp = array_module(a)
+    N, C = _rows(a).shape
+    rows_per_chunk, n_chunks = _chunks(N)
+    part = xp.empty((n_chunks, C), dtype=accumulate_dtype(a.dtype))
+    _cu.launch(f"column_sums<{ctype(a.dtype)}>", (ceil_div(C, COLUMN_THREADS), n_chunks), (COLUMN_THREADS,),
+               (kernel_array(a, a.dtype, xp), part, np.int32(N), np.int32(C), np.int32(rows_per_chunk)))
+    return part.sum(axis=0)

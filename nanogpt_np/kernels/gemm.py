@@ -1,0 +1,149 @@
+"""Matrix products through cuBLAS's gemmEx: bf16 operands with float32 accumulation.
+
+    matmul(a, b, out, trans_a=False, trans_b=False, beta=0.0)
+        out = op(a) @ op(b) + beta * out,   op(m) = m.T if trans_m else m
+
+All arrays are 2-D and C-contiguous (row-major); `op(a)` is (M, K), `op(b)` is
+(K, N), `out` is (M, N). A transposed operand is read in place, never copied.
+
+Why not `cupy.matmul`? It handles 2-D bf16 through the same gemmEx, but its
+output always has the inputs' dtype, and its batched bf16 path is broken. The
+mixed-precision step needs two things it cannot give: a weight gradient computed
+from bf16 operands but written (or, with beta=1, *added*) straight into the
+float32 gradient buffer, and the fp32 accumulation spelled out rather than left
+to a default. Calling gemmEx directly also costs far less host time per call.
+
+Types: a and b share a dtype (bf16, float32 or float64); out has that dtype or,
+for bf16 operands, float32. The accumulation is float32 for bf16 and float32
+operands (CUBLAS_COMPUTE_32F, or _FAST_TF32 when backend.set_tf32(True)), float64
+for float64.
+
+cuBLAS is column-major. A row-major (R, C) array is, read column-major, its own
+transpose (C, R) with leading dimension C. So the row-major product
+out = op(a) @ op(b) is computed as the column-major out.T = op(b).T @ op(a).T:
+b is cuBLAS's first operand and a its second, and the shapes swap (m = N, n = M).
+`gemm_arguments` does this bookkeeping; the CPU tests run it against a NumPy
+model of gemmEx that reads memory through the same pointers and leading
+dimensions (tests/kernels/emulator.py), so the mapping is checked without a GPU.
+"""
+import numpy as np
+
+from ..backend import array_module, tf32_enabled
+
+# cuBLAS and CUDA enum values (stable parts of their C ABIs)
+OP_N, OP_T = 0, 1
+CUDA_R_32F, CUDA_R_64F, CUDA_R_16BF = 0, 1, 14
+COMPUTE_32F, COMPUTE_64F, COMPUTE_32F_FAST_TF32 = 68, 70, 77
+GEMM_DEFAULT_TENSOR_OP = 99  # "let cuBLAS pick, tensor cores allowed" (the same as DEFAULT since CUDA 11)
+POINTER_MODE_HOST = 0
+
+
+def cuda_type(dtype):
+    dtype = np.dtype(dtype)
+    if dtype == np.float32:
+        return CUDA_R_32F
+    if dtype == np.float64:
+        return CUDA_R_64F
+    if dtype.name == "bfloat16":
+        return CUDA_R_16BF
+    raise TypeError(f"no cuBLAS gemm for dtype {dtype}")
+
+
+def compute_type(in_dtype):
+    if np.dtype(in_dtype) == np.float64:
+        return COMPUTE_64F
+    if np.dtype(in_dtype) == np.float32 and tf32_enabled():
+        return COMPUTE_32F_FAST_TF32
+    return COMPUTE_32F
+
+
+def gemm_arguments(a, b, out, trans_a, trans_b):
+    """The column-major gemmEx arguments (transa, transb, m, n, k, first, lda,
+    second, ldb, ldc) for the row-major out = op(a) @ op(b). Checks the shapes."""
+    for name, arr in (("a", a), ("b", b), ("out", out)):
+        if arr.ndim != 2 or not arr.flags.c_contiguous:
+            raise ValueError(f"gemm: {name} must be a 2-D C-contiguous array, got shape {arr.shape}")
+    M, K = (a.shape[1], a.shape[0]) if trans_a else a.shape
+    K2, N = (b.shape[1], b.shape[0]) if trans_b else b.shape
+    if K != K2 or out.shape != (M, N):
+        raise ValueError(f"gemm: op(a) {M}x{K} @ op(b) {K2}x{N} does not give out {out.shape}")
+    # column-major: out.T (N x M) = op(b).T (N x K) @ op(a).T (K x M); each operand's
+    # leading dimension is its stored row length
+    return (OP_T if trans_b else OP_N, OP_T if trans_a else OP_N, N, M, K,
+            b, b.shape[1], a, a.shape[1], N)
+
+
+def matmul(a, b, out=None, trans_a=False, trans_b=False, beta=0.0, out_dtype=None):
+    """out = op(a) @ op(b) + beta * out (see the module docstring); returns out.
+
+    out=None allocates it, in out_dtype (default: a's dtype). beta != 0 needs out."""
+    xp = array_module(a, b)
+    if a.dtype != b.dtype:
+        raise TypeError(f"gemm: operands differ in dtype ({a.dtype}, {b.dtype})")
+    if out is None:
+        if beta:
+            raise ValueError("gemm: beta != 0 adds into `out`, so pass one")
+        M = a.shape[1] if trans_a else a.shape[0]
+        N = b.shape[0] if trans_b else b.shape[1]
+        out = xp.empty((M, N), dtype=a.dtype if out_dtype is None else out_dtype)
+    if out.dtype != a.dtype and not (np.dtype(out.dtype) == np.float32 and a.dtype.name == "bfloat16"):
+        raise TypeError(f"gemm: {a.dtype} operands cannot write a {out.dtype} result")
+    transa, transb, m, n, k, first, lda, second, ldb, ldc = gemm_arguments(a, b, out, trans_a, trans_b)
+    if m == 0 or n == 0:
+        return out
+    if k == 0:  # cuBLAS would leave out alone; the product of empty operands is zero
+        out[...] = 0 if not beta else out * beta
+        return out
+    scalar = np.float64 if np.dtype(a.dtype) == np.float64 else np.float32  # alpha, beta as the compute type
+    _state["runner"].gemm_ex(transa, transb, m, n, k, scalar(1.0), first, cuda_type(first.dtype), lda,
+                             second, cuda_type(second.dtype), ldb, scalar(beta), out, cuda_type(out.dtype), ldc,
+                             compute_type(a.dtype))
+    return out
+
+
+def pointer(a):
+    """The device address of a CuPy array's first element (the host address of a
+    NumPy array's, for the CPU stand-ins)."""
+    if isinstance(a, np.ndarray):
+        return int(a.ctypes.data)
+    return int(a.data.ptr)
+
+
+class CublasRunner:
+    """Calls cublasGemmEx through CuPy's binding, on CuPy's handle for the current
+    device and CuPy's current stream (the binding sets the stream)."""
+
+    def __init__(self):
+        self._cublas = None
+
+    def _lib(self):
+        if self._cublas is None:
+            try:
+                from cupy_backends.cuda.libs import cublas
+            except ImportError:  # older layouts
+                from cupy.cuda import cublas
+            self._cublas = cublas
+        return self._cublas
+
+    def gemm_ex(self, transa, transb, m, n, k, alpha, A, a_type, lda, B, b_type, ldb, beta, C, c_type, ldc,
+                compute):
+        import cupy
+
+        cublas = self._lib()
+        handle = cupy.cuda.device.get_cublas_handle()
+        if cublas.getPointerMode(handle) != POINTER_MODE_HOST:  # alpha and beta live on the host
+            cublas.setPointerMode(handle, POINTER_MODE_HOST)
+        alpha_host, beta_host = np.array(alpha), np.array(beta)  # kept alive through the call
+        cublas.gemmEx(handle, transa, transb, m, n, k, alpha_host.ctypes.data, pointer(A), a_type, lda,
+                      pointer(B), b_type, ldb, beta_host.ctypes.data, pointer(C), c_type, ldc, compute,
+                      GEMM_DEFAULT_TENSOR_OP)
+
+
+_state = {"runner": CublasRunner()}
+
+
+def use_runner(runner):
+    """Send gemm calls to `runner` (an object with gemm_ex) from now on; returns the previous one."""
+    previous = _state["runner"]
+    _state["runner"] = runner
+    return previous
