@@ -13,13 +13,26 @@ the gradients likewise. The optimizer, the gradient clip, the MPI allreduce and
 the checkpoint can then treat "all parameters" as one contiguous buffer.
 Names follow the GPT-2 checkpoint (`transformer.h.0.attn.c_attn.weight`, ...),
 and linear weights are (out, in), so Hugging Face weights load without renaming.
+
+Precision (backend.resolve_precision). `dtype` is float32 or float64, or on the
+GPU bf16: mixed precision, the GPU default. model.dtype is always the parameter
+dtype (master weights, gradients, optimizer state, checkpoints: float32 under
+bf16); model.compute_dtype is the dtype of activations and matmul inputs. Under
+bf16 model.compute_params holds bf16 copies of the weights in a second flat
+buffer, cast from the masters at the start of every forward with targets.
+
+Which block runs. The readable `_block_forward` / `_block_backward` below run on
+NumPy, and on CuPy for sampling. Training and evaluation forwards on CuPy run
+`self.fused` (nanogpt_np/kernels/block.py), the same arithmetic scheduled for a
+GPU: cuBLAS gemms, fused bias/GELU/residual kernels, gradients written by the
+gemms themselves; it is where bf16 is handled. Tests hold the two to each other.
 """
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import fill, get_xp, keep_freed_memory, layer_ops, on_cpu, resolve_dtype, to_device, to_host
+from .backend import fill, get_xp, keep_freed_memory, layer_ops, on_cpu, resolve_precision, to_device, to_host
 
 WTE = "transformer.wte.weight"
 WPE = "transformer.wpe.weight"
@@ -88,25 +101,43 @@ def init_std(name, config):
 class GPT:
     def __init__(self, config, dtype=np.float32, seed=0, backend="numpy", init_weights=True):
         self.config = config
-        self.dtype = resolve_dtype(dtype)
+        # parameter dtype and compute dtype: the same, except under bf16 (see above)
+        self.dtype, self.compute_dtype = resolve_precision(dtype, backend)
         self.xp = get_xp(backend)
         self.backend = backend
         # the layer implementations: nanogpt_np.layers on NumPy, CUDA kernels on CuPy
         self.ops = layer_ops(self.xp)
         if on_cpu(self.xp):
             keep_freed_memory()  # activations are reused step after step (see backend)
+        if self.mixed and self.fused is None:
+            raise ValueError("dtype bf16 needs the GPU kernels, but NANOGPT_KERNELS=0 is set; unset it "
+                             "or use --dtype float32")
         self._shapes = parameter_shapes(config)
         total = sum(math.prod(shape) for _, shape in self._shapes)
         self.flat_params = self.xp.zeros(total, dtype=self.dtype)
         self.flat_grads = self.xp.zeros(total, dtype=self.dtype)
         self.params = self._views(self.flat_params)
         self.grads = self._views(self.flat_grads)
+        # the weights the matmuls read: the parameters themselves, or their bf16 copies
+        self.compute_flat = self.xp.empty(total, dtype=self.compute_dtype) if self.mixed else self.flat_params
+        self.compute_params = self._views(self.compute_flat) if self.mixed else self.params
         self._caches = None  # set by forward(idx, targets), consumed by backward()
         self._grads_are_zero = True  # backward may write gradients instead of adding them
         self._write_grads = False  # the flag above, as the running backward() found it
         self._logits = None  # the logits buffer that training forwards reuse
         if init_weights:  # False leaves zeros, for weights about to be loaded
             self._init_weights(seed)
+
+    @property
+    def mixed(self):
+        """True under bf16: parameters in float32, activations and matmuls in bf16."""
+        return self.compute_dtype != self.dtype
+
+    @property
+    def fused(self):
+        """The GPU schedule of the block (kernels/block.py) when the layers are the
+        CUDA kernels, else None (the readable block runs)."""
+        return getattr(self.ops, "block", None)
 
     def _views(self, flat):
         views, offset = {}, 0
@@ -230,26 +261,46 @@ class GPT:
         copy the logits first if you need them after backward(). The logits of a
         forward with targets also live in a buffer that the next such forward of the
         same shape reuses (the biggest array of the model, allocated once, not every
-        step); a forward without targets returns a fresh array.
+        step); a forward without targets returns a fresh array. Under bf16 the
+        logits of a forward with targets are bf16 (ml_dtypes.bfloat16, cast with
+        .astype to read them), those of a forward without targets float32.
         """
         idx, targets = self._check_inputs(idx, targets)
         self._caches = None  # free the previous step's activations first
         p, keep = self.params, targets is not None
+        if self.mixed:
+            self.fused.refresh_compute_params(self)  # bf16 copies of the (possibly updated) weights
         x, emb_cache = self.ops.embedding.forward(idx, p[WTE], p[WPE])  # (B, T, C)
         block_caches = []
         for i in range(self.config.n_layer):
-            x, cache = self._block_forward(i, x)
+            if self.fused is None:
+                x, cache = self._block_forward(i, x)
+            else:
+                x, cache = self.fused.block_forward(self, i, x)
             if keep:
                 block_caches.append(cache)
-        x, lnf_cache = self.ops.layernorm.forward(x, p["transformer.ln_f.weight"], p["transformer.ln_f.bias"])
         # training reuses one logits buffer from step to step; inference gets a fresh array
-        into = {"out": self._logits_buffer(idx.shape)} if keep else {}
-        logits, head_cache = self.ops.linear.forward(x, p[WTE], None, **into)  # (B, T, V), tied to wte
+        logits_out = self._logits_buffer(idx.shape) if keep else None
+        if self.fused is None:
+            logits, loss, head_cache = self._head_forward(x, targets, logits_out)
+        else:
+            logits, loss, head_cache = self.fused.head_forward(self, x, targets, logits_out)
         if not keep:
             return logits, None
-        loss, ce_cache = self.ops.cross_entropy.forward(logits, targets)
-        self._caches = (emb_cache, block_caches, lnf_cache, head_cache, ce_cache)
+        self._caches = (emb_cache, block_caches, head_cache)
         return logits, float(loss)
+
+    def _head_forward(self, x, targets, logits_out=None):
+        """ln_f, lm_head (tied to wte) and the loss: x (B, T, C) -> logits (B, T, V),
+        loss (or None without targets), cache."""
+        p = self.params
+        x, lnf_cache = self.ops.layernorm.forward(x, p["transformer.ln_f.weight"], p["transformer.ln_f.bias"])
+        into = {} if logits_out is None else {"out": logits_out}
+        logits, head_cache = self.ops.linear.forward(x, p[WTE], None, **into)  # (B, T, V), tied to wte
+        if targets is None:
+            return logits, None, None
+        loss, ce_cache = self.ops.cross_entropy.forward(logits, targets)
+        return logits, loss, (lnf_cache, head_cache, ce_cache)
 
     def _logits_buffer(self, idx_shape):
         """The (B, T, V) array a training forward writes its logits into, kept from
@@ -258,7 +309,7 @@ class GPT:
         shape = (*idx_shape, self.config.vocab_size)
         if self._logits is None or self._logits.shape != shape:
             self._logits = None  # let the old one go before making the new one
-            self._logits = self.xp.empty(shape, dtype=self.dtype)
+            self._logits = self.xp.empty(shape, dtype=self.compute_dtype)
         return self._logits
 
     def _block_forward(self, i, x, attend=None):
@@ -297,12 +348,29 @@ class GPT:
                 "backward() needs a preceding forward(idx, targets) with targets; "
                 "call forward with targets first (each forward allows one backward)"
             )
-        emb_cache, block_caches, lnf_cache, head_cache, ce_cache = self._caches
+        emb_cache, block_caches, head_cache = self._caches
         self._caches = None
         # Fresh (zeroed) gradients are written directly by the layers; otherwise
         # (gradient accumulation) each layer's gradient is added in.
         self._write_grads, self._grads_are_zero = self._grads_are_zero, False
         g = self.grads
+        if self.fused is None:
+            dx = self._head_backward(head_cache)
+        else:
+            dx = self.fused.head_backward(self, head_cache)
+        del head_cache
+        for i in reversed(range(self.config.n_layer)):
+            if self.fused is None:
+                dx = self._block_backward(i, dx, block_caches.pop())
+            else:
+                dx = self.fused.block_backward(self, i, dx, block_caches.pop())
+        # forward: x = wte[idx] + wpe[:T]; adds into wte's gradient next to lm_head's
+        self.ops.embedding.backward(dx, emb_cache, dwte=g[WTE], dwpe=g[WPE])
+        return dict(self.grads)
+
+    def _head_backward(self, caches):
+        """-> dx: (B, T, C) at ln_f's input; the head's gradients added into model.grads."""
+        lnf_cache, head_cache, ce_cache = caches
         dlogits = self.ops.cross_entropy.backward(1.0, ce_cache)  # (B, T, V), in the logits buffer
         del ce_cache
         # forward: logits = x @ wte.T   (lm_head, tied)
@@ -313,13 +381,9 @@ class GPT:
         del dwte
         # forward: x = ln_f(x)
         dx, dw, db = self.ops.layernorm.backward(dx, lnf_cache)
-        g["transformer.ln_f.weight"] += dw
-        g["transformer.ln_f.bias"] += db
-        for i in reversed(range(self.config.n_layer)):
-            dx = self._block_backward(i, dx, block_caches.pop())
-        # forward: x = wte[idx] + wpe[:T]; adds into wte's gradient next to lm_head's
-        self.ops.embedding.backward(dx, emb_cache, dwte=g[WTE], dwpe=g[WPE])
-        return dict(self.grads)
+        self.grads["transformer.ln_f.weight"] += dw
+        self.grads["transformer.ln_f.bias"] += db
+        return dx
 
     def _grad_out(self, prefix, bias=True):
         """Keyword arguments that let linear.backward write the layer `prefix`'s
@@ -408,8 +472,9 @@ class GPT:
         pretrained.save_hf(self, directory, vocab_size=vocab_size)
 
     def __repr__(self):
+        dtype = "bf16 (float32 parameters)" if self.mixed else self.dtype.name
         return (
-            f"GPT({self.config}, dtype={self.dtype.name}, backend={self.backend}, "
+            f"GPT({self.config}, dtype={dtype}, backend={self.backend}, "
             f"parameters={self.num_parameters():,})"
         )
 

@@ -48,7 +48,7 @@ from typing import Optional
 import numpy as np
 
 from . import checkpoint, distributed, hellaswag
-from .backend import get_xp, resolve_dtype, set_tf32, to_device
+from .backend import default_precision, get_xp, is_bfloat16, resolve_precision, set_tf32, to_device
 from .data import DataError, DataLoader
 from .model import GPT, GPTConfig, parameter_shapes
 from .optim import AdamW, clip_grad_norm, cosine_lr
@@ -85,7 +85,7 @@ class TrainConfig:
     ckpt_every: int = 5000
     resume: bool = False
     backend: str = "numpy"
-    dtype: str = "float32"
+    dtype: Optional[str] = None  # None: bf16 on cupy, float32 on numpy (backend.default_precision)
     tf32: bool = False  # cupy: float32 matmuls on TF32 tensor cores
     prompt: str = "Hello, I'm a language model,"
     num_samples: int = 4
@@ -131,7 +131,9 @@ FLAG_HELP = {
     "val_steps": "batches per validation", "sample_every": "print samples every N steps (0: off)",
     "ckpt_every": "checkpoint every N steps (0: off)",
     "resume": "continue from the latest checkpoint in --log-dir",
-    "backend": "numpy (CPU) or cupy (GPU)", "dtype": "float32 or float64",
+    "backend": "numpy (CPU) or cupy (GPU)",
+    "dtype": "float32, float64, or bf16 (cupy only: bf16 activations and matmuls, float32 parameters; "
+             "default bf16 on cupy, float32 on numpy)",
     "tf32": "with --backend cupy: float32 matmuls on TF32 tensor cores (also CUPY_TF32=1)",
     "prompt": "sampling prompt", "num_samples": "samples per sampling",
     "sample_tokens": "new tokens per sample",
@@ -148,7 +150,7 @@ def build_parser():
         description="Train GPT-2 with nanogpt_np (build-nanogpt's recipe by default).",
         argument_default=argparse.SUPPRESS,  # only flags given on the command line are set
     )
-    choices = {"backend": ["numpy", "cupy"], "dtype": ["float32", "float64"], "preset": sorted(PRESETS)}
+    choices = {"backend": ["numpy", "cupy"], "dtype": ["float32", "float64", "bf16"], "preset": sorted(PRESETS)}
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         default = field.default
@@ -199,12 +201,21 @@ def measure_peak_flops(xp, dtype, n=1024, repeats=10):
     because a busy machine only ever slows a run down; still, a machine busy with
     other work at start-up gives a low peak, and then MFU reads high)."""
     rng = np.random.default_rng(0)
-    a = to_device(rng.standard_normal((n, n)), xp, dtype)
-    b = to_device(rng.standard_normal((n, n)), xp, dtype)
+    if xp is np:
+        a, b = (rng.standard_normal((n, n)).astype(dtype) for _ in range(2))
+        product = np.matmul
+    else:  # through the gemm the model uses (for bf16: bf16 operands, float32 accumulation)
+        from .kernels import fused, gemm
+
+        low = is_bfloat16(dtype)
+        a, b = (xp.asarray(rng.standard_normal((n, n)), dtype=np.float32 if low else dtype) for _ in range(2))
+        if low:
+            a, b = fused.cast(a, dtype), fused.cast(b, dtype)
+        product = gemm.matmul
     best = float("inf")
     for _ in range(repeats + 1):  # the first call warms up BLAS / cuBLAS
         t0 = time.perf_counter()
-        a @ b
+        product(a, b)
         synchronize(xp)
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
@@ -298,7 +309,7 @@ class Trainer:
                                       n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
         self.accum = grad_accum_steps(cfg.total_batch_size, cfg.batch_size, cfg.block_size,
                                       self.dist.world_size)
-        self.model = GPT(self.model_config, dtype=resolve_dtype(cfg.dtype), seed=cfg.seed, backend=cfg.backend)
+        self.model = GPT(self.model_config, dtype=self.precision, seed=cfg.seed, backend=cfg.backend)
         self.optimizer = AdamW(self.model.parameters(), lr=cfg.max_lr, betas=(0.9, 0.95), eps=1e-8,
                                weight_decay=cfg.weight_decay)
         self.data_dir = cfg.data_dir or self._builtin_corpus()
@@ -311,6 +322,11 @@ class Trainer:
 
     def _check_config(self):
         cfg = self.cfg
+        self.precision = cfg.dtype or default_precision(cfg.backend)  # bf16 on a GPU, else float32
+        try:
+            resolve_precision(self.precision, cfg.backend)  # bf16 on numpy: refused, saying why
+        except (ValueError, RuntimeError) as e:
+            raise ConfigError(str(e)) from e
         if cfg.vocab_size < N_VOCAB:
             raise ConfigError(f"--vocab-size {cfg.vocab_size} is smaller than GPT-2's {N_VOCAB} tokens")
         for name in ("max_steps", "batch_size", "val_steps", "num_samples"):
@@ -480,8 +496,8 @@ class Trainer:
         if cfg.peak_tflops:
             self.peak, source = cfg.peak_tflops * 1e12, "--peak-tflops"
         else:
-            self.peak = measure_peak_flops(self.xp, m.dtype)
-            source = f"measured {m.dtype.name} 1024^3 matmul on this {cfg.backend} device"
+            self.peak = measure_peak_flops(self.xp, m.compute_dtype)
+            source = f"measured {m.compute_dtype.name} 1024^3 matmul on this {cfg.backend} device"
         self.log(f"model: {m}")
         self.log(f"data: {self.data_dir} | {self.dist.world_size} rank(s) x B={cfg.batch_size} x "
                  f"T={cfg.block_size} x {self.accum} micro-steps = {tokens:,} tokens per step")
@@ -492,7 +508,7 @@ class Trainer:
         """A step beat the measured peak: the machine was busier at start-up than now.
         Measure again and keep the best, so MFU stays a fraction of what BLAS achieves."""
         old = self.peak
-        self.peak = max(old, measure_peak_flops(self.xp, self.model.dtype))
+        self.peak = max(old, measure_peak_flops(self.xp, self.model.compute_dtype))
         self.log(f"MFU peak re-measured: {old / 1e12:.3f} -> {self.peak / 1e12:.3f} TFLOPS per rank")
 
     def report(self, step, loss, lr, norm, dt):

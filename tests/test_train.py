@@ -49,7 +49,7 @@ def test_defaults_are_build_nanogpts_124m_recipe():
     cfg = parse_args([])
     expected = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304, batch_size=64,
                     total_batch_size=524288, max_lr=6e-4, min_lr=6e-5, warmup_steps=715, max_steps=19073,
-                    weight_decay=0.1, grad_clip=1.0, data_dir=None, backend="numpy", dtype="float32",
+                    weight_decay=0.1, grad_clip=1.0, data_dir=None, backend="numpy", dtype=None,
                     prompt="Hello, I'm a language model,", resume=False)
     assert {k: getattr(cfg, k) for k in expected} == expected
     assert grad_accum_steps(cfg.total_batch_size, cfg.batch_size, cfg.block_size) == 8
@@ -174,6 +174,15 @@ def test_bad_flags_are_explained(data_dir, tmp_path):
         Trainer(small(data_dir, tmp_path, vocab_size=1000), **QUIET)
     with pytest.raises(ConfigError, match="[Cc]u[Pp]y"):
         Trainer(small(data_dir, tmp_path, backend="cupy"), **QUIET)
+    with pytest.raises(ConfigError, match="bf16 .* runs on the GPU only: use --backend cupy"):
+        Trainer(small(data_dir, tmp_path, dtype="bf16"), **QUIET)
+
+
+def test_dtype_defaults_to_bf16_on_the_gpu_and_float32_on_the_cpu():
+    assert parse_args([]).dtype is None and parse_args(["--dtype", "bf16"]).dtype == "bf16"
+    from nanogpt_np.backend import default_precision
+
+    assert default_precision("cupy") == "bf16" and default_precision("numpy") == "float32"
 
 
 def test_truncate_log(tmp_path):

@@ -8,13 +8,17 @@ nanogpt_np.layers, so the model can run either set (see backend.layer_ops).
     linear         the formula layer: its 2-D matmuls go to cuBLAS through CuPy
     embedding      the formula layer: a CuPy gather and an atomic scatter-add
 and `adamw`, the fused optimizer update that nanogpt_np.optim uses on CuPy arrays.
+The training step itself runs `block` (block.py), the GPU's schedule of the same
+block: `gemm` (cuBLAS gemmEx, bf16 with float32 accumulation), `fused` (bias, GELU,
+residual and casts fused around the matmuls), the layer kernels above; it is where
+the bf16 mixed precision lives.
 
 Each kernel file is compiled by NVRTC on first use (kernels/loader.py). Importing
 this package does not import CuPy. The readable formula every kernel must match
 stays in its layer file under nanogpt_np/layers/.
 
-Every kernel is a template over float and double; the Python wrappers pick the
-instantiation from the input dtype (float64 exists for tight tests).
+Every kernel is a template over float and double, most over bf16 too; the Python
+wrappers pick the instantiation from the input dtype (float64 exists for tight tests).
 
 What is verified where. On the CPU, in CI: every .cu file compiles with nvcc
 (sm_80, sm_90) and with NVRTC under the options CuPy uses; the kernel source runs
@@ -25,6 +29,7 @@ compile and launch path, speed, and the hardware's own floating point and memory
 behaviour. scripts/gpu_check.py and `pytest -m gpu` are written for that run.
 """
 from ..layers import embedding, linear
-from . import adamw, attention, cross_entropy, fused, gelu, gemm, layernorm
+from . import adamw, attention, block, cross_entropy, fused, gelu, gemm, layernorm
 
-__all__ = ["adamw", "attention", "cross_entropy", "embedding", "fused", "gelu", "gemm", "layernorm", "linear"]
+__all__ = ["adamw", "attention", "block", "cross_entropy", "embedding", "fused", "gelu", "gemm", "layernorm",
+           "linear"]

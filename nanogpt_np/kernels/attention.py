@@ -17,8 +17,9 @@ import math
 
 import numpy as np
 
-from ..backend import array_module
+from ..backend import array_module, is_bfloat16
 from ..layers import attention as formula
+from . import fused
 from .loader import KernelFile, ceil_div, ctype, kernel_array, scalar
 
 HEAD_SIZES = (64,)  # head sizes with a kernel instantiation
@@ -27,7 +28,7 @@ FWD_BLOCK_K = 32  # key rows per shared-memory tile there
 BWD_BLOCK_KV = 64  # key rows per block in backward's dk/dv pass (two threads each)
 BWD_BLOCK_Q = 32  # query rows per shared-memory tile there
 
-_FLASH, _FORMULA = "flash", "formula"
+_FLASH, _FORMULA, _WIDENED = "flash", "formula", "widened"
 
 
 def _names():
@@ -44,11 +45,13 @@ _cu = KernelFile("attention.cu", list(_names()))
 def uses_kernel(qkv, n_head):
     """True when forward(qkv, n_head) runs the flash kernels, False for the formula layer."""
     hs = qkv.shape[-1] // 3 // n_head
-    return hs in HEAD_SIZES and np.dtype(qkv.dtype) in (np.float32, np.float64)
+    return hs in HEAD_SIZES and (np.dtype(qkv.dtype) in (np.float32, np.float64) or is_bfloat16(qkv.dtype))
 
 
 def forward(qkv, n_head):
     """qkv: (B, T, 3C)  ->  y: (B, T, C)"""
+    if is_bfloat16(qkv.dtype):
+        return _forward_widened(qkv, n_head)
     if not uses_kernel(qkv, n_head):
         y, cache = formula.forward(qkv, n_head)
         return y, (_FORMULA, cache)
@@ -69,8 +72,17 @@ def forward(qkv, n_head):
     return y, (_FLASH, qkv, y, lse, n_head)
 
 
+def _forward_widened(qkv, n_head):
+    """bf16 qkv through the float32 kernels: widen, attend, round y back to bf16."""
+    y, cache = forward(fused.cast(qkv, np.float32), n_head)
+    return fused.cast(y, qkv.dtype), (_WIDENED, cache, qkv.dtype)
+
+
 def backward(dy, cache):
     """dy: (B, T, C)  ->  dqkv: (B, T, 3C)"""
+    if cache[0] == _WIDENED:
+        _, inner, dtype = cache
+        return fused.cast(backward(fused.cast(dy, np.float32), inner), dtype)
     if cache[0] == _FORMULA:
         return formula.backward(dy, cache[1])
     _, qkv, y, lse, n_head = cache

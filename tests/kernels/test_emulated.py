@@ -147,7 +147,8 @@ def test_decay_bounds_merge_adjacent_spans():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_whole_model_through_the_kernels(emulated, dtype):
-    """forward + backward of a model whose every layer runs the kernel path."""
+    """forward + backward of a model whose every layer runs the kernel path: the
+    GPU schedule of kernels/block.py against the readable block on NumPy."""
     cfg = GPTConfig(block_size=80, vocab_size=67, n_layer=2, n_head=2, n_embd=128)  # head size 64
     rng = np.random.default_rng(6)
     idx, targets = rng.integers(0, 67, (2, 71)), rng.integers(0, 67, (2, 71))
@@ -161,8 +162,9 @@ def test_whole_model_through_the_kernels(emulated, dtype):
         model.backward()
         results.append((logits, loss, model.flat_grads.copy()))
     launched = {n.split("<")[0] for n in emulated.launches}
-    assert {"flash_attention_forward", "layernorm_forward", "gelu_forward", "cross_entropy_forward",
-            "flash_attention_backward_dkdv", "layernorm_backward_dx", "cross_entropy_backward"} <= launched
+    assert {"flash_attention_forward", "layernorm_forward", "bias_gelu_forward", "cross_entropy_forward",
+            "flash_attention_backward_dkdv", "layernorm_backward_dx", "cross_entropy_backward", "bias_add",
+            "bias_residual", "bias_gelu_backward", "cast_column_sums", "column_sums"} <= launched
     (logits, loss, grads), (logits_ref, loss_ref, grads_ref) = results
     assert_close(logits, logits_ref, dtype, "logits")
     assert_close(loss, loss_ref, dtype, "loss")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from nanogpt_np import GPTConfig
-from nanogpt_np.kernels import loader
+from nanogpt_np.kernels import gemm, loader
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = GPTConfig(block_size=32, vocab_size=61, n_layer=1, n_head=2, n_embd=128)  # head size 64
@@ -51,6 +51,7 @@ def test_gpu_check_dry_run(emulator_lib, monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(emulator.EmulatedCupyRunner, "lib_path", emulator_lib)
     monkeypatch.setattr(loader, "CupyRunner", emulator.EmulatedCupyRunner)
     previous = loader.use_runner(emulator.EmulatedCupyRunner())
+    previous_gemm = gemm.use_runner(emulator.NumpyCublas())
     monkeypatch.setenv("NANOGPT_CUDA_SYNC", "0")
     monkeypatch.setenv("OUT", str(tmp_path))
     monkeypatch.setattr("sys.argv", ["gpu_check.py", "--no-compile"])
@@ -61,6 +62,7 @@ def test_gpu_check_dry_run(emulator_lib, monkeypatch, tmp_path, capsys):
         status = gpu_check.main()
     finally:
         loader.use_runner(previous)
+        gemm.use_runner(previous_gemm)
     out = capsys.readouterr().out
     rows = gpu_check.ROWS
     broken = [(r["name"], r["result"]) for r in rows if r["status"] == "FAIL" or r["result"].startswith("ERROR")]

@@ -3,22 +3,8 @@ emulator, at sizes the emulator handles quickly. On a GPU machine test_gpu.py
 runs for real; here this proves its own logic (and the CuPy branches of the
 package) before that day."""
 import numpy as np
-import pytest
 
-from nanogpt_np.kernels import loader
 from tests.kernels import test_gpu
-
-
-@pytest.fixture
-def fake_gpu(emulator_lib, monkeypatch):
-    from tests.kernels import emulator, fake_cupy
-
-    cupy = fake_cupy.install(monkeypatch)
-    monkeypatch.setattr(emulator.EmulatedCupyRunner, "lib_path", emulator_lib)
-    monkeypatch.setattr(loader, "CupyRunner", emulator.EmulatedCupyRunner)
-    previous = loader.use_runner(emulator.EmulatedCupyRunner())
-    yield cupy
-    loader.use_runner(previous)
 
 
 def test_gpu_tests_on_a_fake_gpu(fake_gpu):
