@@ -48,6 +48,12 @@ def uses_kernel(qkv, n_head):
     return hs in HEAD_SIZES and (np.dtype(qkv.dtype) in (np.float32, np.float64) or is_bfloat16(qkv.dtype))
 
 
+def path_of(cache):
+    """Which implementation made this cache: 'flash' (the float32/float64 kernels),
+    'formula' (layers/attention.py), or 'widened' (bf16 through the float32 kernels)."""
+    return cache[0]
+
+
 def forward(qkv, n_head):
     """qkv: (B, T, 3C)  ->  y: (B, T, C)"""
     if is_bfloat16(qkv.dtype):

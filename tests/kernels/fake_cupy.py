@@ -79,7 +79,8 @@ def install(monkeypatch):
     props = {"name": b"FakeGPU (CPU emulator)", "major": 9, "minor": 0, "totalGlobalMem": 2**30}
     cupy.cuda = types.SimpleNamespace(
         runtime=types.SimpleNamespace(getDeviceCount=lambda: 1, getDeviceProperties=lambda i: props,
-                                      runtimeGetVersion=lambda: 13000),
+                                      runtimeGetVersion=lambda: 13000, memGetInfo=lambda: (2**29, 2**30)),
+        memory=types.SimpleNamespace(OutOfMemoryError=MemoryError),
         nvrtc=types.SimpleNamespace(getVersion=lambda: (13, 0)),
         Device=lambda *a: types.SimpleNamespace(synchronize=_noop, use=_noop),
         get_current_stream=lambda: types.SimpleNamespace(synchronize=_noop),
