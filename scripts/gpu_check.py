@@ -239,9 +239,21 @@ def compile_all():
                 limit="", ok=True)
 
 
+def mma_layout():
+    """One tensor-core mma through the fragment layout the bf16 attention assumes."""
+    import cupy as cp
+
+    rng = np.random.default_rng(0)
+    a = np.asarray(rng.standard_normal((16, 16)), dtype=np.float32).astype(bf16())
+    b = np.asarray(rng.standard_normal((16, 8)), dtype=np.float32).astype(bf16())
+    d = kernels.attention.mma_layout_check(cp.asarray(a), cp.asarray(b))
+    return compare({"D": rel_err(d, a.astype(np.float64) @ b.astype(np.float64))}, 1e-5)
+
+
 def section_environment():
     record("0", "environment", environment)
     record("0", "NVRTC compiles every kernel", compile_all)
+    record("0", "mma.sync m16n8k16 bf16 fragment layout", mma_layout)
 
 
 # ---- 1. every kernel against its NumPy layer ---------------------------------------------
@@ -261,9 +273,12 @@ def check_attention(B, T, NH, dtype):
                     "dqkv": rel_err(dqkv, dqkv_ref)}, F32_LIMIT if dtype == np.float32 else F64_LIMIT)
 
 
-def check_attention_bf16(B, T, NH):
-    """The bf16 attention path against float64 attention of the same bf16 inputs."""
+def check_attention_bf16(B, T, NH, path="mma"):
+    """The bf16 attention path (tensor cores, or with path="simt" the float32
+    kernels) against float64 attention of the same bf16 inputs."""
     import cupy as cp
+
+    os.environ[kernels.attention.BF16_PATH_ENV] = path
 
     rng = np.random.default_rng(T + 1)
     qkv = np.asarray(rng.standard_normal((B, T, 3 * NH * 64)) * 1.5, dtype=np.float32).astype(bf16())
@@ -273,7 +288,10 @@ def check_attention_bf16(B, T, NH):
     assert y.dtype == bf16() and dqkv.dtype == bf16()
     y_ref, cache_ref = layers.attention.forward(qkv.astype(np.float64), NH)
     dqkv_ref = layers.attention.backward(dy.astype(np.float64), cache_ref)
-    row = compare({"y": rel_err(y, y_ref), "dqkv": rel_err(dqkv, dqkv_ref)}, BF16_ATTENTION_LIMIT)
+    os.environ[kernels.attention.BF16_PATH_ENV] = "mma"
+    lse = kernels.attention.lse_of(cache)
+    row = compare({"y": rel_err(y, y_ref), "lse": rel_err(lse, cache_ref[2]), "dqkv": rel_err(dqkv, dqkv_ref)},
+                  BF16_ATTENTION_LIMIT)
     row["result"] += f" path {kernels.attention.path_of(cache)}"
     return row
 
@@ -427,6 +445,8 @@ def section_kernels():
         record("1", f"attention B{B} T{T} NH{NH} {np.dtype(dtype).name}", lambda: check_attention(B, T, NH, dtype))
     for B, T, NH in SIZES["attention_bf16"]:
         record("1", f"attention B{B} T{T} NH{NH} bf16", lambda: check_attention_bf16(B, T, NH))
+    B, T, NH = SIZES["attention_bf16"][-1]
+    record("1", f"attention B{B} T{T} NH{NH} bf16 via f32 kernels", lambda: check_attention_bf16(B, T, NH, "simt"))
     for shape, dtype in SIZES["layernorm"]:
         record("1", f"layernorm {shape} {np.dtype(dtype).name}", lambda: check_layernorm(shape, dtype))
     for shape, dtype in SIZES["gelu"]:

@@ -5,6 +5,9 @@ What runs where:
   - head size 64 (GPT-2's), float32 or float64: the fused kernels. Forward keeps
     only the per-row logsumexp; backward recomputes the scores tile by tile. No
     (B, NH, T, T) array exists at any point. Any T up to block_size works.
+  - head size 64, bf16: the same algorithm on tensor cores (attention_mma.cu),
+    float32 accumulation and softmax, a float32 logsumexp. NANOGPT_BF16_ATTENTION=simt
+    sends bf16 through the float32 kernels instead (widened, then rounded back).
   - any other head size or dtype: the NumPy-formula layer (layers/attention.py),
     run on the same CuPy arrays. It is exact but materialises (B, NH, 128, T) score
     tiles and runs many small batched matmuls, so it is much slower.
@@ -14,6 +17,7 @@ The tile sizes below are template arguments of the kernels, so this file, the
 launch configuration and the NumPy mirror (flash_reference.py) share them.
 """
 import math
+import os
 
 import numpy as np
 
@@ -28,7 +32,7 @@ FWD_BLOCK_K = 32  # key rows per shared-memory tile there
 BWD_BLOCK_KV = 64  # key rows per block in backward's dk/dv pass (two threads each)
 BWD_BLOCK_Q = 32  # query rows per shared-memory tile there
 
-_FLASH, _FORMULA, _WIDENED = "flash", "formula", "widened"
+_FLASH, _FORMULA, _WIDENED, _MMA = "flash", "formula", "widened", "mma"
 
 
 def _names():
@@ -41,6 +45,16 @@ def _names():
 
 _cu = KernelFile("attention.cu", list(_names()))
 
+# bf16 on tensor cores (attention_mma.cu): head size 64, tiles of 64 rows, 4 warps
+MMA_HEAD_SIZE = 64
+MMA_TILE = 64  # rows per block and per tile of the other side; flash_reference mirrors it
+MMA_THREADS = 128
+_mma = KernelFile("attention_mma.cu", [f"flash_attention_mma_{part}<{MMA_HEAD_SIZE}>"
+                                       for part in ("forward", "backward_dq", "backward_dkdv")]
+                  + ["mma_layout_check"])
+LOG2E = 1.4426950408889634
+BF16_PATH_ENV = "NANOGPT_BF16_ATTENTION"  # "simt": bf16 through the float32 kernels instead
+
 
 def uses_kernel(qkv, n_head):
     """True when forward(qkv, n_head) runs the flash kernels, False for the formula layer."""
@@ -50,13 +64,24 @@ def uses_kernel(qkv, n_head):
 
 def path_of(cache):
     """Which implementation made this cache: 'flash' (the float32/float64 kernels),
-    'formula' (layers/attention.py), or 'widened' (bf16 through the float32 kernels)."""
+    'mma' (bf16 on tensor cores), 'formula' (layers/attention.py), or 'widened'
+    (bf16 through the float32 kernels: other head sizes, or NANOGPT_BF16_ATTENTION=simt)."""
     return cache[0]
+
+
+def lse_of(cache):
+    """The per-row logsumexp (B, NH, T) that the forward behind `cache` kept."""
+    if cache[0] == _WIDENED:
+        return lse_of(cache[1])
+    return cache[1][2] if cache[0] == _FORMULA else cache[3]
 
 
 def forward(qkv, n_head):
     """qkv: (B, T, 3C)  ->  y: (B, T, C)"""
     if is_bfloat16(qkv.dtype):
+        hs = qkv.shape[-1] // 3 // n_head
+        if hs == MMA_HEAD_SIZE and os.environ.get(BF16_PATH_ENV, "mma") != "simt":
+            return _forward_mma(qkv, n_head)
         return _forward_widened(qkv, n_head)
     if not uses_kernel(qkv, n_head):
         y, cache = formula.forward(qkv, n_head)
@@ -78,6 +103,47 @@ def forward(qkv, n_head):
     return y, (_FLASH, qkv, y, lse, n_head)
 
 
+def _forward_mma(qkv, n_head):
+    """bf16 qkv -> bf16 y on tensor cores; the cache keeps lse in float32."""
+    xp = array_module(qkv)
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    qkv = kernel_array(qkv, qkv.dtype, xp)
+    y = xp.empty((B, T, C), dtype=qkv.dtype)
+    lse = xp.empty((B, n_head, T), dtype=np.float32)
+    _mma.launch(
+        f"flash_attention_mma_forward<{MMA_HEAD_SIZE}>", (B * n_head, ceil_div(T, MMA_TILE)), (MMA_THREADS,),
+        (qkv, y, lse, np.int32(T), np.int32(n_head), np.float32(LOG2E / math.sqrt(MMA_HEAD_SIZE))),
+    )
+    return y, (_MMA, qkv, y, lse, n_head)
+
+
+def _backward_mma(dy, cache):
+    _, qkv, y, lse, n_head = cache
+    xp = array_module(dy)
+    B, T, C = y.shape
+    dy = kernel_array(dy, qkv.dtype, xp)
+    scale = 1.0 / math.sqrt(MMA_HEAD_SIZE)
+    dqkv = xp.empty_like(qkv)  # q part written by the dq pass, k and v parts by the dk/dv pass
+    D = xp.empty((B, n_head, T), dtype=np.float32)  # dy . y per row, from the dq pass
+    grid = (B * n_head, ceil_div(T, MMA_TILE))
+    scales = (np.float32(scale), np.float32(scale * LOG2E))
+    _mma.launch(f"flash_attention_mma_backward_dq<{MMA_HEAD_SIZE}>", grid, (MMA_THREADS,),
+                (qkv, y, dy, lse, D, dqkv, np.int32(T), np.int32(n_head)) + scales)
+    _mma.launch(f"flash_attention_mma_backward_dkdv<{MMA_HEAD_SIZE}>", grid, (MMA_THREADS,),
+                (qkv, dy, lse, D, dqkv, np.int32(T), np.int32(n_head)) + scales)
+    return dqkv
+
+
+def mma_layout_check(a, b):
+    """D = a @ b for a (16, 16) and b (16, 8) bf16 arrays through one tensor-core
+    mma, filled by the fragment layout the attention kernels assume -> (16, 8) float32."""
+    xp = array_module(a)
+    d = xp.empty((16, 8), dtype=np.float32)
+    _mma.launch("mma_layout_check", (1,), (32,), (kernel_array(a, a.dtype, xp), kernel_array(b, b.dtype, xp), d))
+    return d
+
+
 def _forward_widened(qkv, n_head):
     """bf16 qkv through the float32 kernels: widen, attend, round y back to bf16."""
     y, cache = forward(fused.cast(qkv, np.float32), n_head)
@@ -86,6 +152,8 @@ def _forward_widened(qkv, n_head):
 
 def backward(dy, cache):
     """dy: (B, T, C)  ->  dqkv: (B, T, 3C)"""
+    if cache[0] == _MMA:
+        return _backward_mma(dy, cache)
     if cache[0] == _WIDENED:
         _, inner, dtype = cache
         return fused.cast(backward(fused.cast(dy, np.float32), inner), dtype)

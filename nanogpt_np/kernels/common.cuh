@@ -40,6 +40,52 @@ __device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {
     return (unsigned)float_to_bf16_bits(lo) | ((unsigned)float_to_bf16_bits(hi) << 16);
 }
 
+// Two neighbouring bf16 of a 4-byte-aligned address as one 32-bit word, and back.
+// (The emulator assembles the word from the two halves: same bytes, no aliasing.)
+__device__ __forceinline__ unsigned load_bf16x2(const bf16* p) {
+#ifdef NANOGPT_EMULATION
+    return (unsigned)p[0].bits | ((unsigned)p[1].bits << 16);
+#else
+    return *reinterpret_cast<const unsigned*>(p);
+#endif
+}
+__device__ __forceinline__ void store_bf16x2(bf16* p, unsigned v) {
+#ifdef NANOGPT_EMULATION
+    p[0].bits = (unsigned short)(v & 0xffffu);
+    p[1].bits = (unsigned short)(v >> 16);
+#else
+    *reinterpret_cast<unsigned*>(p) = v;
+#endif
+}
+
+// The two bf16 of such a word, widened to float.
+__device__ __forceinline__ float bf16x2_lo(unsigned w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float bf16x2_hi(unsigned w) { return __uint_as_float(w & 0xffff0000u); }
+
+// d += a @ b on tensor cores, for one warp: a 16x16 bf16 tile times a 16x8 bf16
+// tile, accumulated in float (PTX mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32,
+// sm_80 and later). All 32 lanes must call it together. Which elements each lane
+// holds is fixed by PTX; with g = lane / 4 and t = lane % 4:
+//   a[0] = A[g][2t, 2t+1]      a[1] = A[g+8][2t, 2t+1]
+//   a[2] = A[g][2t+8, 2t+9]    a[3] = A[g+8][2t+8, 2t+9]
+//   b[0] = B[2t, 2t+1][g]      b[1] = B[2t+8, 2t+9][g]          (two bf16 per word, low first)
+//   d[0], d[1] = D[g][2t, 2t+1]    d[2], d[3] = D[g+8][2t, 2t+1]
+// Written as inline PTX rather than through <mma.h>'s wmma: NVRTC under CuPy needs
+// no CUDA headers for it, and the CPU emulator implements exactly this contract
+// (tests/kernels/cuda_emulation.h), so the kernels' fragment bookkeeping is
+// tested without a GPU; gpu_check's first rows confirm the contract on hardware.
+__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+#ifdef NANOGPT_EMULATION
+    emu_mma_bf16_16816(d, a, b);
+#else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
 // The type a kernel computes and accumulates in, for storage type T: T itself for
 // float and double, float for bf16. Kernels load through it (A(x[i])) and store
 // back to T (T(value)), so one template body serves all three.

@@ -9,13 +9,24 @@ against plain attention (nanogpt_np/layers/attention.py), forward and backward,
 on sizes that are not multiples of the tiles. The tile sizes default to the
 kernels' own (kernels/attention.py passes the same constants as template arguments).
 
+The bf16 tensor-core kernels (attention_mma.cu) walk the same tiles with every
+tile size MMA_TILE = 64, and round two kinds of operand to bf16 before they are
+multiplied: P before P @ v (forward) and P.T @ dy (dv), dS before dS @ k (dq) and
+dS.T @ q (dk). `mma_forward` / `mma_backward` run this mirror that way (`operand`
+is the rounding), in float64 otherwise, so a test can hold the emulated kernels
+to it closely and the mirror itself to plain attention.
+
 Key: B batch, T time, C channels, NH heads, hs head size; i a query row, j a key row.
 """
 import math
 
 import numpy as np
 
-from .attention import BWD_BLOCK_KV, BWD_BLOCK_Q, FWD_BLOCK_K, FWD_BLOCK_Q
+from .attention import BWD_BLOCK_KV, BWD_BLOCK_Q, FWD_BLOCK_K, FWD_BLOCK_Q, MMA_TILE
+
+
+def _exact(a):
+    return a
 
 
 def _heads(a, n_head, parts):
@@ -29,8 +40,9 @@ def _causal(rows, keys):
     return keys[None, :] <= rows[:, None]
 
 
-def forward(qkv, n_head, block_q=FWD_BLOCK_Q, block_k=FWD_BLOCK_K):
-    """qkv: (B, T, 3C) -> y: (B, T, C), cache (qkv, y, lse, n_head); flash_attention_forward."""
+def forward(qkv, n_head, block_q=FWD_BLOCK_Q, block_k=FWD_BLOCK_K, operand=_exact):
+    """qkv: (B, T, 3C) -> y: (B, T, C), cache (qkv, y, lse, n_head); flash_attention_forward.
+    operand(p) is what P @ v multiplies (the identity; a rounding for the bf16 kernels)."""
     B, T, C3 = qkv.shape
     C = C3 // 3
     q, k, v = _heads(qkv, n_head, 3)  # each (B, NH, T, hs)
@@ -51,7 +63,7 @@ def forward(qkv, n_head, block_q=FWD_BLOCK_Q, block_k=FWD_BLOCK_K):
             alpha = np.exp(m - m_new)  # rescales what the earlier tiles summed
             p = np.exp(s - m_new[..., None])  # 0 where masked
             l = l * alpha + p.sum(axis=-1)
-            o = o * alpha[..., None] + p @ v[:, :, k0:k1]
+            o = o * alpha[..., None] + operand(p) @ v[:, :, k0:k1]
             m = m_new
         y[:, :, q0:q1] = o / l[..., None]
         lse[:, :, q0:q1] = m + np.log(l)
@@ -60,8 +72,9 @@ def forward(qkv, n_head, block_q=FWD_BLOCK_Q, block_k=FWD_BLOCK_K):
 
 
 def backward(dy, cache, block_q=FWD_BLOCK_Q, block_k=FWD_BLOCK_K, block_kv=BWD_BLOCK_KV,
-             block_q_bwd=BWD_BLOCK_Q):
-    """dy: (B, T, C) -> dqkv: (B, T, 3C); flash_attention_backward_dq, then _dkdv."""
+             block_q_bwd=BWD_BLOCK_Q, operand=_exact):
+    """dy: (B, T, C) -> dqkv: (B, T, 3C); flash_attention_backward_dq, then _dkdv.
+    operand(x) is applied to P and dS where they enter a product (see the top)."""
     qkv, y, lse, n_head = cache
     B, T, C = y.shape
     scale = 1.0 / math.sqrt(C // n_head)
@@ -84,7 +97,7 @@ def backward(dy, cache, block_q=FWD_BLOCK_Q, block_k=FWD_BLOCK_K, block_kv=BWD_B
             p = np.where(_causal(rows, np.arange(k0, k1)), np.exp(s - lse[:, :, q0:q1, None]), 0.0)
             dp = dy4[:, :, q0:q1] @ v[:, :, k0:k1].swapaxes(-1, -2)  # (B, NH, nq, nk)
             ds = p * (dp - D[:, :, q0:q1, None])
-            dq += ds @ k[:, :, k0:k1]
+            dq += operand(ds) @ k[:, :, k0:k1]
         dqkv[0, :, :, q0:q1] = dq * scale
 
     # Part 2, as flash_attention_backward_dkdv: key blocks of block_kv rows, query
@@ -98,10 +111,32 @@ def backward(dy, cache, block_q=FWD_BLOCK_Q, block_k=FWD_BLOCK_K, block_kv=BWD_B
             i1 = min(T, i0 + block_q_bwd)
             s = q[:, :, i0:i1] @ k[:, :, j0:j1].swapaxes(-1, -2)  # (B, NH, nq, nk)
             p = np.where(_causal(np.arange(i0, i1), keys), np.exp(s - lse[:, :, i0:i1, None]), 0.0)
-            dv += p.swapaxes(-1, -2) @ dy4[:, :, i0:i1]
+            dv += operand(p).swapaxes(-1, -2) @ dy4[:, :, i0:i1]
             dp = dy4[:, :, i0:i1] @ v[:, :, j0:j1].swapaxes(-1, -2)
             ds = p * (dp - D[:, :, i0:i1, None])
-            dk += ds.swapaxes(-1, -2) @ q[:, :, i0:i1]  # q carries the scale already
+            dk += operand(ds).swapaxes(-1, -2) @ q[:, :, i0:i1]  # q carries the scale already
         dqkv[1, :, :, j0:j1] = dk
         dqkv[2, :, :, j0:j1] = dv
     return np.ascontiguousarray(dqkv.transpose(1, 3, 0, 2, 4)).reshape(B, T, 3 * C)  # (B, T, 3C)
+
+
+def _round_bf16(a):
+    """a rounded to bf16 and back to float64 (ml_dtypes rounds to nearest even, as the kernels do)."""
+    from ..backend import bfloat16
+
+    return a.astype(np.float32).astype(bfloat16()).astype(np.float64)
+
+
+def mma_forward(qkv, n_head):
+    """The bf16 tensor-core forward's arithmetic: qkv (bf16 values) -> y rounded to
+    bf16 (as float64), cache. Tiles of MMA_TILE, P rounded before P @ v."""
+    y, (qkv, _, lse, n_head) = forward(qkv.astype(np.float64), n_head, MMA_TILE, MMA_TILE, _round_bf16)
+    y = _round_bf16(y)
+    return y, (qkv, y, lse, n_head)
+
+
+def mma_backward(dy, cache):
+    """The bf16 tensor-core backward's arithmetic: dqkv rounded to bf16 (as float64).
+    The dk/dv pass's query tiles start at the key block, as the kernel's do."""
+    dqkv = backward(dy.astype(np.float64), cache, MMA_TILE, MMA_TILE, MMA_TILE, MMA_TILE, _round_bf16)
+    return _round_bf16(dqkv)

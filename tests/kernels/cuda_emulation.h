@@ -116,6 +116,18 @@ inline void __syncthreads() {
     emu_wait(EmuState::at_syncthreads);
 }
 
+// One warp-wide meeting point: returns once every lane of this thread's warp has
+// arrived (the barrier a shuffle's phases, and mma's, are made of).
+inline void emu_warp_phase(EmuBlock& b, int warp) {
+    if (++b.warp_arrived[warp] == b.warp_size[warp]) {
+        b.warp_arrived[warp] = 0;
+        for (int t = warp * 32; t < warp * 32 + b.warp_size[warp]; ++t)
+            if (b.fibers[t].state == EmuState::at_shuffle) b.fibers[t].state = EmuState::ready;
+    } else {
+        emu_wait(EmuState::at_shuffle);
+    }
+}
+
 template <typename V>
 V __shfl_xor_sync(unsigned mask, V value, int lane_mask, int width = 32) {
     static_assert(sizeof(V) <= 8, "shuffle of a value wider than 8 bytes");
@@ -125,25 +137,53 @@ V __shfl_xor_sync(unsigned mask, V value, int lane_mask, int width = 32) {
     const int tid = b.current, warp = tid / 32, lane = tid % 32, source = lane ^ lane_mask;
     if (source >= b.warp_size[warp]) throw EmuError("__shfl_xor_sync reads a lane past the end of a partial warp");
     std::memcpy(b.slots[tid], &value, sizeof(V));
-    // phase 1: every lane has written its value
-    if (++b.warp_arrived[warp] == b.warp_size[warp]) {
-        b.warp_arrived[warp] = 0;
-        for (int t = warp * 32; t < warp * 32 + b.warp_size[warp]; ++t)
-            if (b.fibers[t].state == EmuState::at_shuffle) b.fibers[t].state = EmuState::ready;
-    } else {
-        emu_wait(EmuState::at_shuffle);
-    }
+    emu_warp_phase(b, warp);  // phase 1: every lane has written its value
     V result;
     std::memcpy(&result, b.slots[warp * 32 + source], sizeof(V));
-    // phase 2: every lane has read, so the slots may be reused
-    if (++b.warp_arrived[warp] == b.warp_size[warp]) {
-        b.warp_arrived[warp] = 0;
-        for (int t = warp * 32; t < warp * 32 + b.warp_size[warp]; ++t)
-            if (b.fibers[t].state == EmuState::at_shuffle) b.fibers[t].state = EmuState::ready;
-    } else {
-        emu_wait(EmuState::at_shuffle);
-    }
+    emu_warp_phase(b, warp);  // phase 2: every lane has read, so the slots may be reused
     return result;
+}
+
+// The tensor-core product of common.cuh's mma_bf16_16816, by the fragment layout
+// PTX documents for mma.m16n8k16 (.bf16 operands, .f32 accumulators): each lane
+// posts its registers, every lane rebuilds the 16x16 A and 16x8 B tiles from the
+// whole warp's registers and computes its own four outputs. A mistake in how a
+// kernel fills its fragments therefore gives wrong numbers here as on the GPU.
+#define NANOGPT_EMULATION 1
+struct EmuMmaSlot {
+    unsigned a[4], b[2];
+    float d[4];
+};
+inline float emu_bf16_half(unsigned word, int high) {
+    return __uint_as_float((high ? (word >> 16) : (word & 0xffffu)) << 16);
+}
+inline void emu_mma_bf16_16816(float (&d)[4], const unsigned (&a)[4], const unsigned (&bv)[2]) {
+    EmuBlock& b = *g_block;
+    emu_barrier_reached(b);
+    const int tid = b.current, warp = tid / 32, lane = tid % 32;
+    if (b.warp_size[warp] != 32) throw EmuError("mma.sync needs a full warp of 32 lanes");
+    static EmuMmaSlot slots[1024];
+    EmuMmaSlot& mine = slots[tid];
+    for (int i = 0; i < 4; ++i) mine.a[i] = a[i], mine.d[i] = d[i];
+    mine.b[0] = bv[0], mine.b[1] = bv[1];
+    emu_warp_phase(b, warp);  // every lane has posted its fragments
+    const EmuMmaSlot* w = slots + warp * 32;
+    auto A = [&](int row, int k) {  // a[(row >= 8) + 2 (k >= 8)] of lane 4 (row % 8) + (k % 8) / 2
+        return emu_bf16_half(w[(row % 8) * 4 + (k % 8) / 2].a[(row >= 8) + 2 * (k >= 8)], k % 2);
+    };
+    auto B = [&](int k, int col) {  // b[k >= 8] of lane 4 col + (k % 8) / 2
+        return emu_bf16_half(w[col * 4 + (k % 8) / 2].b[k >= 8], k % 2);
+    };
+    const int g = lane / 4, t = lane % 4;
+    float out[4];
+    for (int i = 0; i < 4; ++i) {
+        const int row = g + 8 * (i / 2), col = 2 * t + i % 2;
+        float acc = 0.0f;
+        for (int k = 0; k < 16; ++k) acc += A(row, k) * B(k, col);
+        out[i] = w[lane].d[i] + acc;
+    }
+    emu_warp_phase(b, warp);  // every lane has read: the slots may be reused
+    for (int i = 0; i < 4; ++i) d[i] = out[i];
 }
 
 static void emu_fiber_main() {

@@ -79,10 +79,12 @@ def test_gpu_check_dry_run(emulator_lib, monkeypatch, tmp_path, capsys):
     assert status in (0, 1)
     assert {r["section"] for r in rows} == {"0", "1", "2", "3", "4", "5", "6"}
     n_kernel_rows = sum(len(SIZES[k]) for k in ("attention", "attention_bf16", "layernorm", "gelu", "cross_entropy",
-                                                "adamw", "gemm")) + 2
-    assert len(rows) == 2 + n_kernel_rows + 6 + 1 + 4 + 4 + 1 + 1 + 3
+                                                "adamw", "gemm")) + 3
+    assert len(rows) == 3 + n_kernel_rows + 6 + 1 + 4 + 4 + 1 + 1 + 3
     names = {r["name"] for r in rows}
     assert verdicts <= names and "host time per step (launch overhead)" in names
+    paths = [r["result"].rsplit("path ", 1)[-1] for r in rows if r["name"].startswith("attention") and "bf16" in r["name"]]
+    assert "mma" in paths and "widened" in paths
     assert "skipped (--no-compile)" in out
     assert (tmp_path / "gpu_check.txt").read_text().startswith("#")
     assert (tmp_path / "gpu_check.json").exists()
@@ -116,7 +118,7 @@ def test_sections_run_in_their_own_processes(monkeypatch, tmp_path):
     gpu_check.run_in_subprocesses(args)
     rows = gpu_check.all_rows()
     assert [r["name"] for r in rows] == ["environment", "NVRTC compiles every kernel",
-                                         "section no_such_section ended early"]
+                                         "mma.sync m16n8k16 bf16 fragment layout", "section no_such_section ended early"]
     assert rows[0]["result"].startswith("ERROR") and "cupy" in rows[0]["result"].lower()
-    assert rows[2]["status"] == "FAIL" and "exit 2" in rows[2]["result"]
+    assert rows[3]["status"] == "FAIL" and "exit 2" in rows[3]["result"]
     assert "section no_such_section ended early" in (tmp_path / "gpu_check.txt").read_text()

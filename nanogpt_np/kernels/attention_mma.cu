@@ -1,0 +1,387 @@
+// Causal flash attention in bf16 on tensor cores (mma.sync m16n8k16, float32
+// accumulation), head size 64: forward, and backward as a dq pass and a dk/dv pass.
+// The same algorithm as attention.cu (the float32/float64 SIMT kernels; read that
+// file's header for the layout of qkv, y, lse, D and dqkv), with tiles of 64 x 64
+// multiplied by warps instead of rows walked by threads. The NumPy formula is
+// nanogpt_np/layers/attention.py; kernels/flash_reference.py mirrors this tiling
+// and its bf16 roundings step for step (tests compare the two).
+//
+// Numerics: q, k, v, dy are bf16; every product accumulates in float32; the
+// softmax (running max, sum, exp), lse and D are float32. P = softmax(S) is rounded
+// to bf16 once, to multiply V (forward) and dY (dv); dS to multiply K (dq) and Q
+// (dk). Scores are kept in base-2 units (s * log2(e) / sqrt(64)), so the exponentials
+// are exp2; lse is stored in natural-log units, as the other kernels store it.
+//
+// Work split. A block is 4 warps. In the forward and the dq pass a block owns 64
+// query rows, 16 per warp; in the dk/dv pass it owns 64 key rows, 16 per warp. The
+// other side (keys, resp. queries) comes in tiles of 64 through shared memory.
+// Per warp and tile, each product is 4 x 8 mma instructions: 4 steps of 16 along
+// the contraction, 8 column blocks of 8.
+//
+// Shared memory holds bf16 pairs as 32-bit words, two neighbours along the axis
+// the mma fragment pairs up: a "row tile" X[r][c] keeps words (c, c+1) of row r,
+// a "transposed tile" keeps words (r, r+1) of column c. Rows are padded from 32 to
+// 36 words, so the 8 row groups of a fragment load fall on different banks.
+// Sizes (per block): forward 2 tiles, 18.4 KB; dq 3 tiles, 27.6 KB; dk/dv 4 tiles
+// and two 64-float rows, 37.4 KB; all below the 48 KB of static shared memory.
+#include "common.cuh"
+
+#define MMA_HS 64                    // head size
+#define MMA_TILE 64                  // rows per block, and per tile of the other side
+#define MMA_WARPS 4                  // 16 rows per warp
+#define MMA_WORDS (MMA_HS / 2 + 4)   // 32-bit words per padded shared row
+
+// Load rows [r0, r0 + 64) of one head's q, k, v or dy block (rows `stride` values
+// apart, HS = 64 values each) into a row tile: tile[r][w] = (x[r][2w], x[r][2w+1]).
+// Rows at or past T are zeros.
+__device__ __forceinline__ void load_row_tile(unsigned (*tile)[MMA_WORDS], const bf16* __restrict__ x,
+                                              long long stride, int r0, int seq_len) {
+    for (int e = threadIdx.x; e < MMA_TILE * (MMA_HS / 2); e += blockDim.x) {
+        const int r = e / (MMA_HS / 2), w = e % (MMA_HS / 2);
+        tile[r][w] = r0 + r < seq_len ? load_bf16x2(x + (r0 + r) * stride + 2 * w) : 0u;
+    }
+}
+
+// The same block transposed: tile[d][w] = (x[2w][d], x[2w+1][d]) for the 64 dims d.
+__device__ __forceinline__ void load_transposed_tile(unsigned (*tile)[MMA_WORDS], const bf16* __restrict__ x,
+                                                     long long stride, int r0, int seq_len) {
+    for (int e = threadIdx.x; e < MMA_HS * (MMA_TILE / 2); e += blockDim.x) {
+        const int w = e / MMA_HS, d = e % MMA_HS;  // neighbouring threads read neighbouring d
+        const int r = r0 + 2 * w;
+        const unsigned lo = r < seq_len ? x[r * stride + d].bits : 0u;
+        const unsigned hi = r + 1 < seq_len ? x[(r + 1) * stride + d].bits : 0u;
+        tile[d][w] = lo | (hi << 16);
+    }
+}
+
+// This warp's 16 rows [r0, r0 + 16) of x as the A operand of 4 mma steps over the
+// 64 dims: frag[s] covers dims [16 s, 16 s + 16). Rows at or past T are zeros.
+__device__ __forceinline__ void load_a_fragments(unsigned (&frag)[4][4], const bf16* __restrict__ x,
+                                                 long long stride, int r0, int seq_len) {
+    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int r = r0 + g + 8 * (i % 2), c = 16 * s + 2 * t + 8 * (i / 2);
+            frag[s][i] = r < seq_len ? load_bf16x2(x + r * stride + c) : 0u;
+        }
+    }
+}
+
+// acc[n] (n = 0..7, 8 columns each) += A (this warp's 16 x 64, in 4 fragments) @ X^T,
+// X a row tile: the 64 x 64 product of 16 rows with the tile's 64 rows.
+__device__ __forceinline__ void mma_rows_by_tile(float (&acc)[8][4], const unsigned (&a)[4][4],
+                                                 const unsigned (*tile)[MMA_WORDS]) {
+    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+#pragma unroll
+        for (int n = 0; n < 8; ++n) {
+            const unsigned b[2] = {tile[8 * n + g][8 * s + t], tile[8 * n + g][8 * s + 4 + t]};
+            mma_bf16_16816(acc[n], a[s], b);
+        }
+    }
+}
+
+// The 16 x 64 float block p (as accumulators: p[n] holds columns [8 n, 8 n + 8)),
+// rounded to bf16, as the A operand of 4 mma steps along its 64 columns. The C
+// layout of two neighbouring 8-column blocks is exactly the A layout of one
+// 16-column step, so this is only a repacking, in registers.
+__device__ __forceinline__ void accumulators_to_a(unsigned (&a)[4][4], const float (&p)[8][4]) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        a[j][0] = pack_bf16x2(p[2 * j][0], p[2 * j][1]);
+        a[j][1] = pack_bf16x2(p[2 * j][2], p[2 * j][3]);
+        a[j][2] = pack_bf16x2(p[2 * j + 1][0], p[2 * j + 1][1]);
+        a[j][3] = pack_bf16x2(p[2 * j + 1][2], p[2 * j + 1][3]);
+    }
+}
+
+// acc[n] += A (16 x 64, from accumulators_to_a) @ X, X the 64 x 64 block whose
+// transposed tile is given: columns of the result are X's 64 dims.
+__device__ __forceinline__ void mma_a_by_transposed(float (&acc)[8][4], const unsigned (&a)[4][4],
+                                                    const unsigned (*tile)[MMA_WORDS]) {
+    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+#pragma unroll
+        for (int n = 0; n < 8; ++n) {
+            const unsigned b[2] = {tile[8 * n + g][8 * j + t], tile[8 * n + g][8 * j + 4 + t]};
+            mma_bf16_16816(acc[n], a[j], b);
+        }
+    }
+}
+
+__device__ __forceinline__ void zero(float (&acc)[8][4]) {
+#pragma unroll
+    for (int n = 0; n < 8; ++n)
+        for (int i = 0; i < 4; ++i) acc[n][i] = 0.0f;
+}
+
+// Sum over the 4 lanes that share a row of a fragment (lanes 4g .. 4g+3).
+__device__ __forceinline__ float quad_sum(float v) {
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+__device__ __forceinline__ float quad_max(float v) {
+    v = max_(v, __shfl_xor_sync(0xffffffffu, v, 1));
+    return max_(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+
+// Forward. Grid (B*NH, ceil(T / 64)), 128 threads. Per warp, rows i of its 16 and
+// each key tile up to the block's last row (m, l per row, o per row and dim):
+//   s = q_i . k_j * scale * log2(e), -inf where j > i
+//   m_new = max(m, max_j s);  alpha = 2^(m - m_new);  p = 2^(s - m_new)
+//   l = l * alpha + sum_j p;  o = o * alpha + bf16(p) @ v
+// then y = o / l and lse = (m + log2 l) * ln 2. Each thread holds rows g and g + 8
+// of its warp's 16 (and 16 of the 64 columns of each), so the row max and sum are
+// finished by the 4 lanes of a quad; l is summed per thread and finished at the end.
+template <int HS>
+__global__ void flash_attention_mma_forward(const bf16* __restrict__ qkv, bf16* __restrict__ y,
+                                            float* __restrict__ lse, int seq_len, int n_head, float scale_log2) {
+    static_assert(HS == MMA_HS, "the tensor-core kernels are written for head size 64");
+    __shared__ unsigned k_tile[MMA_TILE][MMA_WORDS];   // keys x dim pairs
+    __shared__ unsigned vt_tile[MMA_HS][MMA_WORDS];    // dims x key pairs
+    const int bh = blockIdx.x, b = bh / n_head, h = bh % n_head;
+    const int C = n_head * HS;
+    const long long stride = 3LL * C;
+    const bf16* head_q = qkv + (long long)b * seq_len * stride + h * HS;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int q0 = blockIdx.y * MMA_TILE, r0 = q0 + 16 * warp;  // this warp's first row
+
+    unsigned qa[4][4];
+    load_a_fragments(qa, head_q, stride, r0, seq_len);
+    float o[8][4];
+    zero(o);
+    float m[2] = {neg_inf<float>(), neg_inf<float>()}, l[2] = {0.0f, 0.0f};
+    const int kv_end = min_(seq_len, q0 + MMA_TILE);  // causal: no row of the block sees past this
+    for (int k0 = 0; k0 < kv_end; k0 += MMA_TILE) {
+        __syncthreads();  // everyone is done with the previous tile
+        load_row_tile(k_tile, head_q + C, stride, k0, seq_len);
+        load_transposed_tile(vt_tile, head_q + 2 * C, stride, k0, seq_len);
+        __syncthreads();
+        float s[8][4];
+        zero(s);
+        mma_rows_by_tile(s, qa, k_tile);
+        float tile_max[2] = {neg_inf<float>(), neg_inf<float>()};
+#pragma unroll
+        for (int n = 0; n < 8; ++n)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int row = r0 + g + 8 * (i / 2), key = k0 + 8 * n + 2 * t + i % 2;
+                s[n][i] = key <= row && key < seq_len ? s[n][i] * scale_log2 : neg_inf<float>();
+                tile_max[i / 2] = max_(tile_max[i / 2], s[n][i]);
+            }
+        float alpha[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const float m_new = max_(m[r], quad_max(tile_max[r]));  // finite: key 0 is seen by every row
+            alpha[r] = exp2f(m[r] - m_new);
+            m[r] = m_new;
+            l[r] *= alpha[r];
+        }
+#pragma unroll
+        for (int n = 0; n < 8; ++n)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                s[n][i] = exp2f(s[n][i] - m[i / 2]);  // p; 0 where masked
+                l[i / 2] += s[n][i];
+                o[n][i] *= alpha[i / 2];
+            }
+        unsigned pa[4][4];
+        accumulators_to_a(pa, s);
+        mma_a_by_transposed(o, pa, vt_tile);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        l[r] = quad_sum(l[r]);
+        const int row = r0 + g + 8 * r;
+        if (row < seq_len) {
+            bf16* y_row = y + ((long long)b * seq_len + row) * C + h * HS;
+            const float inv_l = 1.0f / l[r];
+#pragma unroll
+            for (int n = 0; n < 8; ++n)
+                store_bf16x2(y_row + 8 * n + 2 * t, pack_bf16x2(o[n][2 * r] * inv_l, o[n][2 * r + 1] * inv_l));
+            if (t == 0) lse[(long long)bh * seq_len + row] = (m[r] + log2f(l[r])) * 0.6931471805599453f;
+        }
+    }
+}
+
+// Backward, part 1: dq, and D for part 2. Grid and block as the forward; per warp,
+// its 16 query rows i against each key tile j up to the block's last row:
+//   p  = 2^(q_i . k_j * scale * log2(e) - lse_i * log2(e)), 0 where j > i
+//   dp = dy_i . v_j;   ds = p * (dp - D_i);   dq_i += bf16(ds) @ k_j
+// then dq *= scale. D_i = dy_i . y_i (float32, from the bf16 values) is computed
+// here first and stored.
+template <int HS>
+__global__ void flash_attention_mma_backward_dq(const bf16* __restrict__ qkv, const bf16* __restrict__ y,
+                                                const bf16* __restrict__ dy, const float* __restrict__ lse,
+                                                float* __restrict__ D, bf16* __restrict__ dqkv, int seq_len,
+                                                int n_head, float scale, float scale_log2) {
+    static_assert(HS == MMA_HS, "the tensor-core kernels are written for head size 64");
+    __shared__ unsigned k_tile[MMA_TILE][MMA_WORDS];   // keys x dim pairs    (for q k^T)
+    __shared__ unsigned v_tile[MMA_TILE][MMA_WORDS];   // keys x dim pairs    (for dy v^T)
+    __shared__ unsigned kt_tile[MMA_HS][MMA_WORDS];    // dims x key pairs    (for ds k)
+    const int bh = blockIdx.x, b = bh / n_head, h = bh % n_head;
+    const int C = n_head * HS;
+    const long long stride = 3LL * C;
+    const bf16* head_q = qkv + (long long)b * seq_len * stride + h * HS;
+    const bf16* head_dy = dy + (long long)b * seq_len * C + h * HS;
+    const bf16* head_y = y + (long long)b * seq_len * C + h * HS;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int q0 = blockIdx.y * MMA_TILE, r0 = q0 + 16 * warp;
+
+    unsigned qa[4][4], dya[4][4];
+    load_a_fragments(qa, head_q, stride, r0, seq_len);
+    load_a_fragments(dya, head_dy, C, r0, seq_len);
+    // D = dy . y per row: this thread's 16 dims of rows g and g+8 (where dya holds
+    // dy), then the quad's sum
+    float row_D[2] = {0.0f, 0.0f}, row_lse2[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = min_(r0 + g + 8 * r, seq_len - 1);
+#pragma unroll
+        for (int s = 0; s < 4; ++s)
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const int c = 16 * s + 2 * t + 8 * half;
+                const unsigned dyw = dya[s][r + 2 * half], yw = load_bf16x2(head_y + row * (long long)C + c);
+                row_D[r] += bf16x2_lo(dyw) * bf16x2_lo(yw) + bf16x2_hi(dyw) * bf16x2_hi(yw);
+            }
+        row_D[r] = quad_sum(row_D[r]);
+        row_lse2[r] = lse[(long long)bh * seq_len + row] * 1.4426950408889634f;
+    }
+    float dq[8][4];
+    zero(dq);
+    const int kv_end = min_(seq_len, q0 + MMA_TILE);
+    for (int k0 = 0; k0 < kv_end; k0 += MMA_TILE) {
+        __syncthreads();
+        load_row_tile(k_tile, head_q + C, stride, k0, seq_len);
+        load_row_tile(v_tile, head_q + 2 * C, stride, k0, seq_len);
+        load_transposed_tile(kt_tile, head_q + C, stride, k0, seq_len);
+        __syncthreads();
+        float p[8][4], dp[8][4];
+        zero(p);
+        zero(dp);
+        mma_rows_by_tile(p, qa, k_tile);    // scores
+        mma_rows_by_tile(dp, dya, v_tile);  // dy . v
+#pragma unroll
+        for (int n = 0; n < 8; ++n)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int row = r0 + g + 8 * (i / 2), key = k0 + 8 * n + 2 * t + i % 2;
+                const float prob = key <= row && row < seq_len ? exp2f(p[n][i] * scale_log2 - row_lse2[i / 2]) : 0.0f;
+                p[n][i] = prob * (dp[n][i] - row_D[i / 2]);  // ds
+            }
+        unsigned dsa[4][4];
+        accumulators_to_a(dsa, p);
+        mma_a_by_transposed(dq, dsa, kt_tile);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = r0 + g + 8 * r;
+        if (row < seq_len) {
+            bf16* dq_row = dqkv + ((long long)b * seq_len + row) * stride + h * HS;
+#pragma unroll
+            for (int n = 0; n < 8; ++n)
+                store_bf16x2(dq_row + 8 * n + 2 * t, pack_bf16x2(dq[n][2 * r] * scale, dq[n][2 * r + 1] * scale));
+            if (t == 0) D[(long long)bh * seq_len + row] = row_D[r];
+        }
+    }
+}
+
+// Backward, part 2: dk and dv. Grid (B*NH, ceil(T / 64)), 128 threads; per warp,
+// its 16 key rows j against each query tile i from the block's first key on, with
+// everything transposed (keys down the rows, queries along the columns):
+//   p^T = 2^(k_j . q_i * scale * log2(e) - lse_i * log2(e)), 0 where i < j or i >= T
+//   dv_j += bf16(p^T) @ dy_i;   dp^T = v_j . dy_i;   ds^T = p^T * (dp^T - D_i)
+//   dk_j += bf16(ds^T) @ q_i
+// then dk *= scale.
+template <int HS>
+__global__ void flash_attention_mma_backward_dkdv(const bf16* __restrict__ qkv, const bf16* __restrict__ dy,
+                                                  const float* __restrict__ lse, const float* __restrict__ D,
+                                                  bf16* __restrict__ dqkv, int seq_len, int n_head, float scale,
+                                                  float scale_log2) {
+    static_assert(HS == MMA_HS, "the tensor-core kernels are written for head size 64");
+    __shared__ unsigned q_tile[MMA_TILE][MMA_WORDS];    // queries x dim pairs  (for k q^T)
+    __shared__ unsigned dy_tile[MMA_TILE][MMA_WORDS];   // queries x dim pairs  (for v dy^T)
+    __shared__ unsigned qt_tile[MMA_HS][MMA_WORDS];     // dims x query pairs   (for ds^T q)
+    __shared__ unsigned dyt_tile[MMA_HS][MMA_WORDS];    // dims x query pairs   (for p^T dy)
+    __shared__ float lse2_tile[MMA_TILE];
+    __shared__ float D_tile[MMA_TILE];
+    const int bh = blockIdx.x, b = bh / n_head, h = bh % n_head;
+    const int C = n_head * HS;
+    const long long stride = 3LL * C;
+    const bf16* head_q = qkv + (long long)b * seq_len * stride + h * HS;
+    const bf16* head_dy = dy + (long long)b * seq_len * C + h * HS;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int j0 = blockIdx.y * MMA_TILE, r0 = j0 + 16 * warp;  // this warp's first key
+
+    unsigned ka[4][4], va[4][4];
+    load_a_fragments(ka, head_q + C, stride, r0, seq_len);
+    load_a_fragments(va, head_q + 2 * C, stride, r0, seq_len);
+    float dk[8][4], dv[8][4];
+    zero(dk);
+    zero(dv);
+    for (int i0 = j0; i0 < seq_len; i0 += MMA_TILE) {  // query tiles: those before j0 see no key here
+        __syncthreads();
+        load_row_tile(q_tile, head_q, stride, i0, seq_len);
+        load_row_tile(dy_tile, head_dy, C, i0, seq_len);
+        load_transposed_tile(qt_tile, head_q, stride, i0, seq_len);
+        load_transposed_tile(dyt_tile, head_dy, C, i0, seq_len);
+        for (int a = threadIdx.x; a < MMA_TILE; a += blockDim.x) {
+            lse2_tile[a] = i0 + a < seq_len ? lse[(long long)bh * seq_len + i0 + a] * 1.4426950408889634f : 0.0f;
+            D_tile[a] = i0 + a < seq_len ? D[(long long)bh * seq_len + i0 + a] : 0.0f;
+        }
+        __syncthreads();
+        float p[8][4], dp[8][4];
+        zero(p);
+        zero(dp);
+        mma_rows_by_tile(p, ka, q_tile);    // scores, transposed
+        mma_rows_by_tile(dp, va, dy_tile);  // v . dy
+#pragma unroll
+        for (int n = 0; n < 8; ++n)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int key = r0 + g + 8 * (i / 2), col = 8 * n + 2 * t + i % 2, query = i0 + col;
+                p[n][i] = query >= key && query < seq_len ? exp2f(p[n][i] * scale_log2 - lse2_tile[col]) : 0.0f;
+                dp[n][i] = p[n][i] * (dp[n][i] - D_tile[col]);  // ds^T
+            }
+        unsigned a[4][4];
+        accumulators_to_a(a, p);
+        mma_a_by_transposed(dv, a, dyt_tile);
+        accumulators_to_a(a, dp);
+        mma_a_by_transposed(dk, a, qt_tile);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int key = r0 + g + 8 * r;
+        if (key < seq_len) {
+            bf16* out = dqkv + ((long long)b * seq_len + key) * stride + h * HS;
+#pragma unroll
+            for (int n = 0; n < 8; ++n) {
+                store_bf16x2(out + C + 8 * n + 2 * t, pack_bf16x2(dk[n][2 * r] * scale, dk[n][2 * r + 1] * scale));
+                store_bf16x2(out + 2 * C + 8 * n + 2 * t, pack_bf16x2(dv[n][2 * r], dv[n][2 * r + 1]));
+            }
+        }
+    }
+}
+
+// One m16n8k16 product, D = A @ B for a 16x16 A and a 16x8 B (row-major bf16, D
+// float), through mma_bf16_16816 with each lane filling its fragments by the
+// layout written above it. Launch with one warp. gpu_check runs it first: if the
+// hardware's fragment layout were not the one the attention kernels assume, this
+// row says so plainly.
+__global__ void mma_layout_check(const bf16* __restrict__ A, const bf16* __restrict__ B, float* __restrict__ D) {
+    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    unsigned a[4], b[2];
+    for (int i = 0; i < 4; ++i) a[i] = load_bf16x2(A + (g + 8 * (i % 2)) * 16 + 2 * t + 8 * (i / 2));
+    for (int i = 0; i < 2; ++i) {
+        const int k = 2 * t + 8 * i;
+        b[i] = (unsigned)B[k * 8 + g].bits | ((unsigned)B[(k + 1) * 8 + g].bits << 16);
+    }
+    float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    mma_bf16_16816(d, a, b);
+    for (int i = 0; i < 4; ++i) D[(g + 8 * (i / 2)) * 8 + 2 * t + i % 2] = d[i];
+}

@@ -1,0 +1,87 @@
+"""The bf16 tensor-core attention (attention_mma.cu) on the CPU emulator, whose
+mma.sync follows PTX's documented fragment layout: against the NumPy mirror of its
+tiling and roundings (kernels/flash_reference.py, closely), and against float64
+attention of the same bf16 inputs (to bf16 accuracy)."""
+import numpy as np
+import pytest
+
+from nanogpt_np import kernels, layers
+from nanogpt_np.backend import bfloat16
+from nanogpt_np.kernels import flash_reference
+from tests.helpers import rel_err
+
+BF16 = bfloat16()
+SHAPES = [  # B, T, NH (head size 64)
+    (1, 1, 1),  # T=1
+    (2, 7, 2),  # shorter than a tile (and than a warp's 16 rows)
+    (1, 64, 1),  # exactly one tile
+    (1, 65, 2),  # one row into the second tile
+    (1, 131, 1),  # three tiles, the last ragged
+]
+
+
+def _inputs(B, T, NH, seed):
+    rng = np.random.default_rng(seed)
+    qkv = (rng.standard_normal((B, T, 3 * NH * 64)) * 1.5).astype(np.float32).astype(BF16)
+    dy = rng.standard_normal((B, T, NH * 64)).astype(np.float32).astype(BF16)
+    return qkv, dy
+
+
+def test_mma_fragment_layout(emulated):
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((16, 16)).astype(np.float32).astype(BF16)
+    b = rng.standard_normal((16, 8)).astype(np.float32).astype(BF16)
+    d = kernels.attention.mma_layout_check(a, b)
+    assert d.dtype == np.float32
+    assert rel_err(d, a.astype(np.float64) @ b.astype(np.float64)) < 1e-6
+
+
+@pytest.mark.parametrize("B,T,NH", SHAPES)
+def test_mma_attention(emulated, B, T, NH):
+    qkv, dy = _inputs(B, T, NH, seed=T)
+    y, cache = kernels.attention.forward(qkv, NH)
+    dqkv = kernels.attention.backward(dy, cache)
+    assert kernels.attention.path_of(cache) == "mma"
+    assert [n.split("<")[0] for n in emulated.launches] == [
+        "flash_attention_mma_forward", "flash_attention_mma_backward_dq", "flash_attention_mma_backward_dkdv"]
+    assert y.dtype == BF16 and dqkv.dtype == BF16 and cache[3].dtype == np.float32
+    # the mirror: same tiles, same roundings, float64 otherwise
+    y_mirror, cache_mirror = flash_reference.mma_forward(qkv, NH)
+    dqkv_mirror = flash_reference.mma_backward(dy, cache_mirror)
+    # float32 against float64 arithmetic between the same roundings: nearly every element
+    # is the same bf16 number; the few that differ are one rounding apart (~0.1% seen)
+    for got, want in ((y, y_mirror), (dqkv, dqkv_mirror)):
+        assert rel_err(got.astype(np.float64), want) < 2e-3
+        assert np.mean(got.astype(np.float64) != want) < 0.02
+    assert rel_err(cache[3], cache_mirror[2]) < 1e-6  # lse is float32 arithmetic
+    # and the exact formula, to bf16 accuracy
+    y_ref, cache_ref = layers.attention.forward(qkv.astype(np.float64), NH)
+    dqkv_ref = layers.attention.backward(dy.astype(np.float64), cache_ref)
+    assert rel_err(y.astype(np.float64), y_ref) < 1e-2
+    assert rel_err(dqkv.astype(np.float64), dqkv_ref) < 2e-2
+
+
+def test_bf16_attention_can_go_through_the_float32_kernels(emulated, monkeypatch):
+    monkeypatch.setenv(kernels.attention.BF16_PATH_ENV, "simt")
+    qkv, dy = _inputs(1, 9, 2, seed=1)
+    y, cache = kernels.attention.forward(qkv, 2)
+    assert kernels.attention.path_of(cache) == "widened" and y.dtype == BF16
+    dqkv = kernels.attention.backward(dy, cache)
+    y_ref, cache_ref = layers.attention.forward(qkv.astype(np.float64), 2)
+    assert rel_err(y.astype(np.float64), y_ref) < 2**-8
+    assert rel_err(dqkv.astype(np.float64), layers.attention.backward(dy.astype(np.float64), cache_ref)) < 2**-8
+
+
+@pytest.mark.parametrize("B,T,NH", [(1, 1, 1), (2, 7, 2), (1, 130, 2)])
+def test_mma_mirror_matches_plain_attention(B, T, NH):
+    """The mirror alone (no emulator): the tiling is exact, the roundings cost bf16 accuracy."""
+    qkv, dy = _inputs(B, T, NH, seed=7)
+    y, cache = flash_reference.mma_forward(qkv, NH)
+    dqkv = flash_reference.mma_backward(dy, cache)
+    y_ref, cache_ref = layers.attention.forward(qkv.astype(np.float64), NH)
+    assert rel_err(y, y_ref) < 1e-2
+    assert rel_err(cache[2], cache_ref[2]) < 1e-12  # the logsumexp is not rounded
+    assert rel_err(dqkv, layers.attention.backward(dy.astype(np.float64), cache_ref)) < 2e-2
+    # without the roundings the same tiling is exact
+    y_exact, cache_exact = flash_reference.forward(qkv.astype(np.float64), NH, 64, 64)
+    assert rel_err(y_exact, y_ref) < 1e-12
