@@ -206,6 +206,14 @@ def to_host(a):
     return np.asarray(a)
 
 
+def data_pointer(a):
+    """The address of a's first element: device memory for a CuPy array (its
+    .data is a MemoryPointer), host memory for a NumPy array (its .data is a
+    memoryview) and for the CPU stand-ins of CuPy arrays the tests use."""
+    data = a.data
+    return int(data.ptr) if hasattr(data, "ptr") else int(a.__array_interface__["data"][0])
+
+
 def to_device(a, xp, dtype=None):
     """`a` as an array of library `xp`, optionally cast to `dtype`. Moves between
     host and GPU in either direction (a CuPy array to NumPy goes through to_host)."""

@@ -19,6 +19,11 @@ buffers go through one of three transports behind the same `allreduce_sum_`:
   - CUDA-aware MPI, when the MPI library reports it (`MPIX_Query_cuda_support`);
   - host staging: copy to the host, MPI allreduce, copy back.
 `NANOGPT_GPU_ALLREDUCE=nccl|cuda-aware-mpi|host` forces one.
+
+Overlap. The allreduce need not wait for the whole backward: `gradient_buckets`
+sends each stretch of the flat buffer as soon as backward has finished it (see
+GradientBuckets), on a second CUDA stream under NCCL and as nonblocking
+Iallreduce on NumPy buffers, so communication runs under the remaining backward.
 """
 import ctypes
 import importlib
@@ -30,7 +35,7 @@ import traceback
 
 import numpy as np
 
-from .backend import array_module, use_gpu
+from .backend import array_module, data_pointer, use_gpu
 
 # variables MPI launchers set to the world size: MPICH/Hydra and Intel MPI, Open MPI, MVAPICH
 LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "PMIX_SIZE")
@@ -39,6 +44,9 @@ TRANSPORTS = ("nccl", "cuda-aware-mpi", "host")
 # MPI_Abort kills every rank at once; the launcher may not have forwarded the
 # failing rank's last words yet, so they get this long to go out first
 ABORT_GRACE_SECONDS = 0.5
+# gradient bytes per overlapped allreduce (PyTorch DDP's default bucket size); 0: one
+# allreduce of the whole buffer after backward
+DEFAULT_BUCKET_BYTES = 25 * 2**20
 
 
 def launched_world_size(env=None):
@@ -84,6 +92,10 @@ class Single:
         """[float] -> [float] summed (or averaged with op='mean') over ranks."""
         return [float(v) for v in values]
 
+    def gradient_buckets(self, flat, bucket_bytes=DEFAULT_BUCKET_BYTES):
+        """A GradientBuckets summing `flat` over ranks during backward; None for one rank."""
+        return None
+
     def broadcast_(self, buf, root=0):
         return buf
 
@@ -127,6 +139,15 @@ class MPIDistributed(Single):
         self.allreduce_sum_(buf)
         buf /= self.world_size
         return buf
+
+    def gradient_buckets(self, flat, bucket_bytes=DEFAULT_BUCKET_BYTES):
+        if array_module(flat) is np:
+            transport = NumpyMPIAsync(self.comm, self.MPI)
+        else:
+            transport = self.gpu_transport(array_module(flat))
+        if not getattr(transport, "overlaps", False):
+            bucket_bytes = 0  # a blocking transport would stall backward at every bucket
+        return GradientBuckets(flat, bucket_bytes, transport)
 
     def allreduce_scalars(self, values, op="sum"):
         buf = np.array(values, dtype=np.float64)
@@ -186,6 +207,77 @@ def abort_with_message(comm, code, message=None):
     sys.stderr.flush()
     time.sleep(ABORT_GRACE_SECONDS)
     comm.Abort(code)
+
+
+# ---- gradient buckets: the allreduce overlapped with backward --------------------------
+
+
+class GradientBuckets:
+    """Sum the flat gradient buffer over ranks while backward is still running.
+
+    Backward finishes gradients from the END of the flat buffer toward its start:
+    the head's ln_f first, then block L-1, ..., block 0, and the embeddings last
+    (wte also takes the tied lm_head's gradient, so it is final only at the very
+    end). So at any moment "everything from `offset` on is final" describes what is
+    done, and GPT.backward(grads_final=buckets.ready) reports that offset after each
+    block. Once the final part not yet sent, flat[offset:sent], holds `bucket_bytes`
+    or more, it goes out as one allreduce that runs under the layers still to come.
+    finish() sends the rest and waits for all of them: then `flat` holds the SUM
+    over ranks (the caller divides).
+
+    Bigger buckets cost fewer, more efficient collectives but start later and
+    leave a longer tail after backward; bucket_bytes=0 sends one allreduce of the
+    whole buffer in finish(), the no-overlap baseline.
+
+    The transport provides start_allreduce_sum_(view) -> handle (it must not
+    block), wait_all(handles), and optionally progress(handles).
+    """
+
+    def __init__(self, flat, bucket_bytes, transport):
+        self.flat, self.transport = flat, transport
+        self.bucket_elems = bucket_bytes // flat.dtype.itemsize if bucket_bytes > 0 else None
+        self.sent_from = flat.size  # flat[sent_from:] has been sent
+        self.handles, self.spans = [], []  # spans: (start, stop) of each allreduce, for tests
+
+    def ready(self, offset):
+        """flat[offset:] is final for this backward."""
+        if self.bucket_elems is not None and self.sent_from - offset >= self.bucket_elems:
+            self._send(offset)
+        elif self.handles and hasattr(self.transport, "progress"):
+            self.transport.progress(self.handles)  # nudges MPI, which advances only in MPI calls
+
+    def _send(self, offset):
+        whole = offset == 0 and self.sent_from == self.flat.size
+        view = self.flat if whole else self.flat[offset:self.sent_from]
+        self.handles.append(self.transport.start_allreduce_sum_(view))
+        self.spans.append((offset, self.sent_from))
+        self.sent_from = offset
+
+    def finish(self):
+        """Send what is left (backward is over: all of it is final) and wait."""
+        if self.sent_from > 0:
+            self._send(0)
+        self.transport.wait_all(self.handles)
+        self.handles = []
+        return self.flat
+
+
+class NumpyMPIAsync:
+    """Host buffers: nonblocking MPI Iallreduce, in place."""
+
+    overlaps = True
+
+    def __init__(self, comm, MPI):
+        self.comm, self.MPI = comm, MPI
+
+    def start_allreduce_sum_(self, view):
+        return self.comm.Iallreduce(self.MPI.IN_PLACE, view, op=self.MPI.SUM)
+
+    def progress(self, handles):
+        self.MPI.Request.Testall(handles)
+
+    def wait_all(self, handles):
+        self.MPI.Request.Waitall(handles)
 
 
 # ---- GPU gradient transports ------------------------------------------------------------
@@ -253,6 +345,14 @@ class HostStagingTransport:
     def __init__(self, comm, MPI, cupy):
         self.comm, self.MPI, self.cupy = comm, MPI, cupy
 
+    overlaps = False  # each bucket would stop the GPU and wait: one reduce at the end
+
+    def start_allreduce_sum_(self, buf):
+        self.allreduce_sum_(buf)
+
+    def wait_all(self, handles):
+        pass
+
     def allreduce_sum_(self, buf):
         host = self.cupy.asnumpy(buf)
         self.comm.Allreduce(self.MPI.IN_PLACE, host, op=self.MPI.SUM)
@@ -273,6 +373,14 @@ class CudaAwareMPITransport:
 
     def __init__(self, comm, MPI, cupy):
         self.comm, self.MPI, self.cupy = comm, MPI, cupy
+
+    overlaps = False  # each bucket would synchronise the stream: one reduce at the end
+
+    def start_allreduce_sum_(self, buf):
+        self.allreduce_sum_(buf)
+
+    def wait_all(self, handles):
+        pass
 
     def allreduce_sum_(self, buf):
         self.cupy.cuda.get_current_stream().synchronize()
@@ -309,8 +417,29 @@ class NCCLTransport:
 
     def allreduce_sum_(self, buf):
         stream = self.cupy.cuda.get_current_stream().ptr
-        self.comm.allReduce(buf.data.ptr, buf.data.ptr, buf.size, self._dtype(buf), self.nccl.NCCL_SUM, stream)
+        self.comm.allReduce(data_pointer(buf), data_pointer(buf), buf.size, self._dtype(buf), self.nccl.NCCL_SUM, stream)
+
+    # Overlapped buckets. The compute stream goes on with backward while a second
+    # stream runs the allreduces. Each bucket's allreduce waits (on the GPU, not the
+    # host) for an event recorded on the compute stream after the bucket's last
+    # gradient kernel; wait_all makes the compute stream wait for the side stream
+    # before anything (clip, AdamW) reads the sums. The host never blocks.
+    overlaps = True
+
+    def _side_stream(self):
+        if getattr(self, "_comm_stream", None) is None:
+            self._comm_stream = self.cupy.cuda.Stream(non_blocking=True)
+        return self._comm_stream
+
+    def start_allreduce_sum_(self, buf):
+        side = self._side_stream()
+        side.wait_event(self.cupy.cuda.get_current_stream().record())
+        self.comm.allReduce(data_pointer(buf), data_pointer(buf), buf.size, self._dtype(buf), self.nccl.NCCL_SUM, side.ptr)
+
+    def wait_all(self, handles):
+        if getattr(self, "_comm_stream", None) is not None:
+            self.cupy.cuda.get_current_stream().wait_event(self._comm_stream.record())
 
     def broadcast_(self, buf, root):
         stream = self.cupy.cuda.get_current_stream().ptr
-        self.comm.bcast(buf.data.ptr, buf.size, self._dtype(buf), root, stream)
+        self.comm.bcast(data_pointer(buf), buf.size, self._dtype(buf), root, stream)

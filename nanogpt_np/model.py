@@ -36,6 +36,7 @@ from .backend import fill, get_xp, keep_freed_memory, layer_ops, on_cpu, resolve
 
 WTE = "transformer.wte.weight"
 WPE = "transformer.wpe.weight"
+LN_F_WEIGHT = "transformer.ln_f.weight"
 LM_HEAD = "lm_head.weight"  # tied: the same array as WTE
 
 
@@ -336,13 +337,19 @@ class GPT:
 
     # ---- backward -------------------------------------------------------------------
 
-    def backward(self):
+    def backward(self, grads_final=None):
         """Gradient of the last forward's mean loss, ADDED into model.grads (right
         after zero_grad() the layers write into model.grads directly: the same sums).
 
         Returns {name: array} with the keys of parameters(). The activations are
         released as backward walks past them; a second backward() needs a new forward.
+
+        grads_final(offset), if given, is called whenever flat_grads[offset:] has
+        become final: the flat buffer is in forward order and backward runs the
+        other way, so the finished part is always a suffix. Data parallelism uses it
+        to start each bucket's allreduce early (distributed.GradientBuckets).
         """
+        report = grads_final or (lambda offset: None)
         if self._caches is None:
             raise ValueError(
                 "backward() needs a preceding forward(idx, targets) with targets; "
@@ -359,14 +366,26 @@ class GPT:
         else:
             dx = self.fused.head_backward(self, head_cache)
         del head_cache
+        report(self._flat_offset(LN_F_WEIGHT))  # ln_f; wte (lm_head) waits for the embedding
         for i in reversed(range(self.config.n_layer)):
             if self.fused is None:
                 dx = self._block_backward(i, dx, block_caches.pop())
             else:
                 dx = self.fused.block_backward(self, i, dx, block_caches.pop())
+            report(self._flat_offset(f"transformer.h.{i}.ln_1.weight"))  # block i's first parameter
         # forward: x = wte[idx] + wpe[:T]; adds into wte's gradient next to lm_head's
         self.ops.embedding.backward(dx, emb_cache, dwte=g[WTE], dwpe=g[WPE])
+        report(0)
         return dict(self.grads)
+
+    def _flat_offset(self, name):
+        """Where parameter `name` starts in flat_params / flat_grads."""
+        offset = 0
+        for other, shape in self._shapes:
+            if other == name:
+                return offset
+            offset += math.prod(shape)
+        raise KeyError(name)
 
     def _head_backward(self, caches):
         """-> dx: (B, T, C) at ln_f's input; the head's gradients added into model.grads."""

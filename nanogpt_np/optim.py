@@ -24,7 +24,7 @@ import math
 
 import numpy as np
 
-from .backend import array_module, on_cpu, parallel_map, to_device, to_host
+from .backend import array_module, data_pointer, on_cpu, parallel_map, to_device, to_host
 
 CHUNK = 1 << 18  # elements per chunk (1 MiB per operand): cache-sized, and long enough
 # per NumPy call that threads do not queue for the GIL
@@ -39,7 +39,7 @@ def contiguous_base(arrays):
     base = _root(arrays[0])
     if base is arrays[0] or base.ndim != 1:
         return None
-    ptr = _data_pointer
+    ptr = data_pointer
     spans, expected = [], ptr(base)
     for a in arrays:
         if _root(a) is not base or not a.flags.c_contiguous or ptr(a) != expected:
@@ -58,11 +58,6 @@ def _root(a):
     while a.base is not None:
         a = a.base
     return a
-
-
-def _data_pointer(a):
-    data = a.data
-    return data.ptr if hasattr(data, "ptr") else a.__array_interface__["data"][0]
 
 
 class AdamW:

@@ -48,6 +48,7 @@ from typing import Optional
 import numpy as np
 
 from . import checkpoint, distributed, hellaswag
+from .distributed import DEFAULT_BUCKET_BYTES
 from .backend import default_precision, get_xp, is_bfloat16, resolve_precision, set_tf32, to_device
 from .data import DataError, DataLoader
 from .model import GPT, GPTConfig, parameter_shapes
@@ -87,6 +88,7 @@ class TrainConfig:
     backend: str = "numpy"
     dtype: Optional[str] = None  # None: bf16 on cupy, float32 on numpy (backend.default_precision)
     tf32: bool = False  # cupy: float32 matmuls on TF32 tensor cores
+    bucket_mb: float = DEFAULT_BUCKET_BYTES / 2**20  # gradient allreduce bucket size (0: no overlap)
     prompt: str = "Hello, I'm a language model,"
     num_samples: int = 4
     sample_tokens: int = 32
@@ -135,6 +137,8 @@ FLAG_HELP = {
     "dtype": "float32, float64, or bf16 (cupy only: bf16 activations and matmuls, float32 parameters; "
              "default bf16 on cupy, float32 on numpy)",
     "tf32": "with --backend cupy: float32 matmuls on TF32 tensor cores (also CUPY_TF32=1)",
+    "bucket_mb": "with several ranks: MiB of gradients per allreduce, sent during backward "
+                 "(0: one allreduce after backward)",
     "prompt": "sampling prompt", "num_samples": "samples per sampling",
     "sample_tokens": "new tokens per sample",
     "shuffle": "shuffle shard order and documents (seeded, resumable)",
@@ -233,18 +237,26 @@ def format_seconds(s):
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
-def train_step(model, optimizer, loader, accum, lr, grad_clip, dist):
-    """One optimizer step over `accum` micro-batches -> (mean loss, grad norm before clipping)."""
+def train_step(model, optimizer, loader, accum, lr, grad_clip, dist, bucket_bytes=DEFAULT_BUCKET_BYTES):
+    """One optimizer step over `accum` micro-batches -> (mean loss, grad norm before clipping).
+
+    With several ranks, the last micro-step's backward sends the gradients to the
+    allreduce in buckets as they become final (distributed.GradientBuckets), so the
+    communication hides under the rest of backward; bucket_bytes=0 sends them all
+    after backward instead."""
     model.zero_grad()
+    buckets = dist.gradient_buckets(model.flat_grads, bucket_bytes)  # None on one rank
     loss_sum = 0.0
-    for _ in range(accum):
+    for micro in range(accum):
         x, y = loader.next_batch()
         _, loss = model.forward(to_device(x, model.xp), to_device(y, model.xp))
-        model.backward()  # adds the gradient of this micro-batch's mean loss
+        last = micro == accum - 1  # earlier micro-steps still add into every gradient
+        model.backward(grads_final=buckets.ready if buckets and last else None)
         loss_sum += loss
-    if accum > 1:
-        model.flat_grads /= accum  # the gradient of the mean over all micro-batches
-    dist.allreduce_mean_(model.flat_grads)
+    if buckets:
+        buckets.finish()  # flat_grads now holds the sum over ranks and micro-steps
+    if accum * dist.world_size > 1:
+        model.flat_grads /= accum * dist.world_size  # the gradient of the mean over all of them
     (loss,) = dist.allreduce_scalars([loss_sum / accum], op="mean")
     norm = clip_grad_norm(model.grads, grad_clip if grad_clip > 0 else float("inf"))
     optimizer.step(model.grads, lr=lr)
@@ -333,7 +345,7 @@ class Trainer:
             if getattr(cfg, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
         for name in ("val_every", "sample_every", "ckpt_every", "warmup_steps", "sample_tokens",
-                     "hellaswag_every"):
+                     "hellaswag_every", "bucket_mb"):
             if getattr(cfg, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0 (0 turns it off)")
 
@@ -449,7 +461,7 @@ class Trainer:
             t0 = time.perf_counter()
             lr = cosine_lr(step, cfg.max_lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
             loss, norm = train_step(self.model, self.optimizer, self.train_loader, self.accum, lr,
-                                    cfg.grad_clip, self.dist)
+                                    cfg.grad_clip, self.dist, int(cfg.bucket_mb * 2**20))
             synchronize(self.xp)
             self.step = step + 1
             self.report(step, loss, lr, norm, time.perf_counter() - t0)

@@ -14,6 +14,7 @@ of threads.
         --batch-size 4 --vocab 50304 --steps 10 --threads 2
     python scripts/bench.py --preset 124m --memory  # peak RSS, one process per library
     python scripts/bench.py --preset 124m --ranks 1,2   # data parallel over MPI ranks (needs '.[mpi]')
+    python scripts/bench.py --preset 124m --batch-size 16 --ranks 1,8 --backend cupy   # 8 GPUs
 
 The two libraries take turns step by step, so a neighbour that steals the CPU for a
 while slows both alike; the report gives the median of the timed steps. Thread
@@ -70,6 +71,13 @@ def parse_args(argv=None):
                    help="instead of comparing, time nanogpt_np's data-parallel step under "
                         "`mpiexec -n N` for each N, the --threads shared out among the ranks, and "
                         "its gradient allreduce against one bare Allreduce of the same bytes")
+    p.add_argument("--backend", choices=("numpy", "cupy"), default="numpy",
+                   help="with --ranks: numpy (CPU, float32) or cupy (one GPU per rank, bf16 as "
+                        "train.py; gradients over NCCL); the comparison with PyTorch is CPU only, "
+                        "scripts/gpu_check.py does it on a GPU")
+    p.add_argument("--bucket-mb", type=float, default=25.0,
+                   help="with --ranks: MiB of gradients per allreduce sent during backward, as "
+                        "train.py's --bucket-mb (0: one allreduce after backward; default 25)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
     args = p.parse_args(argv)
@@ -87,6 +95,8 @@ def parse_args(argv=None):
             p.error(f"--ranks takes rank counts separated by commas, e.g. 1,2; got {args.ranks!r}")
         if min(args.ranks) < 1:
             p.error("--ranks counts must be at least 1")
+    elif args.backend != "numpy":
+        p.error("--backend cupy works with --ranks only; scripts/gpu_check.py times the GPU against PyTorch")
     return args
 
 
@@ -111,15 +121,15 @@ class NumpyStep:
 
     name = "numpy"
 
-    def __init__(self, shape, seed):
-        import numpy as np
-
+    def __init__(self, shape, seed, backend="numpy"):
         from nanogpt_np import GPT, GPTConfig
+        from nanogpt_np.backend import default_precision
         from nanogpt_np.optim import AdamW, clip_grad_norm
 
         cfg = GPTConfig(block_size=shape["block_size"], vocab_size=shape["vocab"],
                         n_layer=shape["n_layer"], n_head=shape["n_head"], n_embd=shape["n_embd"])
-        self.model = GPT(cfg, dtype=np.float32, seed=seed)
+        # float32 on the CPU; on the GPU train.py's default, bf16 mixed precision
+        self.model = GPT(cfg, dtype=default_precision(backend), seed=seed, backend=backend)
         self.opt = AdamW(self.model.parameters(), lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
         self.clip = clip_grad_norm
 
@@ -414,46 +424,56 @@ def run_memory(args, argv):
 
 
 def child_ranks(args):
-    """Under mpiexec: each rank runs the data-parallel step (its own batch of B rows,
-    gradients averaged by distributed.allreduce_mean_ over the flat gradient
-    buffer, then clip and AdamW), timing the step and the allreduce inside it.
-    Afterwards, the same bytes through one bare comm.Allreduce, for comparison.
-    Rank 0 prints the medians as JSON."""
-    import numpy as np
-
+    """Under mpiexec: each rank runs the data-parallel step as train.py does (its own
+    batch of B rows; the gradients summed in --bucket-mb buckets sent during
+    backward, then averaged; clip and AdamW), timing the step and the allreduce
+    time left after backward (what the overlap did not hide). Afterwards, the same
+    bytes through one bare comm.Allreduce, for comparison. Rank 0 prints the
+    medians as JSON."""
     from nanogpt_np import distributed
+    from nanogpt_np.backend import get_xp, to_device
+    from nanogpt_np.train import synchronize
 
     dist = distributed.init()
-    runner = NumpyStep(shape_of(args), args.seed)
-    model, comm = runner.model, getattr(dist, "comm", None)
+    xp = get_xp(args.backend)
+    dist.pin_device(xp)  # GPU local_rank, before the model allocates anything
+
+    def now():  # GPU work is asynchronous: a time stamp waits for it first
+        synchronize(xp)
+        return time.perf_counter()
+
+    runner = NumpyStep(shape_of(args), args.seed, backend=args.backend)
+    model = runner.model
     steps, reduces = [], []
     for i, (idx, targets) in enumerate(make_batches(shape_of(args), args.warmup + args.steps,
                                                     args.seed + dist.rank)):
+        idx, targets = to_device(idx, xp), to_device(targets, xp)
         dist.barrier()
-        t0 = time.perf_counter()
+        t0 = now()
         model.zero_grad()
+        buckets = dist.gradient_buckets(model.flat_grads, int(args.bucket_mb * 2**20))
         model.forward(idx, targets)
-        model.backward()
-        t1 = time.perf_counter()
-        dist.allreduce_mean_(model.flat_grads)
-        t2 = time.perf_counter()
+        model.backward(grads_final=buckets.ready if buckets else None)
+        t1 = now()  # the compute stream is done; buckets may still be in flight
+        if buckets:
+            buckets.finish()
+            model.flat_grads /= dist.world_size
+        t2 = now()
         runner.clip(model.grads, 1.0)
         runner.opt.step(model.grads, lr=6e-4)
-        t3 = time.perf_counter()
+        t3 = now()
         if i >= args.warmup:
             steps.append(t3 - t0)
             reduces.append(t2 - t1)
     bare = []
-    if comm is not None:
-        from mpi4py import MPI
-
-        buf = np.ones_like(model.flat_grads)
+    if dist.world_size > 1:
+        buf = xp.ones_like(model.flat_grads)
         for i in range(args.warmup + args.steps):
-            comm.Barrier()
-            t0 = time.perf_counter()
-            comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+            dist.barrier()
+            t0 = now()
+            dist.allreduce_sum_(buf)  # one blocking collective: MPI in place, or the GPU transport
             if i >= args.warmup:
-                bare.append(time.perf_counter() - t0)
+                bare.append(now() - t0)
     # the slowest rank sets the pace: report the largest median over the ranks
     per_rank = dist.allgather_json([statistics.median(steps), statistics.median(reduces),
                                     statistics.median(bare) if bare else 0.0])
@@ -489,23 +509,31 @@ def run_ranks(args, argv):
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         r.update(threads_per_rank=per_rank, tok_per_s=n * args.batch_size * args.block_size / r["step_s"])
         results.append(r)
+    one = next((r for r in results if r["ranks"] == 1), None)
+    for r in results:  # tokens/s per rank against one rank alone: 1.00 is perfect scaling
+        r["efficiency"] = r["tok_per_s"] / (r["ranks"] * one["tok_per_s"]) if one else None
     if args.json:
         print(json.dumps(dict(config=shape_of(args), threads=args.threads, ranks=results)))
         return results
-    print(f"config : {describe(args)} in all, shared out among the ranks")
-    print(f"step   : per rank B={args.batch_size} x T={args.block_size}: forward + backward + allreduce_mean_ "
-          f"of the flat gradients + clip + AdamW; medians of {args.steps} steps after {args.warmup} warmup")
+    device = "one GPU per rank, bf16" if args.backend == "cupy" else "CPU, float32"
+    print(f"config : {describe(args)} in all, shared out among the ranks; {device}")
+    print(f"step   : per rank B={args.batch_size} x T={args.block_size}: forward + backward (sending "
+          f"{args.bucket_mb:g} MiB gradient buckets as they are final) + the rest of the allreduce + clip + "
+          f"AdamW; medians of {args.steps} steps after {args.warmup} warmup")
     print()
     print(f"{'ranks':>5}{'thr/rank':>10}{'step ms':>10}{'tokens/s':>10}{'allreduce ms':>14}"
-          f"{'bare Allreduce ms':>19}{'ratio':>7}")
+          f"{'bare Allreduce ms':>19}{'ratio':>7}{'scaling':>9}")
     for r in results:
         bare = r["bare_allreduce_s"]
         ratio = f"{r['allreduce_s'] / bare:.2f}" if bare else "-"
+        scaling = f"{r['efficiency']:.2f}" if r["efficiency"] is not None else "-"
         print(f"{r['ranks']:>5}{r['threads_per_rank']:>10}{r['step_s'] * 1e3:>10.1f}{r['tok_per_s']:>10.1f}"
-              f"{r['allreduce_s'] * 1e3:>14.1f}{bare * 1e3 if bare else 0:>19.1f}{ratio:>7}")
+              f"{r['allreduce_s'] * 1e3:>14.1f}{bare * 1e3 if bare else 0:>19.1f}{ratio:>7}{scaling:>9}")
     print()
-    print(f"gradient: {results[0]['grad_bytes'] / 1e6:.0f} MB per allreduce; 'bare' is one comm.Allreduce "
-          "of the same bytes in place; ratio = the step's allreduce / bare")
+    print(f"gradient: {results[0]['grad_bytes'] / 1e6:.0f} MB per step; 'allreduce' is the time from the "
+          "end of backward to the averaged gradients (the part the overlap did not hide); 'bare' is one "
+          "blocking allreduce of the same bytes in place; ratio = allreduce / bare; scaling = tokens/s "
+          "per rank against 1 rank (with 1 in --ranks)")
     return results
 
 

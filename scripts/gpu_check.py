@@ -587,6 +587,51 @@ def section_training():
                     limit="1e-03", ok=bool(diff.max() <= 1e-3 and fused and cpu[-1] < cpu[0]))
 
     record("3", f"{steps} AdamW steps f32, GPU vs NumPy", run)
+    record("3", "overlapped NCCL allreduce, 1 rank", check_overlap)
+
+
+class SoloComm:
+    """MPI's communicator for a single process, as far as NCCLTransport needs it."""
+
+    def Get_rank(self):
+        return 0
+
+    def Get_size(self):
+        return 1
+
+    def Bcast(self, buf, root=0):
+        pass
+
+
+def check_overlap():
+    """The bucketed allreduce's GPU mechanics (distributed.GradientBuckets over a
+    one-rank NCCL communicator: a side stream, events, a bucket after every block)
+    during a real bf16 backward. A sum over one rank is the identity, so the
+    gradients must equal those of a backward without buckets (up to cupy.add.at's
+    atomic order in the embedding)."""
+    import cupy as cp
+
+    from nanogpt_np import distributed
+
+    if not distributed.nccl_available(cp):
+        return dict(result="skipped: cupy.cuda.nccl unavailable (pip install nvidia-nccl-cu12)", limit="", ok=None)
+    cfg, B, T = SIZES["small_model"]
+    rng = np.random.default_rng(0)
+    idx, targets = rng.integers(0, cfg.vocab_size, (B, T)), rng.integers(0, cfg.vocab_size, (B, T))
+    model = GPT(cfg, dtype="bf16", seed=0, backend="cupy")
+    model.zero_grad()
+    model.forward(idx, targets)
+    model.backward()
+    want = host_f64(model.flat_grads)
+    buckets = distributed.GradientBuckets(model.flat_grads, 1, distributed.NCCLTransport(SoloComm(), cp))
+    model.zero_grad()
+    model.forward(idx, targets)
+    model.backward(grads_final=buckets.ready)
+    buckets.finish()
+    err = rel_err(model.flat_grads, want)
+    n = len(buckets.spans)
+    return dict(result=f"{n} buckets (want {cfg.n_layer + 2}), grads vs no buckets {err:.1e}", limit="1e-06",
+                ok=bool(n == cfg.n_layer + 2 and err <= 1e-6))
 
 
 # ---- 4. a 124M training step: tokens/s, MFU, host time and memory against build-nanogpt ------

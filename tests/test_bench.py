@@ -61,5 +61,13 @@ def test_bench_ranks_times_one_and_two_ranks():
     assert one["bare_allreduce_s"] == 0 and two["bare_allreduce_s"] > 0 and two["allreduce_s"] > 0
     assert two["grad_bytes"] == one["grad_bytes"] > 0
     assert all(r["tok_per_s"] > 0 and r["threads_per_rank"] == 1 for r in result["ranks"])
-    out = bench("--ranks", "2")
-    assert "bare Allreduce ms" in out and "ratio" in out
+    assert one["efficiency"] == 1.0
+    assert two["efficiency"] == pytest.approx(two["tok_per_s"] / (2 * one["tok_per_s"]))
+    out = bench("--ranks", "2", "--bucket-mb", "0")
+    assert "bare Allreduce ms" in out and "ratio" in out and "0 MiB gradient buckets" in out
+
+
+def test_bench_cupy_backend_is_for_ranks_only():
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--backend", "cupy"],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 2 and "--backend cupy works with --ranks only" in result.stderr

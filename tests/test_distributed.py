@@ -98,6 +98,11 @@ class FakeComm:
     def Split_type(self, kind):
         return types.SimpleNamespace(Get_rank=lambda: self.rank, Get_size=lambda: self.size, Free=lambda: None)
 
+    def Iallreduce(self, sendbuf, recvbuf, op=None):
+        self.calls.append(("Iallreduce", len(recvbuf)))
+        recvbuf *= self.size
+        return "request"
+
     def Allreduce(self, sendbuf, recvbuf, op=None):
         target = recvbuf.host if isinstance(recvbuf, FakeDeviceArray) else recvbuf
         self.calls.append(("Allreduce", type(recvbuf).__name__))
@@ -113,8 +118,12 @@ class FakeComm:
 
 
 def fake_mpi(cuda_aware):
+    waited = []
+    request = types.SimpleNamespace(Waitall=lambda handles: waited.append(list(handles)),
+                                    Testall=lambda handles: True, waited=waited)
     return types.SimpleNamespace(
-        IN_PLACE="IN_PLACE", SUM="SUM", COMM_TYPE_SHARED=1, Query_cuda_support=lambda: int(cuda_aware)
+        IN_PLACE="IN_PLACE", SUM="SUM", COMM_TYPE_SHARED=1, Query_cuda_support=lambda: int(cuda_aware),
+        Request=request,
     )
 
 
@@ -122,8 +131,27 @@ def fake_cupy(monkeypatch, nccl_available):
     cupy = types.ModuleType("cupy")
     cupy.ndarray = FakeDeviceArray
     syncs = []
-    stream = types.SimpleNamespace(ptr=42, synchronize=lambda: syncs.append(1))
-    cupy.cuda = types.SimpleNamespace(get_current_stream=lambda: stream)
+    cupy.events = []  # ("record", stream ptr) / ("wait", waiting stream ptr, event's stream ptr), in order
+
+    class Stream:
+        made = 0
+
+        def __init__(self, non_blocking=False, ptr=None):
+            Stream.made += 1
+            self.ptr = ptr if ptr is not None else 100 + Stream.made
+
+        def synchronize(self):
+            syncs.append(1)
+
+        def record(self):
+            cupy.events.append(("record", self.ptr))
+            return types.SimpleNamespace(stream_ptr=self.ptr)
+
+        def wait_event(self, event):
+            cupy.events.append(("wait", self.ptr, event.stream_ptr))
+
+    stream = Stream(ptr=42)
+    cupy.cuda = types.SimpleNamespace(get_current_stream=lambda: stream, Stream=Stream)
     cupy.asnumpy = lambda a: a.host.copy()
     nccl = types.ModuleType("cupy.cuda.nccl")
     nccl.available = nccl_available
@@ -206,3 +234,101 @@ def test_excepthook_names_the_rank_and_aborts(capsys, monkeypatch, no_excepthook
         sys.excepthook(*sys.exc_info())
     assert "[rank 1] failed with RuntimeError: shard missing" in capsys.readouterr().err
     assert comm.calls[-1] == ("Abort", 1)
+
+
+# ---- gradient buckets (the allreduce overlapped with backward) --------------------------
+
+
+class RecordingTransport:
+    overlaps = True
+
+    def __init__(self):
+        self.started, self.waited = [], None
+
+    def start_allreduce_sum_(self, view):
+        self.started.append(view.size)
+        view *= 2  # two equal ranks
+        return len(self.started)
+
+    def wait_all(self, handles):
+        self.waited = list(handles)
+
+
+@pytest.mark.parametrize("bucket_elems,spans", [
+    (4, [(8, 12), (4, 8), (0, 4)]),  # a bucket as soon as 4 final elements wait
+    (5, [(6, 12), (0, 6)]),  # a bucket can overshoot: offsets come a block at a time
+    (100, [(0, 12)]),  # bigger than the buffer: all of it in finish()
+    (0, [(0, 12)]),  # 0: no overlap, one allreduce after backward
+])
+def test_buckets_send_each_final_suffix_once(bucket_elems, spans):
+    flat = np.arange(12, dtype=np.float32)
+    transport = RecordingTransport()
+    buckets = dist.GradientBuckets(flat, bucket_elems * flat.itemsize, transport)
+    for offset in (10, 8, 6, 4, 2, 0):  # what a 5-block backward reports, block by block
+        buckets.ready(offset)
+    assert buckets.finish() is flat
+    assert buckets.spans == spans
+    assert transport.waited == list(range(1, len(spans) + 1))  # finish waits for every one
+    np.testing.assert_array_equal(flat, np.arange(12) * 2)  # every element reduced exactly once
+
+
+def test_numpy_buckets_use_nonblocking_iallreduce(no_excepthook_change):
+    comm, MPI = FakeComm(), fake_mpi(False)
+    d = dist.MPIDistributed(comm, MPI, env={})
+    flat = np.ones(6)
+    buckets = d.gradient_buckets(flat, bucket_bytes=2 * 8)
+    buckets.ready(3)
+    assert comm.calls == [("Iallreduce", 3)]  # sent during backward
+    buckets.ready(0)
+    buckets.finish()
+    assert comm.calls == [("Iallreduce", 3), ("Iallreduce", 3)] and MPI.Request.waited == [["request"] * 2]
+    np.testing.assert_array_equal(flat, 2.0)  # the sum; the caller divides
+
+
+def test_single_process_has_no_buckets():
+    assert dist.Single().gradient_buckets(np.zeros(3)) is None
+
+
+def test_nccl_buckets_run_on_a_side_stream_ordered_by_events(monkeypatch, no_excepthook_change):
+    cupy, nccl, syncs = fake_cupy(monkeypatch, True)
+    d = dist.MPIDistributed(FakeComm(), fake_mpi(False), env={})
+    views = []
+
+    class View:  # flat[a:b] of a device array: an offset pointer and a size
+        def __init__(self, start, stop):
+            self.data = types.SimpleNamespace(ptr=0xDEAD0000 + 4 * start)
+            self.size, self.dtype = stop - start, np.dtype(np.float32)
+            views.append((start, stop))
+
+    class Flat(FakeDeviceArray):
+        def __getitem__(self, s):
+            return View(s.start, s.stop)
+
+    flat = Flat(np.zeros(8))
+    buckets = d.gradient_buckets(flat, bucket_bytes=3 * 4)
+    transport = d.gpu_transport(cupy)
+    buckets.ready(4)
+    buckets.ready(0)
+    buckets.finish()
+    side = transport._comm_stream.ptr
+    assert side != 42 and not syncs  # a second stream, and the host never waits
+    assert [c[2] for c in transport.comm.calls] == [4, 4] and {c[5] for c in transport.comm.calls} == {side}
+    assert views == [(4, 8), (0, 4)] and transport.comm.calls[0][0] == 0xDEAD0000 + 16  # its own pointer
+    # each allreduce waits (on the GPU) for the compute stream's work so far; at the
+    # end the compute stream waits for the side stream before clip and AdamW read
+    assert cupy.events == [("record", 42), ("wait", side, 42), ("record", 42), ("wait", side, 42),
+                           ("record", side), ("wait", 42, side)]
+
+
+@pytest.mark.parametrize("override", ["host", "cuda-aware-mpi"])
+def test_blocking_gpu_transports_reduce_once_after_backward(monkeypatch, no_excepthook_change, override):
+    cupy, _, _ = fake_cupy(monkeypatch, False)
+    comm = FakeComm()
+    d = dist.MPIDistributed(comm, fake_mpi(True), env={dist.TRANSPORT_ENV: override})
+    flat = FakeDeviceArray(np.ones(8))
+    buckets = d.gradient_buckets(flat, bucket_bytes=4)
+    buckets.ready(4)
+    assert not comm.calls  # no blocking reduce in the middle of backward
+    buckets.finish()
+    assert len(comm.calls) == 1 and buckets.spans == [(0, 8)]
+    np.testing.assert_array_equal(flat.host, 2.0)

@@ -101,6 +101,32 @@ def test_gradient_accumulation_adds_and_zero_grad_clears():
     assert all(not g.any() for g in model.grads.values())
 
 
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_backward_reports_final_gradient_suffixes(accumulate):
+    """grads_final(offset) promises flat_grads[offset:] will not change again in this
+    backward; the overlapped allreduce sends that part at once. Snapshot it at each
+    report and compare with the end of backward (also when adding to earlier grads)."""
+    cfg, B, T = CONFIGS[2]  # 3 blocks
+    model = GPT(cfg, dtype=np.float64, seed=0)
+    model.zero_grad()
+    if accumulate:  # a first micro-step, so this backward adds instead of writing
+        model.forward(*batch(cfg, B, T, 1))
+        model.backward()
+    model.forward(*batch(cfg, B, T, 2))
+    reports = []
+    model.backward(grads_final=lambda offset: reports.append((offset, model.flat_grads[offset:].copy())))
+    offsets = [offset for offset, _ in reports]
+    names = [name for name, _ in parameter_shapes(cfg)]
+    sizes = [math.prod(shape) for _, shape in parameter_shapes(cfg)]
+    start = dict(zip(names, np.cumsum([0] + sizes[:-1]).tolist()))
+    # ln_f after the head, each block's first parameter after the block, then everything
+    assert offsets == [start["transformer.ln_f.weight"]] + [
+        start[f"transformer.h.{i}.ln_1.weight"] for i in reversed(range(cfg.n_layer))] + [0]
+    for offset, snapshot in reports:
+        np.testing.assert_array_equal(snapshot, model.flat_grads[offset:])
+        assert snapshot.any()
+
+
 def test_state_dict_names_layout_and_tying():
     cfg = GPTConfig(block_size=64, vocab_size=101, n_layer=2, n_head=4, n_embd=32)
     model = GPT(cfg, dtype=np.float64, seed=0)

@@ -71,6 +71,47 @@ def _noop(*args, **kwargs):
     return None
 
 
+class Stream:
+    """CUDA streams and events as no-ops: everything here runs in order anyway."""
+
+    def __init__(self, non_blocking=False):
+        self.ptr = id(self)
+
+    def record(self):
+        return types.SimpleNamespace(synchronize=_noop)
+
+    def wait_event(self, event):
+        pass
+
+    def synchronize(self):
+        pass
+
+
+_CURRENT_STREAM = Stream()
+
+
+def _fake_nccl():
+    """cupy.cuda.nccl for one rank: an allreduce over one rank leaves the buffer as it is."""
+    nccl = types.ModuleType("cupy.cuda.nccl")
+    nccl.available = True
+    nccl.NCCL_FLOAT32, nccl.NCCL_FLOAT64, nccl.NCCL_FLOAT16, nccl.NCCL_BFLOAT16, nccl.NCCL_SUM = 7, 8, 6, 9, 0
+    nccl.get_unique_id = lambda: tuple(range(128))
+
+    class NcclCommunicator:
+        def __init__(self, ndev, uid, rank):
+            if ndev != 1:
+                raise ValueError("the fake NCCL has one rank")
+
+        def allReduce(self, send, recv, count, dtype, op, stream):
+            pass
+
+        def bcast(self, buf, count, dtype, root, stream):
+            pass
+
+    nccl.NcclCommunicator = NcclCommunicator
+    return nccl
+
+
 def install(monkeypatch):
     """Put the fake at sys.modules['cupy'] (and its submodules) for one test."""
     cupy = _FakeCupy("cupy")
@@ -83,7 +124,8 @@ def install(monkeypatch):
         memory=types.SimpleNamespace(OutOfMemoryError=MemoryError),
         nvrtc=types.SimpleNamespace(getVersion=lambda: (13, 0)),
         Device=lambda *a: types.SimpleNamespace(synchronize=_noop, use=_noop),
-        get_current_stream=lambda: types.SimpleNamespace(synchronize=_noop),
+        get_current_stream=lambda: _CURRENT_STREAM,
+        Stream=Stream,
         compiler=types.SimpleNamespace(CompileException=RuntimeError),
     )
     cupy.random = types.SimpleNamespace(RandomState=RandomState)
@@ -94,4 +136,5 @@ def install(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", cupy)
     monkeypatch.setitem(sys.modules, "cupy._core", core)
     monkeypatch.setitem(sys.modules, "cupy._core._routines_linalg", core._routines_linalg)
+    monkeypatch.setitem(sys.modules, "cupy.cuda.nccl", _fake_nccl())
     return cupy

@@ -46,6 +46,21 @@ def test_fused_schedule_matches_the_readable_block_with_accumulation(emulated, d
     assert_close(logits, logits_ref, dtype, "inference logits")
 
 
+def test_fused_backward_reports_final_gradient_suffixes(emulated):
+    """The GPU schedule keeps the promise the overlapped allreduce relies on:
+    flat_grads[offset:] never changes after grads_final(offset)."""
+    model = GPT(CFG, dtype=np.float64, seed=3)
+    model.ops = kernels
+    model.zero_grad()
+    model.forward(*_batches(1)[0])
+    reports = []
+    model.backward(grads_final=lambda offset: reports.append((offset, model.flat_grads[offset:].copy())))
+    offsets = [offset for offset, _ in reports]
+    assert offsets == sorted(offsets, reverse=True) and offsets[-1] == 0 and len(offsets) == CFG.n_layer + 2
+    for offset, snapshot in reports:
+        np.testing.assert_array_equal(snapshot, model.flat_grads[offset:])
+
+
 @pytest.fixture
 def bf16_pair(fake_gpu):
     gpu = GPT(CFG, dtype="bf16", seed=3, backend="cupy")

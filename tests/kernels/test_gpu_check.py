@@ -80,8 +80,10 @@ def test_gpu_check_dry_run(emulator_lib, monkeypatch, tmp_path, capsys):
     assert {r["section"] for r in rows} == {"0", "1", "2", "3", "4", "5", "6"}
     n_kernel_rows = sum(len(SIZES[k]) for k in ("attention", "attention_bf16", "layernorm", "gelu", "cross_entropy",
                                                 "adamw", "gemm")) + 3
-    assert len(rows) == 3 + n_kernel_rows + 6 + 1 + 4 + 4 + 1 + 1 + 3
+    assert len(rows) == 3 + n_kernel_rows + 6 + 2 + 4 + 4 + 1 + 1 + 3
     names = {r["name"] for r in rows}
+    overlap = next(r for r in rows if r["name"] == "overlapped NCCL allreduce, 1 rank")
+    assert overlap["status"] == "ok" and overlap["result"].startswith("3 buckets (want 3)"), overlap
     assert verdicts <= names and "host time per step (launch overhead)" in names
     paths = [r["result"].rsplit("path ", 1)[-1] for r in rows if r["name"].startswith("attention") and "bf16" in r["name"]]
     assert "mma" in paths and "widened" in paths
