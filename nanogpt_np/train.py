@@ -137,8 +137,8 @@ FLAG_HELP = {
     "dtype": "float32, float64, or bf16 (cupy only: bf16 activations and matmuls, float32 parameters; "
              "default bf16 on cupy, float32 on numpy)",
     "tf32": "with --backend cupy: float32 matmuls on TF32 tensor cores (also CUPY_TF32=1)",
-    "bucket_mb": "with several ranks: MiB of gradients per allreduce, sent during backward "
-                 "(0: one allreduce after backward)",
+    "bucket_mb": "with several GPU ranks (NCCL): MiB of gradients per allreduce, sent during backward "
+                 "(0: one allreduce after backward; the CPU always sends one)",
     "prompt": "sampling prompt", "num_samples": "samples per sampling",
     "sample_tokens": "new tokens per sample",
     "shuffle": "shuffle shard order and documents (seeded, resumable)",

@@ -32,8 +32,7 @@ def quiet(*args, **kwargs):
 
 
 if mode == "equivalence":
-    # 10 KiB buckets: ln_f and each block go out on their own, during backward
-    trainer = Trainer(config(out / "log", bucket_mb=0.01), dist=dist, log=quiet)
+    trainer = Trainer(config(out / "log"), dist=dist, log=quiet)
     assert trainer.accum == 1  # 64 tokens = 2 ranks x B=2 x T=16
     history = trainer.run()
     np.save(out / f"params_rank{dist.rank}.npy", trainer.model.flat_params)
