@@ -23,8 +23,8 @@ buffers go through one of three transports behind the same `allreduce_sum_`:
 Overlap. The allreduce need not wait for the whole backward: `gradient_buckets`
 sends each stretch of the flat buffer as soon as backward has finished it (see
 GradientBuckets), on a second CUDA stream under NCCL, so communication runs under
-the remaining backward. NumPy buffers go as one nonblocking Iallreduce after
-backward, which measured better on the CPU (see NumpyMPIAsync).
+the remaining backward. The other transports, NumPy's included, send one
+allreduce after backward (see OneReduceAfterBackward and HostMPITransport).
 """
 import ctypes
 import importlib
@@ -130,10 +130,7 @@ class MPIDistributed(Single):
         self.comm.Barrier()
 
     def allreduce_sum_(self, buf):
-        if array_module(buf) is np:
-            self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
-        else:
-            self.gpu_transport(array_module(buf)).allreduce_sum_(buf)
+        self.transport_for(buf).allreduce_sum_(buf)
         return buf
 
     def allreduce_mean_(self, buf):
@@ -141,12 +138,14 @@ class MPIDistributed(Single):
         buf /= self.world_size
         return buf
 
+    def transport_for(self, buf):
+        """What reduces `buf`: MPI on the host for NumPy, the GPU transport for CuPy."""
+        xp = array_module(buf)
+        return HostMPITransport(self.comm, self.MPI) if xp is np else self.gpu_transport(xp)
+
     def gradient_buckets(self, flat, bucket_bytes=DEFAULT_BUCKET_BYTES):
-        if array_module(flat) is np:
-            transport = NumpyMPIAsync(self.comm, self.MPI)
-        else:
-            transport = self.gpu_transport(array_module(flat))
-        if not getattr(transport, "overlaps", False):
+        transport = self.transport_for(flat)
+        if not transport.overlaps:
             bucket_bytes = 0  # one allreduce after backward: see the transport for why
         return GradientBuckets(flat, bucket_bytes, transport)
 
@@ -230,8 +229,8 @@ class GradientBuckets:
     leave a longer tail after backward; bucket_bytes=0 sends one allreduce of the
     whole buffer in finish(), the no-overlap baseline.
 
-    The transport provides start_allreduce_sum_(view) -> handle (it must not
-    block), wait_all(handles), and optionally progress(handles).
+    The transport provides start_allreduce_sum_(view) -> handle (which must not
+    block when the transport says it overlaps) and wait_all(handles).
     """
 
     def __init__(self, flat, bucket_bytes, transport):
@@ -244,8 +243,6 @@ class GradientBuckets:
         """flat[offset:] is final for this backward."""
         if self.bucket_elems is not None and self.sent_from - offset >= self.bucket_elems:
             self._send(offset)
-        elif self.handles and hasattr(self.transport, "progress"):
-            self.transport.progress(self.handles)  # nudges MPI, which advances only in MPI calls
 
     def _send(self, offset):
         whole = offset == 0 and self.sent_from == self.flat.size
@@ -263,30 +260,36 @@ class GradientBuckets:
         return self.flat
 
 
-class NumpyMPIAsync:
-    """Host buffers: nonblocking MPI Iallreduce, in place.
-
-    It works in buckets, but training on the CPU sends one (overlaps = False): MPICH
-    advances a nonblocking collective only inside MPI calls, and backward makes
-    one (a progress poll) per block, so the buckets mostly move in finish() anyway,
-    as several smaller collectives. Measured for 124M on 2 ranks (bench.py --ranks 2,
-    twice each): step 9747 / 9942 ms with 25 MiB buckets against 9737 / 9699 ms
-    with one allreduce, and 256 / 235 ms of exposed allreduce against 248 / 183 ms.
-    """
+class OneReduceAfterBackward:
+    """For transports that block: a bucket sent during backward would stall it (a
+    device-to-host copy or a stream synchronisation per bucket), so they do not
+    overlap and GradientBuckets sends the whole buffer once, in finish()."""
 
     overlaps = False
+
+    def start_allreduce_sum_(self, buf):
+        self.allreduce_sum_(buf)
+
+    def wait_all(self, handles):
+        pass
+
+
+class HostMPITransport(OneReduceAfterBackward):
+    """NumPy buffers: mpi4py's in-place buffer Allreduce.
+
+    No buckets on the CPU either: MPICH advances a nonblocking collective only
+    inside MPI calls, so buckets sent as Iallreduce during backward mostly moved
+    after it anyway, as several smaller collectives. Measured for 124M on 2 ranks
+    (bench.py --ranks 2, twice each, alternating): step 9747 / 9942 ms with 25 MiB
+    buckets against 9737 / 9699 ms with one allreduce, and 256 / 235 ms of exposed
+    allreduce against 248 / 183 ms.
+    """
 
     def __init__(self, comm, MPI):
         self.comm, self.MPI = comm, MPI
 
-    def start_allreduce_sum_(self, view):
-        return self.comm.Iallreduce(self.MPI.IN_PLACE, view, op=self.MPI.SUM)
-
-    def progress(self, handles):
-        self.MPI.Request.Testall(handles)
-
-    def wait_all(self, handles):
-        self.MPI.Request.Waitall(handles)
+    def allreduce_sum_(self, buf):
+        self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
 
 
 # ---- GPU gradient transports ------------------------------------------------------------
@@ -346,21 +349,13 @@ def make_gpu_transport(choice, comm, MPI, cupy):
     return HostStagingTransport(comm, MPI, cupy)
 
 
-class HostStagingTransport:
+class HostStagingTransport(OneReduceAfterBackward):
     """Device -> host copy, MPI allreduce on the host, host -> device copy."""
 
     name = "host"
 
     def __init__(self, comm, MPI, cupy):
         self.comm, self.MPI, self.cupy = comm, MPI, cupy
-
-    overlaps = False  # each bucket would stop the GPU and wait: one reduce at the end
-
-    def start_allreduce_sum_(self, buf):
-        self.allreduce_sum_(buf)
-
-    def wait_all(self, handles):
-        pass
 
     def allreduce_sum_(self, buf):
         host = self.cupy.asnumpy(buf)
@@ -373,7 +368,7 @@ class HostStagingTransport:
         buf.set(host)
 
 
-class CudaAwareMPITransport:
+class CudaAwareMPITransport(OneReduceAfterBackward):
     """MPI reads and writes device memory directly (mpi4py takes CuPy arrays
     through __cuda_array_interface__). MPI knows nothing of CUDA streams, so the
     stream that produced the buffer is synchronised first."""
@@ -382,14 +377,6 @@ class CudaAwareMPITransport:
 
     def __init__(self, comm, MPI, cupy):
         self.comm, self.MPI, self.cupy = comm, MPI, cupy
-
-    overlaps = False  # each bucket would synchronise the stream: one reduce at the end
-
-    def start_allreduce_sum_(self, buf):
-        self.allreduce_sum_(buf)
-
-    def wait_all(self, handles):
-        pass
 
     def allreduce_sum_(self, buf):
         self.cupy.cuda.get_current_stream().synchronize()
@@ -415,6 +402,7 @@ class NCCLTransport:
             uid[:] = self.nccl.get_unique_id()  # a tuple of 128 byte values
         comm.Bcast(uid, root=0)
         self.comm = self.nccl.NcclCommunicator(comm.Get_size(), tuple(uid.tolist()), comm.Get_rank())
+        self._comm_stream = None  # the side stream of overlapped buckets, made on first use
 
     def _dtype(self, buf):
         names = {np.dtype(np.float32): "NCCL_FLOAT32", np.dtype(np.float64): "NCCL_FLOAT64",
@@ -436,7 +424,7 @@ class NCCLTransport:
     overlaps = True
 
     def _side_stream(self):
-        if getattr(self, "_comm_stream", None) is None:
+        if self._comm_stream is None:
             self._comm_stream = self.cupy.cuda.Stream(non_blocking=True)
         return self._comm_stream
 
@@ -446,7 +434,7 @@ class NCCLTransport:
         self.comm.allReduce(data_pointer(buf), data_pointer(buf), buf.size, self._dtype(buf), self.nccl.NCCL_SUM, side.ptr)
 
     def wait_all(self, handles):
-        if getattr(self, "_comm_stream", None) is not None:
+        if self._comm_stream is not None:
             self.cupy.cuda.get_current_stream().wait_event(self._comm_stream.record())
 
     def broadcast_(self, buf, root):

@@ -98,11 +98,6 @@ class FakeComm:
     def Split_type(self, kind):
         return types.SimpleNamespace(Get_rank=lambda: self.rank, Get_size=lambda: self.size, Free=lambda: None)
 
-    def Iallreduce(self, sendbuf, recvbuf, op=None):
-        self.calls.append(("Iallreduce", len(recvbuf)))
-        recvbuf *= self.size
-        return "request"
-
     def Allreduce(self, sendbuf, recvbuf, op=None):
         target = recvbuf.host if isinstance(recvbuf, FakeDeviceArray) else recvbuf
         self.calls.append(("Allreduce", type(recvbuf).__name__))
@@ -118,12 +113,8 @@ class FakeComm:
 
 
 def fake_mpi(cuda_aware):
-    waited = []
-    request = types.SimpleNamespace(Waitall=lambda handles: waited.append(list(handles)),
-                                    Testall=lambda handles: True, waited=waited)
     return types.SimpleNamespace(
-        IN_PLACE="IN_PLACE", SUM="SUM", COMM_TYPE_SHARED=1, Query_cuda_support=lambda: int(cuda_aware),
-        Request=request,
+        IN_PLACE="IN_PLACE", SUM="SUM", COMM_TYPE_SHARED=1, Query_cuda_support=lambda: int(cuda_aware)
     )
 
 
@@ -272,27 +263,16 @@ def test_buckets_send_each_final_suffix_once(bucket_elems, spans):
     np.testing.assert_array_equal(flat, np.arange(12) * 2)  # every element reduced exactly once
 
 
-def test_numpy_buckets_use_nonblocking_iallreduce(no_excepthook_change):
-    comm, MPI = FakeComm(), fake_mpi(False)
-    flat = np.ones(6)
-    buckets = dist.GradientBuckets(flat, 2 * 8, dist.NumpyMPIAsync(comm, MPI))
-    buckets.ready(3)
-    assert comm.calls == [("Iallreduce", 3)]  # sent during backward
-    buckets.ready(0)
-    buckets.finish()
-    assert comm.calls == [("Iallreduce", 3), ("Iallreduce", 3)] and MPI.Request.waited == [["request"] * 2]
-    np.testing.assert_array_equal(flat, 2.0)  # the sum; the caller divides
-
-
 def test_training_on_the_cpu_sends_one_allreduce_after_backward(no_excepthook_change):
     comm = FakeComm()
     d = dist.MPIDistributed(comm, fake_mpi(False), env={})
     flat = np.ones(6)
     buckets = d.gradient_buckets(flat, bucket_bytes=8)
     buckets.ready(3)
-    assert comm.calls == []  # measured slower on the CPU: see NumpyMPIAsync
+    assert comm.calls == []  # no faster on the CPU: see HostMPITransport
     buckets.finish()
-    assert comm.calls == [("Iallreduce", 6)] and buckets.spans == [(0, 6)]
+    assert comm.calls == [("Allreduce", "ndarray")] and buckets.spans == [(0, 6)]
+    np.testing.assert_array_equal(flat, 2.0)  # the sum over 2 ranks; the caller divides
 
 
 def test_single_process_has_no_buckets():

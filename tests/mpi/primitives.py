@@ -16,17 +16,7 @@ d.broadcast_(b, root=1)
 assert list(b) == [0.0, 2.0, 4.0], b
 gathered = d.allgather_json({"rank": d.rank, "pos": [d.rank] * (d.rank + 1)})
 assert gathered == [{"rank": 0, "pos": [0]}, {"rank": 1, "pos": [1, 1]}], gathered
-# buckets: a nonblocking Iallreduce of each finished suffix, in place
-from mpi4py import MPI  # noqa: E402
-
-flat = np.arange(10, dtype=np.float64) * (d.rank + 1)
-buckets = distributed.GradientBuckets(flat, 3 * 8, distributed.NumpyMPIAsync(d.comm, MPI))
-for offset in (8, 6, 2, 1, 0):  # what backward reports as it goes
-    buckets.ready(offset)
-buckets.finish()
-assert buckets.spans == [(6, 10), (2, 6), (0, 2)], buckets.spans
-assert np.array_equal(flat, np.arange(10) * 3.0), flat
-# what training gets on the CPU: one allreduce after backward, whatever the bucket size
+# gradient buckets on the CPU: one allreduce after backward, whatever the bucket size
 flat = np.ones(10) * (d.rank + 1)
 buckets = d.gradient_buckets(flat, bucket_bytes=8)
 buckets.ready(5)
