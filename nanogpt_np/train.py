@@ -4,8 +4,9 @@ One optimizer step, as build-nanogpt takes it:
 
     for each of grad_accum micro-steps:   x, y = loader.next_batch()      (B, T)
                                           forward(x, y); backward()      grads += d(mean loss)
-    grads /= grad_accum                   the mean over the whole batch, as loss/grad_accum does
-    allreduce_mean_(grads)                across ranks (a no-op for one process)
+                                          (the last backward starts the sum over ranks:
+                                          distributed.GradientBuckets; none for one process)
+    grads /= grad_accum * world_size      the mean over the whole batch, as loss/grad_accum does
     norm = clip_grad_norm(grads, 1.0)
     opt.step(grads, lr=cosine_lr(step))
 
@@ -48,9 +49,9 @@ from typing import Optional
 import numpy as np
 
 from . import checkpoint, distributed, hellaswag
-from .distributed import DEFAULT_BUCKET_BYTES
 from .backend import default_precision, get_xp, is_bfloat16, resolve_precision, set_tf32, to_device
 from .data import DataError, DataLoader
+from .distributed import DEFAULT_BUCKET_BYTES
 from .model import GPT, GPTConfig, parameter_shapes
 from .optim import AdamW, clip_grad_norm, cosine_lr
 from .tokenizer import N_VOCAB, get_encoding
