@@ -1054,13 +1054,13 @@ def run_in_subprocesses(args):
 def prepare_text(src, dst):
     """Tokenize a text file with GPT-2's BPE into a .npy of uint16 ids (on a machine
     that has the tokenizer files; the GPU machine then needs only the .npy)."""
+    from nanogpt_np.data import write_shard
     from nanogpt_np.tokenizer import get_encoding
 
-    ids = np.array(get_encoding().encode_ordinary(Path(src).read_text(encoding="utf-8")), dtype=np.uint16)
-    tmp = Path(str(dst) + ".tmp.npy")
-    np.save(tmp, ids)
-    os.replace(tmp, dst)
-    print(f"{src}: {ids.size:,} tokens -> {dst}")
+    ids = get_encoding().encode_ordinary(Path(src).read_text(encoding="utf-8"))
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    write_shard(dst, ids)  # uint16 .npy, written whole or not at all
+    print(f"{src}: {len(ids):,} tokens -> {dst}")
 
 
 def main(argv=None):

@@ -98,8 +98,10 @@ def test_prepare_text_writes_token_ids(tmp_path):
     gpu_check = load_gpu_check()
     src = tmp_path / "t.txt"
     src.write_text("To be, or not to be, that is the question.")
-    gpu_check.main(["--prepare-text", str(src), str(tmp_path / "t.npy")])
-    tokens, source = gpu_check.text_tokens(str(tmp_path / "t.npy"))
+    out = tmp_path / "not_yet" / "t.npy"  # its folder is made
+    gpu_check.main(["--prepare-text", str(src), str(out)])
+    assert [p.name for p in out.parent.iterdir()] == ["t.npy"]  # no temporary file left
+    tokens, source = gpu_check.text_tokens(str(out))
     assert tokens.dtype == np.int64 and 5 < tokens.size < 20 and "GPT-2 tokens" in source
     tokens, source = gpu_check.text_tokens(str(src))
     assert "GPT-2 BPE" in source and tokens.size < 20
