@@ -397,12 +397,29 @@ class NCCLTransport:
 
     def __init__(self, comm, cupy):
         self.nccl, self.cupy = import_nccl(cupy), cupy
-        uid = np.zeros(self.UNIQUE_ID_BYTES, dtype=np.int64)
+        # the id as rank 0 made it, sent as numbers: [is it bytes?, 128 byte values]
+        uid = np.zeros(1 + self.UNIQUE_ID_BYTES, dtype=np.int64)
         if comm.Get_rank() == 0:
-            uid[:] = self.nccl.get_unique_id()  # a tuple of 128 byte values
+            uid[:] = self._id_to_numbers(self.nccl.get_unique_id())
         comm.Bcast(uid, root=0)
-        self.comm = self.nccl.NcclCommunicator(comm.Get_size(), tuple(uid.tolist()), comm.Get_rank())
+        self.comm = self.nccl.NcclCommunicator(comm.Get_size(), self._id_from_numbers(uid), comm.Get_rank())
         self._comm_stream = None  # the side stream of overlapped buckets, made on first use
+
+    @staticmethod
+    def _id_to_numbers(unique_id):
+        """CuPy's get_unique_id() gives a tuple of 128 signed byte values in some
+        versions and 128 raw bytes in others (CuPy 14.2 on an H200: bytes)."""
+        if isinstance(unique_id, (bytes, bytearray)):
+            return [1] + list(unique_id)
+        return [0] + list(unique_id)
+
+    @staticmethod
+    def _id_from_numbers(numbers):
+        """The id back in the form get_unique_id() returned it."""
+        values = numbers[1:]
+        if numbers[0]:
+            return bytes(values.astype(np.uint8))
+        return tuple(values.tolist())
 
     def _dtype(self, buf):
         names = {np.dtype(np.float32): "NCCL_FLOAT32", np.dtype(np.float64): "NCCL_FLOAT64",

@@ -86,8 +86,9 @@ class FakeDeviceArray:
 class FakeComm:
     """Two ranks' worth of MPI: Allreduce doubles the buffer (both ranks hold the same)."""
 
-    def __init__(self, rank=0, size=2):
+    def __init__(self, rank=0, size=2, sent_id_was_bytes=0):
         self.rank, self.size, self.calls = rank, size, []
+        self.sent_id_was_bytes = sent_id_was_bytes
 
     def Get_rank(self):
         return self.rank
@@ -106,7 +107,7 @@ class FakeComm:
     def Bcast(self, buf, root=0):
         self.calls.append(("Bcast", type(buf).__name__))
         if self.rank != root and isinstance(buf, np.ndarray) and buf.dtype == np.int64:
-            buf[:] = 7  # the id rank 0 sent
+            buf[0], buf[1:] = self.sent_id_was_bytes, 7  # the id rank 0 sent
 
     def Abort(self, code):
         self.calls.append(("Abort", code))
@@ -198,6 +199,17 @@ def test_nccl_unique_id_comes_from_rank_0(monkeypatch, no_excepthook_change):
     d.gpu_transport(cupy)
     (n, uid, rank), = nccl.made
     assert rank == 1 and uid == (7,) * 128  # what the Bcast delivered, not a local id
+
+
+def test_nccl_unique_id_given_as_bytes_stays_bytes(monkeypatch, no_excepthook_change):
+    """CuPy 14.2 (seen on an H200) returns the id as 128 raw bytes, not a tuple."""
+    cupy, nccl, _ = fake_cupy(monkeypatch, True)
+    raw = bytes(range(100, 228))
+    nccl.get_unique_id = lambda: raw
+    dist.MPIDistributed(FakeComm(rank=0), fake_mpi(False), env={}).gpu_transport(cupy)
+    dist.MPIDistributed(FakeComm(rank=1, sent_id_was_bytes=1), fake_mpi(False), env={}).gpu_transport(cupy)
+    (_, uid0, _), (_, uid1, _) = nccl.made
+    assert uid0 == raw and uid1 == bytes([7] * 128)
 
 
 def test_env_forces_host_staging(monkeypatch, no_excepthook_change):
