@@ -18,12 +18,15 @@
 // Per warp and tile, each product is 4 x 8 mma instructions: 4 steps of 16 along
 // the contraction, 8 column blocks of 8.
 //
-// Shared memory holds bf16 pairs as 32-bit words, two neighbours along the axis
-// the mma fragment pairs up: a "row tile" X[r][c] keeps words (c, c+1) of row r,
-// a "transposed tile" keeps words (r, r+1) of column c. Rows are padded from 32 to
-// 36 words, so the 8 row groups of a fragment load fall on different banks.
-// Sizes (per block): forward 2 tiles, 18.4 KB; dq 3 tiles, 27.6 KB; dk/dv 4 tiles
-// and two 64-float rows, 37.4 KB; all below the 48 KB of static shared memory.
+// Shared memory holds each tile as it lies in memory, a "row tile": row r of 64
+// bf16 as 32 words, word w = (x[r][2w], x[r][2w+1]). Rows are padded from 32 to 36
+// words, so the 8 row groups of a fragment load fall on different banks. A tile
+// serves both kinds of B operand: X^T (S = Q K^T: a word is two neighbours along
+// the contraction, as the fragment wants) and X (O = P V: the fragment wants two
+// neighbouring rows of one column, so two words give one half each). One copy of
+// each tile, loaded with coalesced 4-byte reads, and no transposed copies.
+// Sizes (per block): forward and dq 2 tiles, 18.4 KB; dk/dv 2 tiles and two
+// 64-float rows, 18.9 KB; all far below the 48 KB of static shared memory.
 #include "common.cuh"
 
 #define MMA_HS 64                    // head size
@@ -39,18 +42,6 @@ __device__ __forceinline__ void load_row_tile(unsigned (*tile)[MMA_WORDS], const
     for (int e = threadIdx.x; e < MMA_TILE * (MMA_HS / 2); e += blockDim.x) {
         const int r = e / (MMA_HS / 2), w = e % (MMA_HS / 2);
         tile[r][w] = r0 + r < seq_len ? load_bf16x2(x + (r0 + r) * stride + 2 * w) : 0u;
-    }
-}
-
-// The same block transposed: tile[d][w] = (x[2w][d], x[2w+1][d]) for the 64 dims d.
-__device__ __forceinline__ void load_transposed_tile(unsigned (*tile)[MMA_WORDS], const bf16* __restrict__ x,
-                                                     long long stride, int r0, int seq_len) {
-    for (int e = threadIdx.x; e < MMA_HS * (MMA_TILE / 2); e += blockDim.x) {
-        const int w = e / MMA_HS, d = e % MMA_HS;  // neighbouring threads read neighbouring d
-        const int r = r0 + 2 * w;
-        const unsigned lo = r < seq_len ? x[r * stride + d].bits : 0u;
-        const unsigned hi = r + 1 < seq_len ? x[(r + 1) * stride + d].bits : 0u;
-        tile[d][w] = lo | (hi << 16);
     }
 }
 
@@ -98,16 +89,22 @@ __device__ __forceinline__ void accumulators_to_a(unsigned (&a)[4][4], const flo
     }
 }
 
-// acc[n] += A (16 x 64, from accumulators_to_a) @ X, X the 64 x 64 block whose
-// transposed tile is given: columns of the result are X's 64 dims.
-__device__ __forceinline__ void mma_a_by_transposed(float (&acc)[8][4], const unsigned (&a)[4][4],
-                                                    const unsigned (*tile)[MMA_WORDS]) {
+// acc[n] += A (16 x 64, from accumulators_to_a) @ X, X the 64 x 64 row tile (its
+// rows along the contraction): columns of the result are X's 64 dims. The B
+// fragment holds X[k][d] and X[k+1][d] in one register; they are the same half
+// (d's parity) of the words X[k][d/2] and X[k+1][d/2].
+__device__ __forceinline__ void mma_a_by_rows(float (&acc)[8][4], const unsigned (&a)[4][4],
+                                              const unsigned (*tile)[MMA_WORDS]) {
     const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const bool odd_dim = g & 1;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
+        const int k = 16 * j + 2 * t;
 #pragma unroll
         for (int n = 0; n < 8; ++n) {
-            const unsigned b[2] = {tile[8 * n + g][8 * j + t], tile[8 * n + g][8 * j + 4 + t]};
+            const int w = 4 * n + g / 2;  // the word of dim 8 n + g
+            const unsigned b[2] = {same_halves(tile[k][w], tile[k + 1][w], odd_dim),
+                                   same_halves(tile[k + 8][w], tile[k + 9][w], odd_dim)};
             mma_bf16_16816(acc[n], a[j], b);
         }
     }
@@ -142,7 +139,7 @@ __global__ void flash_attention_mma_forward(const bf16* __restrict__ qkv, bf16* 
                                             float* __restrict__ lse, int seq_len, int n_head, float scale_log2) {
     static_assert(HS == MMA_HS, "the tensor-core kernels are written for head size 64");
     __shared__ unsigned k_tile[MMA_TILE][MMA_WORDS];   // keys x dim pairs
-    __shared__ unsigned vt_tile[MMA_HS][MMA_WORDS];    // dims x key pairs
+    __shared__ unsigned v_tile[MMA_TILE][MMA_WORDS];   // keys x dim pairs
     const int bh = blockIdx.x, b = bh / n_head, h = bh % n_head;
     const int C = n_head * HS;
     const long long stride = 3LL * C;
@@ -159,7 +156,7 @@ __global__ void flash_attention_mma_forward(const bf16* __restrict__ qkv, bf16* 
     for (int k0 = 0; k0 < kv_end; k0 += MMA_TILE) {
         __syncthreads();  // everyone is done with the previous tile
         load_row_tile(k_tile, head_q + C, stride, k0, seq_len);
-        load_transposed_tile(vt_tile, head_q + 2 * C, stride, k0, seq_len);
+        load_row_tile(v_tile, head_q + 2 * C, stride, k0, seq_len);
         __syncthreads();
         float s[8][4];
         zero(s);
@@ -191,7 +188,7 @@ __global__ void flash_attention_mma_forward(const bf16* __restrict__ qkv, bf16* 
             }
         unsigned pa[4][4];
         accumulators_to_a(pa, s);
-        mma_a_by_transposed(o, pa, vt_tile);
+        mma_a_by_rows(o, pa, v_tile);
     }
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -220,9 +217,8 @@ __global__ void flash_attention_mma_backward_dq(const bf16* __restrict__ qkv, co
                                                 float* __restrict__ D, bf16* __restrict__ dqkv, int seq_len,
                                                 int n_head, float scale, float scale_log2) {
     static_assert(HS == MMA_HS, "the tensor-core kernels are written for head size 64");
-    __shared__ unsigned k_tile[MMA_TILE][MMA_WORDS];   // keys x dim pairs    (for q k^T)
+    __shared__ unsigned k_tile[MMA_TILE][MMA_WORDS];   // keys x dim pairs    (for q k^T and ds k)
     __shared__ unsigned v_tile[MMA_TILE][MMA_WORDS];   // keys x dim pairs    (for dy v^T)
-    __shared__ unsigned kt_tile[MMA_HS][MMA_WORDS];    // dims x key pairs    (for ds k)
     const int bh = blockIdx.x, b = bh / n_head, h = bh % n_head;
     const int C = n_head * HS;
     const long long stride = 3LL * C;
@@ -259,7 +255,6 @@ __global__ void flash_attention_mma_backward_dq(const bf16* __restrict__ qkv, co
         __syncthreads();
         load_row_tile(k_tile, head_q + C, stride, k0, seq_len);
         load_row_tile(v_tile, head_q + 2 * C, stride, k0, seq_len);
-        load_transposed_tile(kt_tile, head_q + C, stride, k0, seq_len);
         __syncthreads();
         float p[8][4], dp[8][4];
         zero(p);
@@ -276,7 +271,7 @@ __global__ void flash_attention_mma_backward_dq(const bf16* __restrict__ qkv, co
             }
         unsigned dsa[4][4];
         accumulators_to_a(dsa, p);
-        mma_a_by_transposed(dq, dsa, kt_tile);
+        mma_a_by_rows(dq, dsa, k_tile);
     }
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -304,10 +299,8 @@ __global__ void flash_attention_mma_backward_dkdv(const bf16* __restrict__ qkv, 
                                                   bf16* __restrict__ dqkv, int seq_len, int n_head, float scale,
                                                   float scale_log2) {
     static_assert(HS == MMA_HS, "the tensor-core kernels are written for head size 64");
-    __shared__ unsigned q_tile[MMA_TILE][MMA_WORDS];    // queries x dim pairs  (for k q^T)
-    __shared__ unsigned dy_tile[MMA_TILE][MMA_WORDS];   // queries x dim pairs  (for v dy^T)
-    __shared__ unsigned qt_tile[MMA_HS][MMA_WORDS];     // dims x query pairs   (for ds^T q)
-    __shared__ unsigned dyt_tile[MMA_HS][MMA_WORDS];    // dims x query pairs   (for p^T dy)
+    __shared__ unsigned q_tile[MMA_TILE][MMA_WORDS];    // queries x dim pairs  (for k q^T and ds^T q)
+    __shared__ unsigned dy_tile[MMA_TILE][MMA_WORDS];   // queries x dim pairs  (for v dy^T and p^T dy)
     __shared__ float lse2_tile[MMA_TILE];
     __shared__ float D_tile[MMA_TILE];
     const int bh = blockIdx.x, b = bh / n_head, h = bh % n_head;
@@ -328,8 +321,6 @@ __global__ void flash_attention_mma_backward_dkdv(const bf16* __restrict__ qkv, 
         __syncthreads();
         load_row_tile(q_tile, head_q, stride, i0, seq_len);
         load_row_tile(dy_tile, head_dy, C, i0, seq_len);
-        load_transposed_tile(qt_tile, head_q, stride, i0, seq_len);
-        load_transposed_tile(dyt_tile, head_dy, C, i0, seq_len);
         for (int a = threadIdx.x; a < MMA_TILE; a += blockDim.x) {
             lse2_tile[a] = i0 + a < seq_len ? lse[(long long)bh * seq_len + i0 + a] * 1.4426950408889634f : 0.0f;
             D_tile[a] = i0 + a < seq_len ? D[(long long)bh * seq_len + i0 + a] : 0.0f;
@@ -350,9 +341,9 @@ __global__ void flash_attention_mma_backward_dkdv(const bf16* __restrict__ qkv, 
             }
         unsigned a[4][4];
         accumulators_to_a(a, p);
-        mma_a_by_transposed(dv, a, dyt_tile);
+        mma_a_by_rows(dv, a, dy_tile);
         accumulators_to_a(a, dp);
-        mma_a_by_transposed(dk, a, qt_tile);
+        mma_a_by_rows(dk, a, q_tile);
     }
 #pragma unroll
     for (int r = 0; r < 2; ++r) {

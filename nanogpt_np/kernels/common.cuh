@@ -58,6 +58,13 @@ __device__ __forceinline__ void store_bf16x2(bf16* p, unsigned v) {
 #endif
 }
 
+// One half from each of two words, the same half of both (the high halves if
+// `high`), packed with w0's in the low half: two rows' bf16 of one column, from
+// two row-major words that each hold a pair of columns.
+__device__ __forceinline__ unsigned same_halves(unsigned w0, unsigned w1, bool high) {
+    return high ? (w0 >> 16) | (w1 & 0xffff0000u) : (w0 & 0xffffu) | (w1 << 16);
+}
+
 // The two bf16 of such a word, widened to float.
 __device__ __forceinline__ float bf16x2_lo(unsigned w) { return __uint_as_float(w << 16); }
 __device__ __forceinline__ float bf16x2_hi(unsigned w) { return __uint_as_float(w & 0xffff0000u); }
