@@ -28,7 +28,7 @@ dimensions (tests/kernels/emulator.py), so the mapping is checked without a GPU.
 """
 import numpy as np
 
-from ..backend import array_module, tf32_enabled
+from ..backend import array_module, data_pointer, tf32_enabled
 
 # cuBLAS and CUDA enum values (stable parts of their C ABIs)
 OP_N, OP_T = 0, 1
@@ -101,14 +101,6 @@ def matmul(a, b, out=None, trans_a=False, trans_b=False, beta=0.0, out_dtype=Non
     return out
 
 
-def pointer(a):
-    """The device address of a CuPy array's first element (the host address of a
-    NumPy array's, for the CPU stand-ins)."""
-    if isinstance(a, np.ndarray):
-        return int(a.ctypes.data)
-    return int(a.data.ptr)
-
-
 class CublasRunner:
     """Calls cublasGemmEx through CuPy's binding, on CuPy's handle for the current
     device and CuPy's current stream (the binding sets the stream)."""
@@ -134,8 +126,8 @@ class CublasRunner:
         if cublas.getPointerMode(handle) != POINTER_MODE_HOST:  # alpha and beta live on the host
             cublas.setPointerMode(handle, POINTER_MODE_HOST)
         alpha_host, beta_host = np.array(alpha), np.array(beta)  # kept alive through the call
-        cublas.gemmEx(handle, transa, transb, m, n, k, alpha_host.ctypes.data, pointer(A), a_type, lda,
-                      pointer(B), b_type, ldb, beta_host.ctypes.data, pointer(C), c_type, ldc, compute,
+        cublas.gemmEx(handle, transa, transb, m, n, k, alpha_host.ctypes.data, data_pointer(A), a_type, lda,
+                      data_pointer(B), b_type, ldb, beta_host.ctypes.data, data_pointer(C), c_type, ldc, compute,
                       GEMM_DEFAULT_TENSOR_OP)
 
 

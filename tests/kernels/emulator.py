@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nanogpt_np.backend import bfloat16
+from nanogpt_np.backend import bfloat16, data_pointer
 from nanogpt_np.kernels import gemm, loader
 
 HERE = Path(__file__).resolve().parent
@@ -188,7 +188,7 @@ class NumpyCublas:
         extent = ((cols - 1) * ld + rows) * dtype.itemsize
         if extent > arr.nbytes:
             raise ValueError(f"gemmEx: a {rows}x{cols} matrix with ld {ld} reads past an array of {arr.nbytes} bytes")
-        raw = (ctypes.c_uint8 * extent).from_address(gemm.pointer(arr))
+        raw = (ctypes.c_uint8 * extent).from_address(data_pointer(arr))
         flat = np.frombuffer(raw, dtype=np.uint8).view(dtype)
         return np.lib.stride_tricks.as_strided(flat, shape=(rows, cols), strides=(dtype.itemsize, ld * dtype.itemsize))
 
