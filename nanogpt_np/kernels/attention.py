@@ -21,7 +21,7 @@ import os
 
 import numpy as np
 
-from ..backend import array_module, is_bfloat16
+from ..backend import array_module, data_pointer, is_bfloat16
 from ..layers import attention as formula
 from . import fused
 from .loader import KernelFile, ceil_div, ctype, kernel_array, scalar
@@ -103,12 +103,19 @@ def forward(qkv, n_head):
     return y, (_FLASH, qkv, y, lse, n_head)
 
 
+def _aligned16(a, xp):
+    """`a`, copied if it starts off a 16-byte boundary: the tensor-core kernels
+    move tiles 16 bytes at a time (a fresh array is always aligned; a view into
+    the middle of one may not be)."""
+    return a if data_pointer(a) % 16 == 0 else xp.array(a, copy=True)
+
+
 def _forward_mma(qkv, n_head):
     """bf16 qkv -> bf16 y on tensor cores; the cache keeps lse in float32."""
     xp = array_module(qkv)
     B, T, C3 = qkv.shape
     C = C3 // 3
-    qkv = kernel_array(qkv, qkv.dtype, xp)
+    qkv = _aligned16(kernel_array(qkv, qkv.dtype, xp), xp)
     y = xp.empty((B, T, C), dtype=qkv.dtype)
     lse = xp.empty((B, n_head, T), dtype=np.float32)
     _mma.launch(
@@ -122,7 +129,7 @@ def _backward_mma(dy, cache):
     _, qkv, y, lse, n_head = cache
     xp = array_module(dy)
     B, T, C = y.shape
-    dy = kernel_array(dy, qkv.dtype, xp)
+    dy = _aligned16(kernel_array(dy, qkv.dtype, xp), xp)  # qkv and y: aligned by forward
     scale = 1.0 / math.sqrt(MMA_HEAD_SIZE)
     dqkv = xp.empty_like(qkv)  # q part written by the dq pass, k and v parts by the dk/dv pass
     D = xp.empty((B, n_head, T), dtype=np.float32)  # dy . y per row, from the dq pass

@@ -25,6 +25,8 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <cstdint>
+#include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -35,6 +37,8 @@
 #define __forceinline__ inline
 #define __restrict__ __restrict
 #define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+#define __launch_bounds__(...)
 
 struct dim3 {
     unsigned x = 1, y = 1, z = 1;
@@ -65,6 +69,12 @@ inline double __longlong_as_double(long long i) {
 struct EmuError : std::runtime_error {
     using std::runtime_error::runtime_error;
 };
+
+// A vector load or store on the GPU faults on a misaligned address; here it says so.
+inline void emu_check_aligned(const void* p, unsigned bytes) {
+    if (reinterpret_cast<std::uintptr_t>(p) % bytes)
+        throw EmuError("a " + std::to_string(bytes) + "-byte vector access at a misaligned address");
+}
 
 enum class EmuState { ready, at_syncthreads, at_shuffle, done };
 

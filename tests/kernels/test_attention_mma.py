@@ -85,3 +85,15 @@ def test_mma_mirror_matches_plain_attention(B, T, NH):
     # without the roundings the same tiling is exact
     y_exact, cache_exact = flash_reference.forward(qkv.astype(np.float64), NH, 64, 64)
     assert rel_err(y_exact, y_ref) < 1e-12
+
+
+def test_views_off_a_16_byte_boundary_are_copied_for_the_16_byte_loads():
+    from nanogpt_np.backend import data_pointer
+
+    base = np.arange(40, dtype=np.float32).astype(BF16)
+    view = base[1:33]  # 2 bytes into the allocation
+    assert data_pointer(view) % 16 != 0
+    fixed = kernels.attention._aligned16(view, np)
+    assert data_pointer(fixed) % 16 == 0 and np.array_equal(fixed, view)
+    aligned = base[8:40]
+    assert kernels.attention._aligned16(aligned, np) is aligned  # no copy when none is needed
