@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Check the CuPy backend on a GPU, in one command, and print a table.
 
-    python scripts/gpu_check.py --text gpu_data/shakespeare.npy      # about 4-5 minutes on an H100
+    python scripts/gpu_check.py --text gpu_data/shakespeare.npy      # about 3 minutes on an H200
     python scripts/gpu_check.py --budget 200 --no-compile
 
 Needs only this repository and a GPU machine's Python with NumPy, CuPy (14, with
