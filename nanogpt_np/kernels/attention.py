@@ -48,7 +48,7 @@ _cu = KernelFile("attention.cu", list(_names()))
 # bf16 on tensor cores (attention_mma.cu): head size 64, tiles of 64 rows, 4 warps
 MMA_HEAD_SIZE = 64
 MMA_TILE = 64  # rows per block and per tile of the other side; flash_reference mirrors it
-MMA_THREADS = 128
+MMA_THREADS = 128  # = MMA_WARPS * 32 in the .cu, whose tile loads assume exactly this many threads
 _mma = KernelFile("attention_mma.cu", [f"flash_attention_mma_{part}<{MMA_HEAD_SIZE}>"
                                        for part in ("forward", "backward_dq", "backward_dkdv")]
                   + ["mma_layout_check"])

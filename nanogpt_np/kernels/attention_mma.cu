@@ -24,7 +24,7 @@
 // serves both kinds of B operand: X^T (S = Q K^T: a word is two neighbours along
 // the contraction, as the fragment wants) and X (O = P V: the fragment wants two
 // neighbouring rows of one column, so two words give one half each). One copy of
-// each tile, loaded with coalesced 4-byte reads, and no transposed copies.
+// each tile, loaded with coalesced 16-byte reads, and no transposed copies.
 // Sizes (per block): forward and dq 2 tiles, 18.4 KB; dk/dv 2 tiles and two
 // 64-float rows, 18.9 KB; all far below the 48 KB of static shared memory.
 #include "common.cuh"
