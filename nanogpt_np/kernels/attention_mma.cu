@@ -160,6 +160,16 @@ __device__ __forceinline__ void mma_a_by_rows(float (&acc)[8][4], const unsigned
     }
 }
 
+// Row g + 8 r of this warp's 16 (half r of each accumulator block), times `scale`,
+// rounded to bf16 into out[0 .. 64): the thread's columns 8 n + 2 t and + 1.
+__device__ __forceinline__ void store_accumulator_row(bf16* __restrict__ out, const float (&acc)[8][4], int r,
+                                                      float scale) {
+    const int t = threadIdx.x % 4;
+#pragma unroll
+    for (int n = 0; n < 8; ++n)
+        store_bf16x2(out + 8 * n + 2 * t, pack_bf16x2(acc[n][2 * r] * scale, acc[n][2 * r + 1] * scale));
+}
+
 __device__ __forceinline__ void zero(float (&acc)[8][4]) {
 #pragma unroll
     for (int n = 0; n < 8; ++n)
@@ -254,11 +264,7 @@ __global__ void __launch_bounds__(MMA_THREADS, MMA_MIN_BLOCKS) flash_attention_m
         l[r] = quad_sum(l[r]);
         const int row = r0 + g + 8 * r;
         if (row < seq_len) {
-            bf16* y_row = y + ((long long)b * seq_len + row) * C + h * HS;
-            const float inv_l = 1.0f / l[r];
-#pragma unroll
-            for (int n = 0; n < 8; ++n)
-                store_bf16x2(y_row + 8 * n + 2 * t, pack_bf16x2(o[n][2 * r] * inv_l, o[n][2 * r + 1] * inv_l));
+            store_accumulator_row(y + ((long long)b * seq_len + row) * C + h * HS, o, r, 1.0f / l[r]);
             if (t == 0) lse[(long long)bh * seq_len + row] = (m[r] + log2f(l[r])) * 0.6931471805599453f;
         }
     }
@@ -345,10 +351,7 @@ __global__ void __launch_bounds__(MMA_THREADS, MMA_MIN_BLOCKS) flash_attention_m
     for (int r = 0; r < 2; ++r) {
         const int row = r0 + g + 8 * r;
         if (row < seq_len) {
-            bf16* dq_row = dqkv + ((long long)b * seq_len + row) * stride + h * HS;
-#pragma unroll
-            for (int n = 0; n < 8; ++n)
-                store_bf16x2(dq_row + 8 * n + 2 * t, pack_bf16x2(dq[n][2 * r] * scale, dq[n][2 * r + 1] * scale));
+            store_accumulator_row(dqkv + ((long long)b * seq_len + row) * stride + h * HS, dq, r, scale);
             if (t == 0) D[(long long)bh * seq_len + row] = row_D[r];
         }
     }
@@ -427,11 +430,8 @@ __global__ void __launch_bounds__(MMA_THREADS, MMA_MIN_BLOCKS) flash_attention_m
         const int key = r0 + g + 8 * r;
         if (key < seq_len) {
             bf16* out = dqkv + ((long long)b * seq_len + key) * stride + h * HS;
-#pragma unroll
-            for (int n = 0; n < 8; ++n) {
-                store_bf16x2(out + C + 8 * n + 2 * t, pack_bf16x2(dk[n][2 * r] * scale, dk[n][2 * r + 1] * scale));
-                store_bf16x2(out + 2 * C + 8 * n + 2 * t, pack_bf16x2(dv[n][2 * r], dv[n][2 * r + 1]));
-            }
+            store_accumulator_row(out + C, dk, r, scale);
+            store_accumulator_row(out + 2 * C, dv, r, 1.0f);
         }
     }
 }
