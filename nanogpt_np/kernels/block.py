@@ -49,6 +49,22 @@ def _set_grad(model, name, value):
         grad += value
 
 
+def _linear_backward(model, prefix, dout2, act2, dbias):
+    """The linear layer `prefix` (y = act @ W.T + b) given dout2 (N, out) in the
+    compute dtype and its bias gradient: sets its gradients, -> d act (N, in)."""
+    _set_grad(model, prefix + ".bias", dbias)
+    _weight_grad(model, prefix + ".weight", dout2, act2)
+    return gemm.matmul(dout2, model.compute_params[prefix + ".weight"])
+
+
+def _layernorm_backward_into(model, prefix, dout, cache, dx):
+    """LayerNorm `prefix`'s backward, adding its input gradient into dx (the
+    residual stream's) in the same kernel; sets its weight and bias gradients."""
+    _, dw, db = layernorm.backward(dout.reshape(dx.shape), cache, dx_out=dx)
+    _set_grad(model, prefix + ".weight", dw)
+    _set_grad(model, prefix + ".bias", db)
+
+
 def block_forward(model, i, x):
     """x: (B, T, C) in the parameter dtype -> x: (B, T, C), cache for block_backward."""
     p, w, h, cd = model.params, model.compute_params, f"transformer.h.{i}.", model.compute_dtype
@@ -75,43 +91,31 @@ def block_backward(model, i, dx, cache):
     """dx: (B, T, C) at the block's output (parameter dtype) -> dx at its input.
     dx is updated in place (the residual path passes it through unchanged)."""
     ln1, a2, attn, y2, ln2, m2, pre, hidden = cache
-    p, w, h, cd = model.params, model.compute_params, f"transformer.h.{i}.", model.compute_dtype
+    p, h, cd = model.params, f"transformer.h.{i}.", model.compute_dtype
     C = dx.shape[-1]
     # forward: x = x + (hidden @ W.T + b)   (mlp.c_proj and the residual)
     d, dbias = fused.cast_column_sums(dx.reshape(-1, C), cd)  # (N, C) matmul operand, (C,)
-    _set_grad(model, h + "mlp.c_proj.bias", dbias)
-    _weight_grad(model, h + "mlp.c_proj.weight", d, hidden)
-    dhidden = gemm.matmul(d, w[h + "mlp.c_proj.weight"])  # (N, 4C)
+    dhidden = _linear_backward(model, h + "mlp.c_proj", d, hidden, dbias)  # (N, 4C)
     del d, hidden
     # forward: hidden = gelu(m @ W.T + b)   (mlp.c_fc)
     dpre, dbias = fused.bias_gelu_backward(dhidden, pre, p[h + "mlp.c_fc.bias"])
     del dhidden, pre
-    _set_grad(model, h + "mlp.c_fc.bias", dbias)
-    _weight_grad(model, h + "mlp.c_fc.weight", dpre, m2)
-    dm = gemm.matmul(dpre, w[h + "mlp.c_fc.weight"])  # (N, C)
+    dm = _linear_backward(model, h + "mlp.c_fc", dpre, m2, dbias)  # (N, C)
     del dpre
     # forward: m = ln_2(x);  dx += its gradient
-    _, dw, db = layernorm.backward(dm.reshape(dx.shape), ln2, dx_out=dx)
-    _set_grad(model, h + "ln_2.weight", dw)
-    _set_grad(model, h + "ln_2.bias", db)
+    _layernorm_backward_into(model, h + "ln_2", dm, ln2, dx)
     # forward: x = x + (y @ W.T + b)   (attn.c_proj and the residual)
     d, dbias = fused.cast_column_sums(dx.reshape(-1, C), cd)
-    _set_grad(model, h + "attn.c_proj.bias", dbias)
-    _weight_grad(model, h + "attn.c_proj.weight", d, y2)
-    dy = gemm.matmul(d, w[h + "attn.c_proj.weight"])  # (N, C)
+    dy = _linear_backward(model, h + "attn.c_proj", d, y2, dbias)  # (N, C)
     del d
     # forward: y = attention(qkv)
     dqkv = attention.backward(dy.reshape(dx.shape), attn).reshape(-1, 3 * C)  # (N, 3C)
     del dy, attn
     # forward: qkv = a @ W.T + b   (attn.c_attn)
-    _set_grad(model, h + "attn.c_attn.bias", fused.column_sums(dqkv))
-    _weight_grad(model, h + "attn.c_attn.weight", dqkv, a2)
-    da = gemm.matmul(dqkv, w[h + "attn.c_attn.weight"])  # (N, C)
+    da = _linear_backward(model, h + "attn.c_attn", dqkv, a2, fused.column_sums(dqkv))  # (N, C)
     del dqkv
     # forward: a = ln_1(x);  dx += its gradient
-    _, dw, db = layernorm.backward(da.reshape(dx.shape), ln1, dx_out=dx)
-    _set_grad(model, h + "ln_1.weight", dw)
-    _set_grad(model, h + "ln_1.bias", db)
+    _layernorm_backward_into(model, h + "ln_1", da, ln1, dx)
     return dx
 
 
