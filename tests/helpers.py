@@ -61,3 +61,18 @@ def directional_fd_check(loss_fn, inputs, grads, rng, n_dirs=3, eps=1e-6, tol=1e
             assert abs(numeric - analytic) / denom < tol, (
                 f"input {k}: finite difference {numeric:.10e} vs backward {analytic:.10e}"
             )
+
+
+def write_random_shards(directory, n_train, train_tokens, doc_every, val_name, val_tokens, seed=0):
+    """Random GPT-2 token shards in `directory`: n_train train shards of train_tokens
+    tokens, an <|endoftext|> every doc_every tokens (documents), and one val shard
+    named val_name (.npy or .bin) of val_tokens tokens. Returns the directory."""
+    from nanogpt_np.data import write_shard
+
+    rng = np.random.default_rng(seed)
+    for i in range(n_train):
+        tokens = rng.integers(0, 50257, train_tokens)
+        tokens[::doc_every] = 50256
+        write_shard(directory / f"r_train_{i:06d}.npy", tokens)
+    write_shard(directory / val_name, rng.integers(0, 50257, val_tokens))
+    return directory

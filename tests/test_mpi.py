@@ -41,16 +41,9 @@ def test_a_failing_rank_stops_the_job_quickly():
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    from nanogpt_np.data import write_shard
+    from tests.helpers import write_random_shards
 
-    d = tmp_path_factory.mktemp("shards")
-    rng = np.random.default_rng(0)
-    for i in range(2):
-        tokens = rng.integers(0, 50257, 900)
-        tokens[::41] = 50256
-        write_shard(d / f"r_train_{i:06d}.npy", tokens)
-    write_shard(d / "r_val_000000.npy", rng.integers(0, 50257, 300))
-    return str(d)
+    return str(write_random_shards(tmp_path_factory.mktemp("shards"), 2, 900, 41, "r_val_000000.npy", 300))
 
 
 def test_two_ranks_equal_one_rank_with_grad_accumulation(shards, tmp_path):

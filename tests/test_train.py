@@ -10,11 +10,11 @@ import pytest
 
 from nanogpt_np import GPT, GPTConfig
 from nanogpt_np.checkpoint import CheckpointError, load_checkpoint
-from nanogpt_np.data import write_shard
 from nanogpt_np.optim import AdamW
 from nanogpt_np.distributed import Single
 from nanogpt_np.train import (PRESETS, ConfigError, TrainConfig, Trainer, build_parser,
                               flops_per_token, grad_accum_steps, parse_args, train_step, truncate_log)
+from tests.helpers import write_random_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = dict(log=lambda *a, **k: None)
@@ -22,15 +22,9 @@ QUIET = dict(log=lambda *a, **k: None)
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    """Random-token shards: three train (rollovers every few steps), one val."""
-    d = tmp_path_factory.mktemp("shards")
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        tokens = rng.integers(0, 50257, 700)
-        tokens[::37] = 50256  # documents, for the shuffle
-        write_shard(d / f"r_train_{i:06d}.npy", tokens)
-    write_shard(d / "r_val_000000.bin", rng.integers(0, 50257, 500))
-    return str(d)
+    """Random-token shards: three train (rollovers every few steps; documents, for
+    the shuffle), one val in llm.c's .bin format."""
+    return str(write_random_shards(tmp_path_factory.mktemp("shards"), 3, 700, 37, "r_val_000000.bin", 500))
 
 
 def small(data_dir, log_dir, **overrides):
