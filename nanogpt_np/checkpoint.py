@@ -9,13 +9,22 @@ Inside `model_{step:05d}.npz` (np.savez, loaded with allow_pickle=False):
                         format, version, step (optimizer steps done = the next step
                         to run), model config, dtype, optimizer scalars (its step
                         count, betas, eps, ...), loader states (a list, one per
-                        rank), RNG state, the training arguments, backend.
+                        rank), RNG state, the step guard's statistics, the training
+                        arguments, backend, and the sha256 of every array above
+  meta_sha256         the sha256 of the meta string itself
+
+Checked on load: every array's bytes against its sha256, so a flipped byte or a
+truncated file is refused with the array named (`--resume` then falls back to the
+previous checkpoint, see load_latest_good). Version 1 files (no checksums) still load.
 
 Arrays are copied to the host on save and to the model's device on load, so a
 GPU checkpoint resumes on the CPU and the other way round. The file is written
 to a temporary name in the same folder, fsynced, then renamed over the real
-name: a run killed while saving leaves the previous checkpoint intact.
+name: a run killed while saving leaves the previous checkpoint intact. A write
+that fails (disk full, a read-only folder) removes the temporary file and raises
+CheckpointError saying so; the previous checkpoint is never touched.
 """
+import hashlib
 import json
 import os
 import re
@@ -25,7 +34,8 @@ import numpy as np
 
 from .backend import to_device, to_host
 
-FORMAT, VERSION = "nanogpt_np-checkpoint", 1
+FORMAT, VERSION = "nanogpt_np-checkpoint", 2
+READABLE_VERSIONS = (1, 2)  # 1: before checksums
 NAME_RE = re.compile(r"^model_(\d+)\.npz$")
 
 
@@ -37,60 +47,150 @@ def checkpoint_path(log_dir, step):
     return os.path.join(log_dir, f"model_{step:05d}.npz")
 
 
+def list_checkpoints(log_dir):
+    """Paths of log_dir's checkpoints, newest (highest step) first."""
+    if not os.path.isdir(log_dir):
+        return []
+    found = sorted(((int(m.group(1)), n) for n in os.listdir(log_dir) if (m := NAME_RE.match(n))),
+                   reverse=True)
+    return [os.path.join(log_dir, n) for _, n in found]
+
+
 def latest_checkpoint(log_dir):
     """Path of the checkpoint with the highest step in log_dir, or None."""
-    if not os.path.isdir(log_dir):
-        return None
-    found = [(int(m.group(1)), n) for n in os.listdir(log_dir) if (m := NAME_RE.match(n))]
-    return os.path.join(log_dir, max(found)[1]) if found else None
+    found = list_checkpoints(log_dir)
+    return found[0] if found else None
 
 
-def save_checkpoint(path, model, optimizer, step, loader_states, rng_state, train_args=None):
-    """Write everything a bit-identical resume needs to `path`, atomically."""
+def sha256(array):
+    return hashlib.sha256(np.ascontiguousarray(array).data).hexdigest()
+
+
+def save_checkpoint(path, model, optimizer, step, loader_states, rng_state, train_args=None, extra=None):
+    """Write everything a bit-identical resume needs to `path`, atomically.
+    `extra`: more JSON-able meta (the trainer's step-guard statistics)."""
     opt_state = optimizer.state_dict()
     meta = {
         "format": FORMAT, "version": VERSION, "step": int(step),
         "model_config": model.config.to_dict(), "dtype": model.dtype.name, "backend": model.backend,
         "optimizer": {k: v for k, v in opt_state.items() if k not in ("exp_avg", "exp_avg_sq")},
         "loader_states": list(loader_states), "rng_state": rng_state,
-        "train_args": train_args or {},
+        "train_args": train_args or {}, **(extra or {}),
     }
     arrays = {f"param/{name}": to_host(p) for name, p in model.parameters().items()}
     arrays["optim/exp_avg"] = to_host(opt_state["exp_avg"])
     arrays["optim/exp_avg_sq"] = to_host(opt_state["exp_avg_sq"])
-    arrays["meta"] = np.array(json.dumps(meta))
+    meta["checksums"] = {name: sha256(a) for name, a in arrays.items()}
+    meta_text = json.dumps(meta)
+    arrays["meta"] = np.array(meta_text)
+    arrays["meta_sha256"] = np.array(hashlib.sha256(meta_text.encode()).hexdigest())
+    _write_atomically(path, arrays)
+    return path
+
+
+def _write_atomically(path, arrays):
+    """np.savez into a temporary file beside `path`, fsync, rename. On any failure
+    the temporary file is removed and `path` (an older checkpoint, say) is untouched."""
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
+        os.makedirs(directory, exist_ok=True)
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # disk full, quota, read-only or vanished folder
+        older = [p for p in list_checkpoints(directory) if p != path]
+        kept = f"the previous checkpoint {older[0]} is intact" if older else "no earlier checkpoint exists"
+        raise CheckpointError(
+            f"could not write checkpoint {path}: {e.strerror or e} ({type(e).__name__}); {kept}. "
+            "Free disk space or make the folder writable (or choose another --log-dir), then --resume"
+        ) from e
     finally:
-        if os.path.exists(tmp):
+        try:
             os.remove(tmp)
+        except OSError:
+            pass  # renamed already, or never created
     return path
 
 
 def load_checkpoint(path):
-    """{'meta': dict, 'params': {name: array}, 'exp_avg': array, 'exp_avg_sq': array}, on the host."""
+    """{'meta': dict, 'params': {name: array}, 'exp_avg': array, 'exp_avg_sq': array}, on the host.
+    Every array is checked against the checksum stored with it."""
     try:
         with np.load(path, allow_pickle=False) as npz:
-            meta = json.loads(str(npz["meta"]))
-            params = {k[len("param/"):]: npz[k] for k in npz.files if k.startswith("param/")}
-            exp_avg, exp_avg_sq = npz["optim/exp_avg"], npz["optim/exp_avg_sq"]
+            meta_text = str(npz["meta"])
+            stored_meta_sum = str(npz["meta_sha256"]) if "meta_sha256" in npz.files else None
+            arrays = {k: npz[k] for k in npz.files if k not in ("meta", "meta_sha256")}
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # damage, missing parts
         raise CheckpointError(f"checkpoint {path} is unreadable or incomplete ({e})") from e
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise CheckpointError(
-            f"{path} is not a {FORMAT} version {VERSION} file "
-            f"(format {meta.get('format')!r}, version {meta.get('version')!r})"
-        )
-    return {"meta": meta, "params": params, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+    if stored_meta_sum is not None and hashlib.sha256(meta_text.encode()).hexdigest() != stored_meta_sum:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its meta does not match its checksum")
+    try:
+        meta = json.loads(meta_text)
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its meta is not JSON ({e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") not in READABLE_VERSIONS:
+        got = meta if not isinstance(meta, dict) else (meta.get("format"), meta.get("version"))
+        raise CheckpointError(f"{path} is not a {FORMAT} file of version {READABLE_VERSIONS} (found {got!r})")
+    if meta["version"] >= 2 and stored_meta_sum is None:
+        raise CheckpointError(f"checkpoint {path} is corrupt: the checksum of its meta is missing")
+    _verify_checksums(path, meta, arrays)
+    missing = [k for k in ("optim/exp_avg", "optim/exp_avg_sq") if k not in arrays]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is incomplete: no {', '.join(missing)}")
+    params = {k[len("param/"):]: a for k, a in arrays.items() if k.startswith("param/")}
+    return {"meta": meta, "params": params, "exp_avg": arrays["optim/exp_avg"],
+            "exp_avg_sq": arrays["optim/exp_avg_sq"]}
+
+
+def _verify_checksums(path, meta, arrays):
+    if meta["version"] < 2:
+        return  # written before checksums
+    sums = meta.get("checksums")
+    if not isinstance(sums, dict) or set(sums) != set(arrays):
+        raise CheckpointError(f"checkpoint {path} is corrupt: its list of checksums does not match its arrays")
+    for name, array in arrays.items():
+        if sha256(array) != sums[name]:
+            raise CheckpointError(f"checkpoint {path} is corrupt: array {name} does not match its checksum")
+
+
+def load_latest_good(log_dir, log=print):
+    """(path, checkpoint) of the newest checkpoint in log_dir that loads and verifies,
+    or (None, None) if there is none at all. A damaged newer one is named in the log
+    and skipped; if every one is damaged, CheckpointError lists them."""
+    problems = []
+    for path in list_checkpoints(log_dir):
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointError as e:
+            problems.append(str(e))
+            log(f"warning: {e}; trying the previous checkpoint")
+            continue
+        if problems:
+            log(f"resuming from {path}, the newest checkpoint that verifies")
+        return path, ckpt
+    if problems:
+        raise CheckpointError(f"no checkpoint in {log_dir} verifies: " + " | ".join(problems))
+    return None, None
+
+
+def prune_checkpoints(log_dir, keep_last, keep=()):
+    """Delete all but the `keep_last` newest checkpoints (0: keep all), never one in
+    `keep`. Called after a new checkpoint is safely renamed into place. -> deleted paths."""
+    if keep_last <= 0:
+        return []
+    keep = {os.path.abspath(p) for p in keep}
+    doomed = [p for p in list_checkpoints(log_dir)[keep_last:] if os.path.abspath(p) not in keep]
+    for path in doomed:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+    return doomed
 
 
 def check_compatible(ckpt, model, path=""):

@@ -22,6 +22,16 @@ Optionally (off by default) each epoch visits the shards in a shuffled order, an
 each shard's documents (split where `<|endoftext|>` starts one) are shuffled. The
 shuffles are drawn from (seed, epoch, shard), so `state()` needs only the epoch,
 the shard and the position to resume on exactly the next batch.
+
+Another number of ranks. The ranks share one position (epoch, shard, base): the
+tokens before `base` in the current shard have all been read, by someone. So a
+state saved by M ranks can be continued by N ranks (or with another B):
+`load_state(state, reshard=True)` keeps the position and lets the new ranks cut
+the rest of the shard their way. No token is read twice within the epoch, and
+`tokens` (all ranks' tokens read so far) carries over. What changes: which rank
+reads which sequence, and how much of each shard's tail is too short for a round
+and skipped, so the losses after such a resume are not bit-identical to a run that
+kept its rank count.
 """
 import os
 import re
@@ -213,6 +223,7 @@ class DataLoader:
     def reset(self):
         """Back to the first batch of the first shard (build-nanogpt resets val this way)."""
         self.epoch, self.shard_index, self.base = 0, 0, 0
+        self.tokens_read = 0  # by all ranks together, since the start of the run
         self._load_current_shard()
 
     def shard_order(self, epoch):
@@ -236,6 +247,7 @@ class DataLoader:
         x = buf[:-1].reshape(B, T)  # inputs
         y = buf[1:].reshape(B, T)  # targets: the next token of each input
         self.base += B * T * self.world_size
+        self.tokens_read += B * T * self.world_size
         if self.base + self.round_tokens > self.tokens.size:  # the next round would run off the end
             self._advance_shard()
         return x, y
@@ -256,12 +268,15 @@ class DataLoader:
             "shuffle": self.shuffle, "seed": self.seed,
             "shards": [os.path.basename(p) for p in self.shards],
             "epoch": self.epoch, "shard_index": self.shard_index, "base": self.base,
+            "tokens": self.tokens_read,
         }
 
-    def load_state(self, state):
-        """Continue from state(): the next batch is the one the saved loader would have read."""
+    def load_state(self, state, reshard=False):
+        """Continue from state(): the next batch is the one the saved loader would have
+        read. reshard=True: the state may come from another number of ranks or another
+        B; the position is kept and this loader's ranks cut the rest of the shard."""
         mine = self.state()
-        keys = ["split", "B", "T", "rank", "world_size", "shuffle", "shards"]
+        keys = ["split", "T", "shuffle", "shards"] + ([] if reshard else ["B", "rank", "world_size"])
         if self.shuffle:
             keys.append("seed")  # the seed picks the order only when shuffling
         for key in keys:
@@ -272,7 +287,10 @@ class DataLoader:
                     "shape, number of ranks and shuffle settings"
                 )
         self.epoch, self.shard_index, self.base = state["epoch"], state["shard_index"], state["base"]
+        self.tokens_read = int(state.get("tokens", 0))  # absent in states saved before it was kept
         self._load_current_shard()
+        if reshard and self.base + self.round_tokens > self.tokens.size:
+            self._advance_shard()  # what is left of the shard is too short for this loader's round
 
 
 def shuffle_documents(tokens, rng):

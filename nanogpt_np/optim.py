@@ -215,7 +215,9 @@ def clip_grad_norm(grads, max_norm):
     """Scale grads in place so their global L2 norm is at most max_norm.
 
     Returns the norm before clipping, as torch.nn.utils.clip_grad_norm_ does
-    (including its 1e-6 in the denominator).
+    (including its 1e-6 in the denominator). A NaN or Inf norm leaves the
+    gradients as they are (scaling by 0 or NaN would only hide where they went
+    wrong); the trainer skips such a step.
     """
     arrays = list(grads.values()) if isinstance(grads, dict) else list(grads)
     flat = contiguous_base(arrays)
@@ -226,7 +228,7 @@ def clip_grad_norm(grads, max_norm):
     pieces = [a[lo : lo + size] for a in parts for lo in range(0, a.size, size)]
     total = math.sqrt(sum(parallel_map(lambda piece: float(xp.dot(piece, piece)), pieces, xp)))
     clip_coef = min(1.0, max_norm / (total + 1e-6))
-    if clip_coef < 1.0:
+    if clip_coef < 1.0 and math.isfinite(total):
 
         def scale(piece):
             piece *= clip_coef

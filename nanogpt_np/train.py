@@ -27,6 +27,16 @@ schedule). `--resume` restores all of it, so the continued run computes the same
 floating-point operations in the same order: same losses, same weights, bit for
 bit (on the same machine, backend and thread count).
 
+Surviving a long run (resilience.py). A step whose loss or gradient norm is NaN
+or Inf is skipped (no AdamW update); after --max-bad-steps of them in a row the
+run checkpoints its last good weights and stops with an error. --skip-zscore Z
+also skips steps whose loss or norm is a spike (z-score above Z against recent
+steps). SIGTERM or Ctrl-C finishes the current step on every rank, checkpoints
+and exits 0 (a second one exits at once). --resume verifies the checkpoint's
+checksums and falls back to the previous checkpoint when the newest is damaged;
+--keep-last K keeps the newest K. A run may resume on another number of ranks:
+the tokens per step stay the same (see data.py for what else holds).
+
 MFU. A training token costs 6N + 6*L*C*T FLOPs: 6N for the matmuls of the N
 weights it passes through (2 forward, 4 backward; wpe is a lookup and is left out
 of N, the tied wte counts once for lm_head), and 6*L*C*T for attention's
@@ -49,6 +59,7 @@ from typing import Optional
 import numpy as np
 
 from . import checkpoint, distributed, hellaswag
+from .resilience import StepGuard, StopRequest
 from .backend import default_precision, get_xp, is_bfloat16, resolve_precision, set_tf32, to_device
 from .data import DataError, DataLoader
 from .distributed import DEFAULT_BUCKET_BYTES
@@ -59,6 +70,16 @@ from .tokenizer import N_VOCAB, get_encoding
 
 class ConfigError(ValueError):
     """Flags that cannot work together; the message says which and how to fix them."""
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (too many non-finite steps in a row, or log.txt cannot be
+    written); the message says why and what was saved. `collective`: every rank
+    raised it at the same step, so none needs to be aborted."""
+
+    def __init__(self, message, collective=False):
+        super().__init__(message)
+        self.collective = collective
 
 
 @dataclass
@@ -98,6 +119,9 @@ class TrainConfig:
     hellaswag_every: int = 250
     hellaswag_path: Optional[str] = None  # None: the cached val file, downloaded if missing
     preset: Optional[str] = None
+    max_bad_steps: int = 5  # non-finite steps in a row before the run stops (0: never)
+    skip_zscore: float = 0.0  # skip steps whose loss or grad norm z-score passes this (0: off)
+    keep_last: int = 3  # checkpoints kept in --log-dir (0: all)
 
 
 PRESETS = {
@@ -147,6 +171,11 @@ FLAG_HELP = {
     "hellaswag_every": "HellaSwag (val, acc_norm) every N steps (0: off)",
     "hellaswag_path": "hellaswag_val.jsonl (default: cached copy, downloaded when missing)",
     "preset": "a named set of defaults; explicit flags still win",
+    "max_bad_steps": "stop (with a checkpoint) after this many NaN/Inf steps in a row; they are "
+                     "skipped until then (0: never stop)",
+    "skip_zscore": "skip a step whose loss or grad norm is this many standard deviations above "
+                   "recent steps (0: off)",
+    "keep_last": "keep only the newest K checkpoints (0: keep all)",
 }
 
 
@@ -239,12 +268,22 @@ def format_seconds(s):
 
 
 def train_step(model, optimizer, loader, accum, lr, grad_clip, dist, bucket_bytes=DEFAULT_BUCKET_BYTES):
-    """One optimizer step over `accum` micro-batches -> (mean loss, grad norm before clipping).
+    """One optimizer step over `accum` micro-batches -> (mean loss, grad norm before clipping)."""
+    loss, _ = accumulate_gradients(model, loader, accum, dist, bucket_bytes)
+    norm = clip_grad_norm(model.grads, grad_clip if grad_clip > 0 else float("inf"))
+    optimizer.step(model.grads, lr=lr)
+    return loss, norm
+
+
+def accumulate_gradients(model, loader, accum, dist, bucket_bytes=DEFAULT_BUCKET_BYTES, stop_vote=0.0):
+    """model.flat_grads = the gradient of the mean loss over `accum` micro-batches on
+    every rank -> (that mean loss, the mean of the ranks' stop_vote).
 
     With several ranks, the last micro-step's backward sends the gradients to the
     allreduce in buckets as they become final (distributed.GradientBuckets), so the
     communication hides under the rest of backward; bucket_bytes=0 sends them all
-    after backward instead."""
+    after backward instead. stop_vote (a callable, read after backward) rides on the
+    loss's allreduce, so every rank learns in the same step that one was signalled."""
     model.zero_grad()
     buckets = dist.gradient_buckets(model.flat_grads, bucket_bytes)  # None on one rank
     loss_sum = 0.0
@@ -258,10 +297,9 @@ def train_step(model, optimizer, loader, accum, lr, grad_clip, dist, bucket_byte
         buckets.finish()  # flat_grads now holds the sum over ranks and micro-steps
     if accum * dist.world_size > 1:
         model.flat_grads /= accum * dist.world_size  # the gradient of the mean over all of them
-    (loss,) = dist.allreduce_scalars([loss_sum / accum], op="mean")
-    norm = clip_grad_norm(model.grads, grad_clip if grad_clip > 0 else float("inf"))
-    optimizer.step(model.grads, lr=lr)
-    return loss, norm
+    vote = stop_vote() if callable(stop_vote) else stop_vote
+    loss, votes = dist.allreduce_scalars([loss_sum / accum, float(vote)], op="mean")
+    return loss, votes
 
 
 def evaluate(model, loader, steps, dist):
@@ -329,8 +367,10 @@ class Trainer:
         self.train_loader, self.val_loader = self._make_loaders()
         self.hellaswag_examples = self._load_hellaswag() if cfg.hellaswag_every else None
         self.rng = np.random.default_rng([cfg.seed, 1])  # draws each sampling's seed
+        self.guard = StepGuard(cfg.max_bad_steps, cfg.skip_zscore)
+        self.stop_request = StopRequest(say=self.log)
         self.step = 0  # optimizer steps done = the next step to run
-        self.history = {"train": {}, "val": {}, "samples": {}, "hella": {}}
+        self.history = {"train": {}, "val": {}, "samples": {}, "hella": {}, "skipped": {}, "stopped": None}
         self.log_path = os.path.join(cfg.log_dir, "log.txt")
 
     def _check_config(self):
@@ -346,7 +386,7 @@ class Trainer:
             if getattr(cfg, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
         for name in ("val_every", "sample_every", "ckpt_every", "warmup_steps", "sample_tokens",
-                     "hellaswag_every", "bucket_mb"):
+                     "hellaswag_every", "bucket_mb", "max_bad_steps", "skip_zscore", "keep_last"):
             if getattr(cfg, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0 (0 turns it off)")
 
@@ -387,15 +427,26 @@ class Trainer:
     # ---- starting and resuming -----------------------------------------------------------
 
     def start(self):
-        """Fresh run: clear log.txt. With --resume: load the latest checkpoint, if any."""
+        """Fresh run: clear log.txt. With --resume: load the newest checkpoint that
+        verifies, if any (rank 0 checks them; the others load rank 0's choice)."""
         cfg = self.cfg
-        os.makedirs(cfg.log_dir, exist_ok=True)
-        path = checkpoint.latest_checkpoint(cfg.log_dir) if cfg.resume else None
-        path = self.dist.allgather_json(path)[0]  # every rank resumes from rank 0's choice
+        try:
+            os.makedirs(cfg.log_dir, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create --log-dir {cfg.log_dir}: {e.strerror or e}") from e
+        path, ckpt, problem = None, None, None
+        if cfg.resume and self.dist.is_master:
+            try:
+                path, ckpt = checkpoint.load_latest_good(cfg.log_dir, log=self.log)
+            except checkpoint.CheckpointError as e:
+                problem = str(e)
+        path, problem = self.dist.allgather_json([path, problem])[0]  # every rank follows rank 0
+        if problem:
+            raise checkpoint.CheckpointError(problem)
         if cfg.resume and path is None:
             self.log(f"--resume: no checkpoint in {cfg.log_dir}, starting from step 0")
         if path is not None:
-            self.resume_from(path)
+            self.resume_from(path, ckpt)
         # every rank starts from rank 0's weights (they agree already, by seed or by
         # checkpoint; the broadcast makes sure)
         self.dist.broadcast_(self.model.flat_params, root=0)
@@ -405,20 +456,32 @@ class Trainer:
             else:
                 truncate_log(self.log_path, self.step)
 
-    def resume_from(self, path):
-        ckpt = checkpoint.load_checkpoint(path)
+    def resume_from(self, path, ckpt=None):
+        ckpt = ckpt or checkpoint.load_checkpoint(path)
         meta = checkpoint.restore(ckpt, self.model, self.optimizer, path)
-        states = meta["loader_states"]
-        if len(states) != self.dist.world_size:
-            raise checkpoint.CheckpointError(
-                f"{path} was written by a run of {len(states)} rank(s), but this run has "
-                f"{self.dist.world_size}; resume with the same number of ranks"
-            )
-        self.train_loader.load_state(states[self.dist.rank])
+        self._restore_loader(path, meta["loader_states"])
         self.rng.bit_generator.state = meta["rng_state"]
+        self.guard.load_state(meta.get("guard", {}))
         self.step = meta["step"]
         self._warn_changed_flags(meta.get("train_args", {}))
         self.log(f"resumed from {path} at step {self.step}")
+
+    def _restore_loader(self, path, states):
+        """The same ranks and B: each rank continues its own loader exactly. Otherwise
+        the shared position carries over and the new ranks split the rest (data.py)."""
+        same = len(states) == self.dist.world_size and states[0].get("B") == self.cfg.batch_size
+        if same:
+            self.train_loader.load_state(states[self.dist.rank])
+            return
+        positions = {(s.get("epoch"), s.get("shard_index"), s.get("base")) for s in states}
+        if len(positions) != 1:
+            raise checkpoint.CheckpointError(f"{path}: its ranks saved different data positions {positions}")
+        self.train_loader.load_state(states[0], reshard=True)
+        self.log(f"resuming a run of {len(states)} rank(s) x B={states[0].get('B')} on "
+                 f"{self.dist.world_size} x B={self.cfg.batch_size}: the same {self.cfg.total_batch_size:,} "
+                 f"tokens per step ({self.accum} micro-steps now), the data position carried over "
+                 f"({self.train_loader.tokens_read:,} tokens read); losses will not match the original "
+                 "run bit for bit")
 
     def _warn_changed_flags(self, saved):
         now = dataclasses.asdict(self.cfg)
@@ -429,14 +492,26 @@ class Trainer:
                      + "); the continued run will not match the original one")
 
     def save(self):
-        """Checkpoint after self.step steps; every rank contributes its loader position."""
+        """Checkpoint after self.step steps; every rank contributes its loader position.
+        Then the checkpoints beyond --keep-last are deleted (never the new one). A
+        failed write stops every rank with rank 0's error."""
         states = self.dist.allgather_json(self.train_loader.state())
         path = checkpoint.checkpoint_path(self.cfg.log_dir, self.step)
+        problem = None
         if self.dist.is_master:
-            checkpoint.save_checkpoint(path, self.model, self.optimizer, self.step, states,
-                                       self.rng.bit_generator.state, dataclasses.asdict(self.cfg))
-            self.log(f"saved checkpoint {path}")
-        self.dist.barrier()  # no rank looks for this checkpoint before it exists
+            try:
+                checkpoint.save_checkpoint(path, self.model, self.optimizer, self.step, states,
+                                           self.rng.bit_generator.state, dataclasses.asdict(self.cfg),
+                                           extra={"guard": self.guard.state()})
+                self.log(f"saved checkpoint {path}")
+                for old in checkpoint.prune_checkpoints(self.cfg.log_dir, self.cfg.keep_last, keep=[path]):
+                    self.log(f"deleted old checkpoint {old} (--keep-last {self.cfg.keep_last})")
+            except checkpoint.CheckpointError as e:
+                problem = str(e)
+        problem = self.dist.allgather_json(problem)[0]  # also: no rank looks for it before it exists
+        if problem:
+            raise checkpoint.CheckpointError(problem)
+        self.last_saved = self.step
         return path
 
     # ---- the loop ----------------------------------------------------------------------------
@@ -451,24 +526,65 @@ class Trainer:
         if self.step >= cfg.max_steps:
             self.log(f"nothing to do: the run is at step {self.step}, --max-steps is {cfg.max_steps}")
         self.clock = None  # (time, step) at the end of this process's first step
-        for step in range(self.step, stop):
-            last = step == cfg.max_steps - 1
-            if cfg.val_every and (step % cfg.val_every == 0 or last):
-                self.validate(step)
-            if cfg.hellaswag_every and (step % cfg.hellaswag_every == 0 or last):
-                self.evaluate_hellaswag(step)
-            if cfg.sample_every and ((step > 0 and step % cfg.sample_every == 0) or last):
-                self.sample(step)
-            t0 = time.perf_counter()
-            lr = cosine_lr(step, cfg.max_lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
-            loss, norm = train_step(self.model, self.optimizer, self.train_loader, self.accum, lr,
-                                    cfg.grad_clip, self.dist, int(cfg.bucket_mb * 2**20))
-            synchronize(self.xp)
-            self.step = step + 1
-            self.report(step, loss, lr, norm, time.perf_counter() - t0)
-            if cfg.ckpt_every and (self.step % cfg.ckpt_every == 0 or last):
-                self.save()
+        self.last_saved = None
+        with self.stop_request:
+            for step in range(self.step, stop):
+                self.evaluate_before(step)
+                signalled = self.train_one_step(step)
+                last = step == cfg.max_steps - 1
+                if cfg.ckpt_every and (self.step % cfg.ckpt_every == 0 or last):
+                    self.save()
+                if signalled:
+                    self.stop_for_signal()
+                    break
         return self.history
+
+    def evaluate_before(self, step):
+        cfg, last = self.cfg, step == self.cfg.max_steps - 1
+        if cfg.val_every and (step % cfg.val_every == 0 or last):
+            self.validate(step)
+        if cfg.hellaswag_every and (step % cfg.hellaswag_every == 0 or last):
+            self.evaluate_hellaswag(step)
+        if cfg.sample_every and ((step > 0 and step % cfg.sample_every == 0) or last):
+            self.sample(step)
+
+    def train_one_step(self, step):
+        """Gradients, then AdamW unless the guard skips the step. -> whether some rank
+        was signalled to stop (known to all ranks at once, from the loss allreduce)."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        lr = cosine_lr(step, cfg.max_lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
+        loss, votes = accumulate_gradients(self.model, self.train_loader, self.accum, self.dist,
+                                           int(cfg.bucket_mb * 2**20),
+                                           stop_vote=lambda: float(self.stop_request.requested))
+        norm = clip_grad_norm(self.model.grads, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        skipped = self.guard.judge(loss, norm)  # the same on every rank: loss and norm are
+        if skipped is None:  # computed from numbers the allreduce made equal
+            self.optimizer.step(self.model.grads, lr=lr)
+        synchronize(self.xp)
+        self.step = step + 1
+        self.report(step, loss, lr, norm, time.perf_counter() - t0)
+        if skipped is not None:
+            self.history["skipped"][step] = skipped
+            self.log(f"step {step:5d} | skipped: {skipped}; no update, AdamW's moments untouched")
+            self.append_log(f"{step} skipped {skipped}")
+        if self.guard.must_stop:
+            self.stop_for_bad_steps(step)
+        return votes > 0
+
+    def stop_for_bad_steps(self, step):
+        path = self.save() if self.last_saved != self.step else checkpoint.checkpoint_path(self.cfg.log_dir, self.step)
+        raise TrainingStopped(
+            f"{self.guard.bad_in_row} non-finite steps in a row (the last: step {step}, "
+            f"{self.history['skipped'][step]}); the weights of the last good step are in {path}. "
+            f"Lower --max-lr or check the data, then --resume (or raise --max-bad-steps)", collective=True)
+
+    def stop_for_signal(self):
+        if self.last_saved != self.step:
+            self.save()
+        path = checkpoint.checkpoint_path(self.cfg.log_dir, self.step)
+        self.history["stopped"] = {"signal": self.stop_request.signal_name or "a signal on another rank",
+                                   "step": self.step, "checkpoint": path}
 
     def validate(self, step):
         loss = evaluate(self.model, self.val_loader, self.cfg.val_steps, self.dist)
@@ -499,8 +615,12 @@ class Trainer:
 
     def append_log(self, line):
         if self.dist.is_master:
-            with open(self.log_path, "a") as f:
-                f.write(line + "\n")
+            try:
+                with open(self.log_path, "a") as f:
+                    f.write(line + "\n")
+            except OSError as e:
+                raise TrainingStopped(f"cannot write {self.log_path}: {e.strerror or e}; free disk space "
+                                      "or make --log-dir writable, then --resume") from e
 
     def announce(self):
         cfg, m = self.cfg, self.model
@@ -544,6 +664,17 @@ class Trainer:
                  f"{100 * self.step / cfg.max_steps:.0f}% ETA {format_seconds(eta)}")
 
 
+def resume_command(argv=None, world_size=1):
+    """The command line that continues this run: the same one plus --resume."""
+    import shlex
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--resume" not in args:
+        args.append("--resume")
+    launcher = ["mpiexec", "-n", str(world_size)] if world_size > 1 else []
+    return " ".join(shlex.quote(a) for a in [*launcher, "python3", "scripts/train.py", *args])
+
+
 def main(argv=None):
     cfg = parse_args(argv)
     t0 = time.perf_counter()
@@ -551,7 +682,11 @@ def main(argv=None):
     try:
         trainer = Trainer(cfg, dist=dist)
         history = trainer.run()
-    except (ConfigError, DataError, checkpoint.CheckpointError) as e:
+    except (ConfigError, DataError, checkpoint.CheckpointError, TrainingStopped) as e:
+        if getattr(e, "collective", False):  # every rank stopped here: rank 0 speaks for all
+            if dist.is_master:
+                print(f"error: {e}", file=sys.stderr, flush=True)
+            return 1
         if dist.world_size > 1:  # the other ranks may wait in a collective: stop them too
             dist.abort(1, f"error on rank {dist.rank}: {e}")
         print(f"error: {e}", file=sys.stderr, flush=True)
@@ -560,6 +695,13 @@ def main(argv=None):
         print(f"\ninterrupted; continue with the same flags plus --resume "
               f"(from the latest checkpoint in {cfg.log_dir})", file=sys.stderr)
         return 130
+    if not dist.is_master:
+        return 0
+    stopped = history["stopped"]
+    if stopped:
+        say(f"stopped by {stopped['signal']} after step {stopped['step'] - 1} ({stopped['step']} steps done); "
+            f"checkpoint {stopped['checkpoint']}. Continue with: {resume_command(argv, dist.world_size)}")
+        return 0
     if history["val"]:
         step = max(history["val"])
         say(f"final val loss {history['val'][step]:.4f} (step {step})")

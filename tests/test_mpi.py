@@ -79,3 +79,90 @@ def test_a_failing_rank_in_training_stops_the_job(shards, tmp_path):
     assert result.returncode != 0
     assert time.monotonic() - start < 30
     assert "error on rank 1: shard edu_train_000007.npy is truncated (simulated on rank 1)" in result.stderr
+
+
+# ---- long runs: the step guard and another number of ranks (tests/mpi/resilience_ranks.py) ----
+
+
+def test_a_nan_on_one_rank_is_skipped_by_every_rank(shards, tmp_path):
+    result = run_mpi(ROOT / "tests" / "mpi" / "resilience_ranks.py", args=("nan", shards, str(tmp_path)))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert np.array_equal(np.load(tmp_path / "params_rank0.npy"), np.load(tmp_path / "params_rank1.npy"))
+
+
+def one_rank_part(shards, out, start, stop):
+    import json
+
+    from nanogpt_np.train import Trainer
+    from tests.mpi.reshard_config import config, record_reads
+
+    trainer = Trainer(config(shards, out / "log", resume=start > 0, ckpt_every=stop), log=lambda *a, **k: None)
+    reads = record_reads(trainer.train_loader)
+    trainer.run(stop_at=stop)
+    result = {"reads": reads, "accum": trainer.accum, "tokens": trainer.train_loader.tokens_read,
+              "losses": {str(k): v for k, v in trainer.history["train"].items()}}
+    (out / f"reads_{start}_rank0.json").write_text(json.dumps(result))
+
+
+def two_rank_part(shards, out, start, stop):
+    result = run_mpi(ROOT / "tests" / "mpi" / "resilience_ranks.py",
+                     args=("part", shards, str(out), str(start), str(stop)))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+@pytest.mark.parametrize("ranks", [(2, 1), (1, 2)], ids=["2->1", "1->2"])
+def test_resume_on_another_number_of_ranks(shards, tmp_path, ranks):
+    """10 steps on M ranks, checkpoint, 10 more on N: 64 tokens every step, the token
+    count carried over, and no token read twice (across a shard change, too)."""
+    import json
+
+    parts = {1: one_rank_part, 2: two_rank_part}
+    parts[ranks[0]](shards, tmp_path, 0, 10)
+    parts[ranks[1]](shards, tmp_path, 10, 20)
+    runs = {start: [json.loads((tmp_path / f"reads_{start}_rank{r}.json").read_text()) for r in range(n)]
+            for start, n in ((0, ranks[0]), (10, ranks[1]))}
+    assert [runs[0][0]["accum"], runs[10][0]["accum"]] == [2 // ranks[0], 2 // ranks[1]]
+    assert runs[0][0]["tokens"] == 10 * 64 and runs[10][0]["tokens"] == 20 * 64
+    reads = [tuple(r) for run in runs.values() for rank in run for r in rank["reads"]]
+    assert sum(stop - start for _, _, start, stop in reads) == 20 * 64
+    assert {shard for _, shard, _, _ in reads} == {0, 1}  # the run crossed into the second shard
+    by_shard = {}
+    for epoch, shard, start, stop in sorted(reads):
+        prev = by_shard.get((epoch, shard), 0)
+        assert start >= prev, f"tokens {start}..{prev} of shard {shard} read twice"
+        by_shard[(epoch, shard)] = stop
+    losses = runs[10][0]["losses"]
+    assert sorted(map(int, losses)) == list(range(10, 20)) and all(np.isfinite(list(losses.values())))
+
+
+def test_sigterm_to_a_two_rank_job_checkpoints_and_resumes_exactly(shards, tmp_path):
+    from nanogpt_np import checkpoint
+
+    flags = ["--n-layer", "2", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "2",
+             "--total-batch-size", "64", "--max-steps", "150", "--val-every", "0", "--sample-every", "0",
+             "--ckpt-every", "0", "--hellaswag-every", "0", "--peak-tflops", "1", "--dtype", "float64",
+             "--data-dir", shards]
+    script = ROOT / "scripts" / "train.py"
+    straight = run_mpi(script, args=(*flags, "--log-dir", str(tmp_path / "a")))
+    assert straight.returncode == 0, straight.stderr
+    log_dir = tmp_path / "b"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    proc = subprocess.Popen([MPIEXEC, "-n", "2", sys.executable, str(script), *flags, "--log-dir", str(log_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    log = log_dir / "log.txt"
+    deadline = time.monotonic() + 60
+    while not (log.exists() and log.read_text().count(" train ") >= 5):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.01)
+    proc.terminate()  # SIGTERM to mpiexec, which passes it to both ranks
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out + err
+    done = log.read_text().count(" train ")
+    assert 5 <= done < 150
+    assert out.count("stopped by SIGTERM") == 1  # rank 0 speaks for the job
+    assert f"({done} steps done)" in out and "Continue with: mpiexec -n 2 python3 scripts/train.py" in out
+    assert checkpoint.list_checkpoints(log_dir) == [str(log_dir / f"model_{done:05d}.npz")]
+    resumed = run_mpi(script, args=(*flags, "--log-dir", str(log_dir), "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert log.read_text() == (tmp_path / "a" / "log.txt").read_text()
