@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from nanogpt_np import distributed
-from nanogpt_np.train import TrainConfig, Trainer
+from nanogpt_np.train import Trainer
+from tests.mpi.reshard_config import config as small_run_config
 
 mode, data_dir, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 dist = distributed.init()
@@ -19,12 +20,7 @@ assert dist.world_size == 2
 
 
 def config(log_dir, **kw):
-    base = dict(n_layer=2, n_head=2, n_embd=16, block_size=16, vocab_size=50304, batch_size=2,
-                total_batch_size=64, max_lr=1e-2, min_lr=1e-3, warmup_steps=2, max_steps=5, val_every=0,
-                sample_every=0, ckpt_every=0, hellaswag_every=0, data_dir=data_dir, log_dir=str(log_dir),
-                peak_tflops=1.0, dtype="float64")
-    base.update(kw)
-    return TrainConfig(**base)
+    return small_run_config(data_dir, log_dir, **{"max_steps": 5, **kw})
 
 
 def quiet(*args, **kwargs):
