@@ -7,6 +7,9 @@
 Forward runs the layers in order and keeps each one's cache; backward walks the
 same list in reverse, handing every layer its cache and adding its parameter
 gradients into `model.grads`.
+The same sums without this file's buffers (written-or-added gradients, the reused
+logits buffer, the allreduce that starts during backward) are in
+nanogpt_np/reference.py, composed from the layers' plain references, for reading.
 
 Parameters live in one flat array and each named parameter is a view into it;
 the gradients likewise. The optimizer, the gradient clip, the MPI allreduce and

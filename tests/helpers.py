@@ -76,3 +76,17 @@ def write_random_shards(directory, n_train, train_tokens, doc_every, val_name, v
         write_shard(directory / f"r_train_{i:06d}.npy", tokens)
     write_shard(directory / val_name, rng.integers(0, 50257, val_tokens))
     return directory
+
+
+def assert_same_as_reference(fast, reference, what, tol=1e-12):
+    """A layer's fast result equals its plain reference: the same tuple (or array),
+    element by element, to float64 rounding relative to each array's scale."""
+    fast = fast if isinstance(fast, tuple) else (fast,)
+    reference = reference if isinstance(reference, tuple) else (reference,)
+    assert len(fast) == len(reference), f"{what}: {len(fast)} results, the reference has {len(reference)}"
+    for i, (a, b) in enumerate(zip(fast, reference)):
+        if a is None or b is None:
+            assert a is None and b is None, f"{what}[{i}]: one is None"
+            continue
+        err = rel_err(a, b)
+        assert err <= tol, f"{what}[{i}]: relative error {err:.2e} > {tol:.0e}"

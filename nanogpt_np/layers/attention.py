@@ -8,9 +8,9 @@ Per head, with S the scores, P their row softmax and Y the output:
     S = q @ k.T / sqrt(hs)            (T, T), S[i, j] = -inf for j > i (causal)
     P = softmax(S)  along each row
     Y = P @ v                         (T, hs)
-`reference_forward` at the end computes exactly this, all heads at once, for
-reading and for the tests; `forward` and `backward` compute the same thing tile
-by tile.
+`reference_forward` and `reference_backward` below compute exactly this, all
+heads at once, with the full (T, T) matrices; `forward` and `backward` compute the
+same thing tile by tile, never holding P.
 
 Derivation (per head; i is a query row, j a key row):
     dv = P.T @ dY
@@ -45,6 +45,75 @@ nanogpt_np/kernels/attention.cu, tested against this file.
 import math
 
 from ..backend import array_module, blas_threads, parallel_map
+
+# ---- the lesson: the formula and its derivative, plainly -------------------------------
+
+
+def _to_heads(a, n_head):
+    """(B, T, C) -> (B, NH, T, hs): head h is channels [h*hs, (h+1)*hs)"""
+    B, T, C = a.shape
+    return a.reshape(B, T, n_head, C // n_head).transpose(0, 2, 1, 3)  # (B, NH, T, hs)
+
+
+def _split_heads(qkv, n_head):
+    """qkv: (B, T, 3C) -> q, k, v: each (B, NH, T, hs)"""
+    C = qkv.shape[-1] // 3
+    return [_to_heads(qkv[..., i * C : (i + 1) * C], n_head) for i in range(3)]  # q, k, v
+
+
+def _merge_heads(a):
+    """(B, NH, T, hs) -> (B, T, C), the heads side by side"""
+    B, NH, T, hs = a.shape
+    return a.transpose(0, 2, 1, 3).reshape(B, T, NH * hs)  # (B, T, C)
+
+
+def reference_forward(qkv, n_head):
+    """qkv: (B, T, 3C)  ->  y: (B, T, C). Builds the full (B, NH, T, T) matrices."""
+    xp = array_module(qkv)
+    T = qkv.shape[1]
+    q, k, v = _split_heads(qkv, n_head)  # each (B, NH, T, hs)
+    hs = q.shape[-1]
+    s = q @ k.swapaxes(-1, -2) / math.sqrt(hs)  # (B, NH, T, T)
+    s = s + xp.triu(xp.full((T, T), -xp.inf, dtype=qkv.dtype), 1)  # causal: no key after the query
+    e = xp.exp(s - s.max(axis=-1, keepdims=True))  # the row max keeps exp() <= 1
+    p = e / e.sum(axis=-1, keepdims=True)  # softmax along each row
+    yh = p @ v  # (B, NH, T, hs)
+    y = _merge_heads(yh)  # (B, T, C)
+    return y
+
+
+def reference_backward(dy, qkv, n_head):
+    """dy: (B, T, C)  ->  dqkv: (B, T, 3C)"""
+    xp = array_module(qkv)
+    T = qkv.shape[1]
+    q, k, v = _split_heads(qkv, n_head)  # recomputed, as in the forward
+    hs = q.shape[-1]
+    s = q @ k.swapaxes(-1, -2) / math.sqrt(hs)
+    s = s + xp.triu(xp.full((T, T), -xp.inf, dtype=qkv.dtype), 1)
+    e = xp.exp(s - s.max(axis=-1, keepdims=True))
+    p = e / e.sum(axis=-1, keepdims=True)
+    # forward: y = _merge_heads(yh)
+    dyh = _to_heads(dy, n_head)  # (B, NH, T, hs)
+    # forward: yh = p @ v
+    dp = dyh @ v.swapaxes(-1, -2)  # (B, NH, T, T)
+    dv = p.swapaxes(-1, -2) @ dyh  # (B, NH, T, hs)
+    # forward: p = e / e.sum(...), i.e. p = softmax(s) along each row
+    ds = p * (dp - (p * dp).sum(axis=-1, keepdims=True))  # (B, NH, T, T)
+    # forward: s = s + mask            (p is 0 where masked, so ds is 0 there too)
+    # forward: s = q @ k.swapaxes(-1, -2) / math.sqrt(hs)
+    dq = ds @ k / math.sqrt(hs)  # (B, NH, T, hs)
+    dk = ds.swapaxes(-1, -2) @ q / math.sqrt(hs)  # (B, NH, T, hs)
+    # forward: q, k, v = _split_heads(qkv, n_head)
+    dqkv = xp.concatenate([_merge_heads(dq), _merge_heads(dk), _merge_heads(dv)], axis=-1)  # (B, T, 3C)
+    return dqkv
+
+
+# ---- the same arithmetic, scheduled for speed ----------------------------------------------
+# What differs from the lesson: query tiles that skip the masked keys, P recomputed
+# from the saved logsumexp instead of kept (flash attention's trade), D = rowsum(P*dP)
+# taken as dY . Y, each head's matmuls on in-place views of qkv, and score tiles held
+# transposed (St, keys down the rows) because BLAS runs that shape faster: below,
+# the softmax runs down columns and P.T @ dY is St @ dY.
 
 TILE = 128  # queries per tile: the masked work skipped grows as tiles shrink, while
 # the matmuls get slower; a tile's scores (T x TILE floats) stay in the L2 cache
@@ -158,22 +227,3 @@ def backward(dy, cache):
 
     _by_head(head, B, n_head, xp)
     return dqkv
-
-
-def reference_forward(qkv, n_head):
-    """The formula in the docstring, untiled: qkv (B, T, 3C) -> y (B, T, C).
-
-    Builds the full (B, NH, T, T) score matrix, so it is for reading and for
-    checking the tiled forward, not for training.
-    """
-    xp = array_module(qkv)
-    B, T, C3 = qkv.shape
-    C = C3 // 3
-    hs = C // n_head
-    q, k, v = (qkv[:, :, i * C : (i + 1) * C].reshape(B, T, n_head, hs).transpose(0, 2, 1, 3)
-               for i in range(3))  # each (B, NH, T, hs)
-    s = q @ k.swapaxes(-1, -2) / math.sqrt(hs)  # (B, NH, T, T)
-    s = s + xp.triu(xp.full((T, T), -xp.inf, dtype=qkv.dtype), 1)  # causal mask
-    p = xp.exp(s - s.max(axis=-1, keepdims=True))
-    p /= p.sum(axis=-1, keepdims=True)
-    return (p @ v).transpose(0, 2, 1, 3).reshape(B, T, C)  # (B, T, C)

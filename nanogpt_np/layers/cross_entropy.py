@@ -33,6 +33,52 @@ from ..backend import array_module, map_chunks, on_cpu
 CHUNK_ELEMENTS = 1 << 18  # values per chunk (1 MB in float32), at least one row
 
 
+# ---- the lesson: the formula and its derivative, plainly -------------------------------
+
+
+def reference_forward(logits, targets):
+    """logits: (B, T, V)  targets: (B, T) ints  ->  loss: 0-d array"""
+    xp = array_module(logits)
+    V = logits.shape[-1]
+    logits2 = logits.reshape(-1, V)  # (N, V)
+    targets1 = targets.reshape(-1)  # (N,)
+    N = logits2.shape[0]
+    row_max = logits2.max(axis=1, keepdims=True)  # (N, 1), so that exp() cannot overflow
+    lse = xp.log(xp.exp(logits2 - row_max).sum(axis=1)) + row_max[:, 0]  # (N,) logsumexp
+    losses = lse - logits2[xp.arange(N), targets1]  # (N,)
+    loss = losses.mean()
+    return loss
+
+
+def reference_backward(dloss, logits, targets):
+    """dloss: scalar  ->  dlogits: (B, T, V), a new array"""
+    xp = array_module(logits)
+    V = logits.shape[-1]
+    logits2 = logits.reshape(-1, V)  # (N, V)
+    targets1 = targets.reshape(-1)  # (N,)
+    N = logits2.shape[0]
+    row_max = logits2.max(axis=1, keepdims=True)  # recomputed, as in the forward
+    lse = xp.log(xp.exp(logits2 - row_max).sum(axis=1)) + row_max[:, 0]
+    # forward: loss = losses.mean()
+    dlosses = xp.full(N, dloss / N, dtype=logits.dtype)  # (N,)
+    # forward: losses = lse - logits2[xp.arange(N), targets1]
+    dlse = dlosses
+    dlogits2 = xp.zeros_like(logits2)  # (N, V)
+    dlogits2[xp.arange(N), targets1] -= dlosses  # one target per row: no index repeats
+    # forward: lse = log(sum(exp(logits2 - row_max))) + row_max
+    #   d lse / d logits2 = exp(logits2 - lse) = softmax; row_max's two terms cancel
+    softmax = xp.exp(logits2 - lse[:, None])  # (N, V)
+    dlogits2 = dlogits2 + dlse[:, None] * softmax
+    return dlogits2.reshape(logits.shape)  # (B, T, V)
+
+
+# ---- the same arithmetic, scheduled for speed ----------------------------------------------
+# What differs from the lesson: rows in cache-sized chunks shared among threads,
+# only the logsumexp kept, and backward writing dlogits *into the logits buffer*
+# (softmax recomputed there, the scale applied while the chunk is in the cache), so
+# two (B, T, V) arrays never exist at once.
+
+
 def _rows_per_chunk(N, V, xp):
     """CHUNK_ELEMENTS worth of rows (at least one) on the CPU; all N on a GPU."""
     return max(1, CHUNK_ELEMENTS // V) if on_cpu(xp) else N

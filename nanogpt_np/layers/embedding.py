@@ -13,6 +13,41 @@ input, not a learned value.
 """
 from ..backend import array_module, scatter_add_rows
 
+# ---- the lesson: the formula and its derivative, plainly -------------------------------
+
+
+def reference_forward(idx, wte, wpe):
+    """idx: (B, T) ints  wte: (V, C)  wpe: (block_size, C)  ->  x: (B, T, C)"""
+    T = idx.shape[1]
+    tok = wte[idx]  # (B, T, C): row idx[b, t] of wte
+    pos = wpe[:T]  # (T, C)
+    x = tok + pos  # pos is broadcast over B
+    return x
+
+
+def reference_backward(dx, idx, wte, wpe):
+    """dx: (B, T, C)  ->  dwte: (V, C), dwpe: (block_size, C)"""
+    xp = array_module(dx)
+    T = idx.shape[1]
+    # forward: x = tok + pos           (pos was broadcast over B: sum over B)
+    dtok = dx  # (B, T, C)
+    dpos = dx.sum(axis=0)  # (T, C)
+    # forward: pos = wpe[:T]
+    dwpe = xp.zeros(wpe.shape, dtype=dx.dtype)
+    dwpe[:T] = dpos
+    # forward: tok = wte[idx]          (a token used twice gets both gradients: add.at
+    #                                   adds once per occurrence, where dwte[idx] += dtok
+    #                                   would keep only one of them)
+    dwte = xp.zeros(wte.shape, dtype=dx.dtype)
+    xp.add.at(dwte, idx, dtok)
+    return dwte, dwpe
+
+
+# ---- the same arithmetic, scheduled for speed ----------------------------------------------
+# What differs from the lesson: the gradients are added into the model's own buffers
+# (dwte already holds lm_head's gradient, since the weight is tied), and the scatter-add
+# runs as a sort-and-sum over rows (backend.scatter_add_rows), much faster than add.at.
+
 
 def forward(idx, wte, wpe):
     """idx: (B, T) ints  wte: (V, C)  wpe: (block_size, C)  ->  x: (B, T, C)"""
@@ -39,6 +74,6 @@ def backward(dx, cache, dwte=None, dwpe=None):
         dwpe = xp.zeros(wpe_shape, dtype=dx.dtype)
     # forward: x += wpe[:T]
     dwpe[:T] += dx.sum(axis=0)
-    # forward: x = wte[idx]; readable form: xp.add.at(dwte, idx.ravel(), dx2)
+    # forward: x = wte[idx]   (reference_backward's add.at, as a sort-and-sum)
     scatter_add_rows(dwte, idx.reshape(-1), dx.reshape(B * T, C))
     return dwte, dwpe

@@ -28,6 +28,40 @@ SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 GELU_COEF = 0.044715
 
 
+# ---- the lesson: the formula and its derivative, plainly -------------------------------
+
+
+def reference_forward(x):
+    """x: (B, T, C)  ->  out: (B, T, C)"""
+    xp = array_module(x)
+    u = SQRT_2_OVER_PI * (x + GELU_COEF * x**3)
+    t = xp.tanh(u)
+    out = 0.5 * x * (1 + t)
+    return out
+
+
+def reference_backward(dout, x):
+    """dout: (B, T, C)  ->  dx: (B, T, C)"""
+    xp = array_module(x)
+    u = SQRT_2_OVER_PI * (x + GELU_COEF * x**3)  # recomputed: the forward kept only x
+    t = xp.tanh(u)
+    # forward: out = 0.5 * x * (1 + t)    (x appears twice: directly, and inside t)
+    dx_direct = dout * 0.5 * (1 + t)
+    dt = dout * 0.5 * x
+    # forward: t = tanh(u)
+    du = dt * (1 - t**2)
+    # forward: u = SQRT_2_OVER_PI * (x + GELU_COEF * x**3)
+    dx_through_t = du * SQRT_2_OVER_PI * (1 + 3 * GELU_COEF * x**2)
+    dx = dx_direct + dx_through_t
+    return dx
+
+
+# ---- the same arithmetic, scheduled for speed ----------------------------------------------
+# What differs from the lesson: cache-sized chunks, every operation in place on one or
+# two scratch buffers, and the constants folded (the 0.5 of out moves into du/dx),
+# so each chunk costs a few passes instead of a dozen temporaries.
+
+
 def _flat(a):
     return a.reshape(-1)  # a view: layer inputs and outputs here are contiguous
 

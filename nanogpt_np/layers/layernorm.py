@@ -25,12 +25,56 @@ On the GPU this formula runs as nanogpt_np/kernels/layernorm.cu, tested against 
 from ..backend import array_module, chunk_rows, column_sums, map_chunks
 
 
+# ---- the lesson: the formula and its derivative, plainly -------------------------------
+
+
 def reference_forward(x, weight, bias, eps=1e-5):
-    """The formula, untiled: x (B, T, C) -> (B, T, C)."""
+    """x: (B, T, C)  weight, bias: (C,)  ->  out: (B, T, C)"""
     mean = x.mean(axis=-1, keepdims=True)  # (B, T, 1)
-    var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)  # (B, T, 1), biased as in PyTorch
-    xhat = (x - mean) / (var + eps) ** 0.5
-    return xhat * weight + bias
+    xc = x - mean
+    var = (xc**2).mean(axis=-1, keepdims=True)  # (B, T, 1), biased as in PyTorch
+    rstd = 1.0 / (var + eps) ** 0.5  # (B, T, 1)
+    xhat = xc * rstd
+    out = xhat * weight + bias
+    return out
+
+
+def reference_backward(dout, x, weight, bias, eps=1e-5):
+    """dout: (B, T, C)  ->  dx: (B, T, C), dweight: (C,), dbias: (C,)
+
+    The chain rule one forward line at a time. Collected, the lines below give the
+    closed form of the module docstring, rstd * (g - mean(g) - xhat * mean(g * xhat)),
+    which is what `backward` computes."""
+    C = x.shape[-1]
+    rows = tuple(range(x.ndim - 1))  # every axis but C: weight and bias are shared by all rows
+    mean = x.mean(axis=-1, keepdims=True)  # recomputed, as in the forward
+    xc = x - mean
+    var = (xc**2).mean(axis=-1, keepdims=True)
+    rstd = 1.0 / (var + eps) ** 0.5
+    xhat = xc * rstd
+    # forward: out = xhat * weight + bias
+    dbias = dout.sum(axis=rows)  # (C,)
+    dweight = (dout * xhat).sum(axis=rows)  # (C,)
+    dxhat = dout * weight  # (B, T, C), the g of the docstring
+    # forward: xhat = xc * rstd
+    dxc = dxhat * rstd
+    drstd = (dxhat * xc).sum(axis=-1, keepdims=True)  # (B, T, 1): rstd is shared by a row
+    # forward: rstd = 1.0 / (var + eps) ** 0.5
+    dvar = drstd * -0.5 * (var + eps) ** -1.5
+    # forward: var = (xc**2).mean(axis=-1, keepdims=True)
+    dxc = dxc + dvar * 2.0 * xc / C
+    # forward: xc = x - mean
+    dx = dxc
+    dmean = -dxc.sum(axis=-1, keepdims=True)  # (B, T, 1)
+    # forward: mean = x.mean(axis=-1, keepdims=True)
+    dx = dx + dmean / C
+    return dx, dweight, dbias
+
+
+# ---- the same arithmetic, scheduled for speed ----------------------------------------------
+# What differs from the lesson: blocks of rows that stay in the cache, the output
+# built in place, and backward using the closed form (two row means instead of the
+# chain above), with g and then dx held in the dx buffer and xhat scaled in place.
 
 
 def forward(x, weight, bias, eps=1e-5):

@@ -18,6 +18,35 @@ backward costs twice its forward.
 """
 from ..backend import column_sums, matmul
 
+# ---- the lesson: the formula and its derivative, plainly -------------------------------
+
+
+def reference_forward(x, weight, bias=None):
+    """x: (..., C)  weight: (OC, C)  bias: (OC,) or None  ->  out: (..., OC)"""
+    out = x @ weight.T
+    if bias is not None:
+        out = out + bias
+    return out
+
+
+def reference_backward(dout, x, weight, bias=None):
+    """dout: (..., OC)  ->  dx: (..., C), dweight: (OC, C), dbias: (OC,) or None"""
+    C, OC = x.shape[-1], weight.shape[0]
+    x2 = x.reshape(-1, C)  # (N, C): the weight sees every position as one row
+    dout2 = dout.reshape(-1, OC)  # (N, OC)
+    # forward: out = out + bias        (bias is broadcast over the N rows: sum them)
+    dbias = dout2.sum(axis=0) if bias is not None else None  # (OC,)
+    # forward: out = x @ weight.T
+    dx = dout @ weight  # (..., C)
+    dweight = dout2.T @ x2  # (OC, C)
+    return dx, dweight, dbias
+
+
+# ---- the same arithmetic, scheduled for speed ----------------------------------------------
+# What differs from the lesson: one 2-D GEMM over all rows, the bias added inside the
+# matmul call, and the gradients written into buffers the caller passes (out=), so
+# the model's gradients land in place with no temporary.
+
 
 def forward(x, weight, bias=None, out=None):
     """x: (..., C)  weight: (OC, C)  bias: (OC,) or None  ->  out: (..., OC)

@@ -111,3 +111,15 @@ def test_tiled_forward_equals_the_readable_formula(B, T, NH, hs, tile):
     qkv = np.random.default_rng(3).standard_normal((B, T, 3 * NH * hs))
     y, _ = attention.forward(qkv, NH, tile=tile)
     np.testing.assert_allclose(y, attention.reference_forward(qkv, NH), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("B,T,NH,hs", SHAPES)
+@pytest.mark.parametrize("tile", [attention.TILE, 3])
+def test_reference_equals_fast(B, T, NH, hs, tile):
+    from tests.helpers import assert_same_as_reference
+
+    rng = np.random.default_rng(5)
+    qkv, dy = rng.standard_normal((B, T, 3 * NH * hs)), rng.standard_normal((B, T, NH * hs))
+    y, cache = attention.forward(qkv, NH, tile=tile)
+    assert_same_as_reference(y, attention.reference_forward(qkv, NH), "forward")
+    assert_same_as_reference(attention.backward(dy, cache), attention.reference_backward(dy, qkv, NH), "backward")

@@ -66,3 +66,17 @@ def test_cross_entropy_finite_differences(B, T, V):
 
     _, cache = cross_entropy.forward(logits.copy(), targets)
     directional_fd_check(loss, [logits], [cross_entropy.backward(1.0, cache)], rng)
+
+
+@pytest.mark.parametrize("B,T,V", SHAPES)
+@pytest.mark.parametrize("chunk_elements", [cross_entropy.CHUNK_ELEMENTS, 7])
+def test_reference_equals_fast(B, T, V, chunk_elements, monkeypatch):
+    from tests.helpers import assert_same_as_reference
+
+    monkeypatch.setattr(cross_entropy, "CHUNK_ELEMENTS", chunk_elements)
+    rng = np.random.default_rng(5)
+    logits, targets = rng.standard_normal((B, T, V)) * 4, rng.integers(0, V, (B, T))
+    loss, cache = cross_entropy.forward(logits.copy(), targets)
+    assert_same_as_reference(loss, cross_entropy.reference_forward(logits, targets), "forward")
+    assert_same_as_reference(cross_entropy.backward(0.7, cache),
+                             cross_entropy.reference_backward(0.7, logits, targets), "backward")

@@ -60,3 +60,18 @@ def test_embedding_finite_differences(B, T, C, V, block):
     _, cache = embedding.forward(idx, wte, wpe)
     dwte, dwpe = embedding.backward(R, cache)
     directional_fd_check(loss, [wte, wpe], [dwte, dwpe], rng)
+
+
+@pytest.mark.parametrize("B,T,C,V,block", SHAPES)
+def test_reference_equals_fast(B, T, C, V, block):
+    from tests.helpers import assert_same_as_reference
+
+    rng = np.random.default_rng(5)
+    idx = rng.integers(0, V, (B, T))
+    idx[0, 0] = idx[-1, -1]  # a repeated token, whose gradient rows must add
+    wte, wpe = rng.standard_normal((V, C)), rng.standard_normal((block, C))
+    dx = rng.standard_normal((B, T, C))
+    x, cache = embedding.forward(idx, wte, wpe)
+    assert_same_as_reference(x, embedding.reference_forward(idx, wte, wpe), "forward")
+    assert_same_as_reference(embedding.backward(dx, cache), embedding.reference_backward(dx, idx, wte, wpe),
+                             "backward")

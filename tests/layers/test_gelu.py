@@ -62,3 +62,14 @@ def test_gelu_chunks_and_threads_give_the_same_result(n_threads, monkeypatch):
     out_c, cache_c = gelu.forward(x)
     np.testing.assert_array_equal(out_c, out)  # elementwise: same operations, same bits
     np.testing.assert_array_equal(gelu.backward(dout, cache_c), dx)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_reference_equals_fast(shape):
+    from tests.helpers import assert_same_as_reference
+
+    rng = np.random.default_rng(5)
+    x, dout = rng.standard_normal(shape) * 3, rng.standard_normal(shape)
+    out, cache = gelu.forward(x)
+    assert_same_as_reference(out, gelu.reference_forward(x), "forward")
+    assert_same_as_reference(gelu.backward(dout, cache), gelu.reference_backward(dout, x), "backward")

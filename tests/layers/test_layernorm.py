@@ -85,3 +85,16 @@ def test_layernorm_chunks_and_threads_agree(n_threads, monkeypatch):
     np.testing.assert_array_equal(dx_c, dx)
     np.testing.assert_allclose(dw_c, dw, rtol=1e-13)  # a sum over chunks: rounding may differ
     np.testing.assert_allclose(db_c, db, rtol=1e-13)
+
+
+@pytest.mark.parametrize("B,T,C", SHAPES)
+def test_reference_equals_fast(B, T, C):
+    from tests.helpers import assert_same_as_reference
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((B, T, C)) * 2 + rng.standard_normal((B, T, 1)) * 3
+    w, b, dout = rng.standard_normal(C) + 1, rng.standard_normal(C), rng.standard_normal((B, T, C))
+    out, cache = layernorm.forward(x, w, b)
+    assert_same_as_reference(out, layernorm.reference_forward(x, w, b), "forward")
+    assert_same_as_reference(layernorm.backward(dout, cache), layernorm.reference_backward(dout, x, w, b),
+                             "backward")

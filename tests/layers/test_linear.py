@@ -55,3 +55,17 @@ def test_linear_finite_differences(B, T, C, OC):
     _, cache = linear.forward(x, w, b)
     dx, dw, db = linear.backward(R, cache)
     directional_fd_check(loss, [x, w, b], [dx, dw, db], rng)
+
+
+@pytest.mark.parametrize("B,T,C,OC", SHAPES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_reference_equals_fast(B, T, C, OC, with_bias):
+    from tests.helpers import assert_same_as_reference
+
+    rng = np.random.default_rng(5)
+    x, w = rng.standard_normal((B, T, C)), rng.standard_normal((OC, C))
+    b = rng.standard_normal(OC) if with_bias else None
+    dout = rng.standard_normal((B, T, OC))
+    out, cache = linear.forward(x, w, b)
+    assert_same_as_reference(out, linear.reference_forward(x, w, b), "forward")
+    assert_same_as_reference(linear.backward(dout, cache), linear.reference_backward(dout, x, w, b), "backward")
