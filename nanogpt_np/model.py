@@ -35,7 +35,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import fill, get_xp, keep_freed_memory, layer_ops, on_cpu, resolve_precision, to_device, to_host
+from .backend import get_xp, on_cpu, resolve_precision, to_device, to_host
+
+from .cpu import fill, keep_freed_memory
+
+from .ops import layer_ops
 
 WTE = "transformer.wte.weight"
 WPE = "transformer.wpe.weight"

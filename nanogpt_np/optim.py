@@ -24,7 +24,9 @@ import math
 
 import numpy as np
 
-from .backend import array_module, data_pointer, on_cpu, parallel_map, to_device, to_host
+from .backend import array_module, data_pointer, on_cpu, to_device, to_host
+
+from .cpu import parallel_map
 
 CHUNK = 1 << 18  # elements per chunk (1 MiB per operand): cache-sized, and long enough
 # per NumPy call that threads do not queue for the GIL

@@ -3,7 +3,7 @@ import sys
 import numpy as np
 import pytest
 
-from nanogpt_np import backend
+from nanogpt_np import backend, cpu, ops
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -15,7 +15,7 @@ def test_scatter_add_rows_equals_add_at(N, V, C, dtype):
     start = rng.standard_normal((V, C)).astype(dtype)
     expected = start.copy()
     np.add.at(expected, idx, rows)
-    got = backend.scatter_add_rows(start.copy(), idx, rows)
+    got = cpu.scatter_add_rows(start.copy(), idx, rows)
     np.testing.assert_allclose(got, expected, rtol=1e-6 if dtype == np.float32 else 1e-13, atol=1e-6)
 
 
@@ -75,9 +75,9 @@ def test_host_round_trip():
 @pytest.fixture
 def threads():
     """set_num_threads(n) for one test, then back to the default."""
-    before = backend._num_threads
-    yield backend.set_num_threads
-    backend._num_threads = before
+    before = cpu._num_threads
+    yield cpu.set_num_threads
+    cpu._num_threads = before
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])
@@ -93,10 +93,10 @@ def test_parallel_map_keeps_order_and_spreads_work(threads, n):
         time.sleep(0.002)  # long enough that the workers get their share
         return i * i
 
-    assert backend.parallel_map(work, range(12)) == [i * i for i in range(12)]
+    assert cpu.parallel_map(work, range(12)) == [i * i for i in range(12)]
     assert len(seen) == n
     # nested calls run inline in the worker instead of waiting for the pool
-    assert backend.parallel_map(lambda i: sum(backend.parallel_map(lambda j: j, range(i))), range(5)) == [
+    assert cpu.parallel_map(lambda i: sum(cpu.parallel_map(lambda j: j, range(i))), range(5)) == [
         0, 0, 1, 3, 6]
 
 
@@ -109,14 +109,14 @@ def test_parallel_map_passes_errors_on(threads):
         return i
 
     with pytest.raises(KeyError, match="item 7"):
-        backend.parallel_map(work, range(10))
+        cpu.parallel_map(work, range(10))
 
 
 @pytest.mark.parametrize("n_threads", [1, 2, 3])
 @pytest.mark.parametrize("n,chunk", [(0, 4), (1, 4), (5, 1), (10, 3), (1000, 64), (1001, 2000)])
 def test_map_chunks_covers_the_range_once(threads, n_threads, n, chunk):
     threads(n_threads)
-    bounds = backend.map_chunks(lambda lo, hi: (lo, hi), n, chunk)
+    bounds = cpu.map_chunks(lambda lo, hi: (lo, hi), n, chunk)
     covered = [i for lo, hi in bounds for i in range(lo, hi)]
     assert covered == list(range(n))
     assert all(hi - lo <= chunk for lo, hi in bounds)
@@ -132,10 +132,10 @@ def test_map_chunks_covers_the_range_once(threads, n_threads, n, chunk):
 @pytest.mark.parametrize("M,K,N", [(300, 40, 200), (20, 64, 700), (3, 5, 7), (1, 300, 2000)])
 def test_matmul_blocks_equal_one_matmul(threads, n_threads, dtype, M, K, N, monkeypatch):
     threads(n_threads)
-    monkeypatch.setattr(backend, "MIN_SPLIT_FLOPS", 0)  # split even these small products
+    monkeypatch.setattr(cpu, "MIN_SPLIT_FLOPS", 0)  # split even these small products
     calls = []
-    parallel_map = backend.parallel_map
-    monkeypatch.setattr(backend, "parallel_map",
+    parallel_map = cpu.parallel_map
+    monkeypatch.setattr(cpu, "parallel_map",
                         lambda fn, items, xp=np: calls.append(1) or parallel_map(fn, items, xp))
     rng = np.random.default_rng(0)
     a = rng.standard_normal((M, K)).astype(dtype)
@@ -143,15 +143,15 @@ def test_matmul_blocks_equal_one_matmul(threads, n_threads, dtype, M, K, N, monk
     bias = rng.standard_normal(N).astype(dtype)
     expected = a.astype(np.float64) @ w.T.astype(np.float64)
     tol = dict(rtol=1e-5, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(backend.matmul(a, w.T), expected, **tol)
+    np.testing.assert_allclose(cpu.matmul(a, w.T), expected, **tol)
     out = np.empty((M, N), dtype)
-    got = backend.matmul(a, w.T, out=out, bias=bias)
+    got = cpu.matmul(a, w.T, out=out, bias=bias)
     assert got is out and got.dtype == dtype
     np.testing.assert_allclose(got, expected + bias, **tol)
     # a transposed left operand, as in dweight = dout.T @ x
     dout = rng.standard_normal((M, N)).astype(dtype)
     expected = dout.T.astype(np.float64) @ a.astype(np.float64)  # (N, K)
-    np.testing.assert_allclose(backend.matmul(dout.T, a), expected, **tol)
+    np.testing.assert_allclose(cpu.matmul(dout.T, a), expected, **tol)
     assert len(calls) == (3 if n_threads > 1 else 0)  # the threaded path was taken
 
 
@@ -159,24 +159,24 @@ def test_matmul_blocks_equal_one_matmul(threads, n_threads, dtype, M, K, N, monk
 def test_column_sums_and_fill(threads, n_threads):
     threads(n_threads)
     a = np.random.default_rng(0).standard_normal((700, 500))  # big enough to be split
-    np.testing.assert_allclose(backend.column_sums(a), a.sum(axis=0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(cpu.column_sums(a), a.sum(axis=0), rtol=1e-12, atol=1e-12)
     out = np.empty(500)
-    assert backend.column_sums(a, out=out) is out
+    assert cpu.column_sums(a, out=out) is out
     np.testing.assert_allclose(out, a.sum(axis=0), rtol=1e-12, atol=1e-12)
-    assert backend.fill(a, 0) is a and not a.any()
+    assert cpu.fill(a, 0) is a and not a.any()
 
 
 def test_blas_threads_sets_and_restores_openblas():
-    if not backend.blas_threads_available():
-        with backend.blas_threads(1):  # no OpenBLAS found: a no-op, not an error
+    if not cpu.blas_threads_available():
+        with cpu.blas_threads(1):  # no OpenBLAS found: a no-op, not an error
             pass
         assert "openblas" not in str(np.show_config(mode="dicts")).lower()
         return
-    get, _ = backend._openblas_functions()
+    get, _ = cpu._openblas_functions()
     before = get()
-    with backend.blas_threads(1):
+    with cpu.blas_threads(1):
         assert get() == 1
-        with backend.blas_threads(1):
+        with cpu.blas_threads(1):
             assert get() == 1
         assert get() == 1
     assert get() == before
@@ -184,20 +184,20 @@ def test_blas_threads_sets_and_restores_openblas():
 
 def test_set_num_threads_rejects_zero():
     with pytest.raises(ValueError, match="n >= 1"):
-        backend.set_num_threads(0)
+        cpu.set_num_threads(0)
 
 
 def test_num_threads_reads_the_environment(threads, monkeypatch):
-    backend._num_threads = None
+    cpu._num_threads = None
     monkeypatch.setenv("NANOGPT_NP_THREADS", "3")
-    assert backend.num_threads() == 3
+    assert cpu.num_threads() == 3
 
 
 def test_keep_freed_memory_on_glibc():
     import platform
 
-    kept = backend.keep_freed_memory()
-    assert kept is backend.keep_freed_memory()  # asked once, remembered
+    kept = cpu.keep_freed_memory()
+    assert kept is cpu.keep_freed_memory()  # asked once, remembered
     if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
         assert kept is True
 
@@ -205,17 +205,17 @@ def test_keep_freed_memory_on_glibc():
 def test_layer_ops_picks_the_formulas_for_numpy(monkeypatch):
     from nanogpt_np import kernels, layers
 
-    assert backend.layer_ops(np) is layers
+    assert ops.layer_ops(np) is layers
 
     class FakeCupy:  # any module other than numpy gets the kernels
         pass
 
-    assert backend.layer_ops(FakeCupy) is kernels
+    assert ops.layer_ops(FakeCupy) is kernels
     monkeypatch.setenv("NANOGPT_KERNELS", "0")
-    assert backend.layer_ops(FakeCupy) is layers
+    assert ops.layer_ops(FakeCupy) is layers
     for name in layers.__all__:  # a new layer module needs a GPU version (or a re-export) too
-        for ops in (kernels, layers):
-            assert callable(getattr(ops, name).forward) and callable(getattr(ops, name).backward)
+        for impl in (kernels, layers):
+            assert callable(getattr(impl, name).forward) and callable(getattr(impl, name).backward)
 
 
 def test_numpy_model_uses_the_formula_layers():

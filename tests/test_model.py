@@ -342,10 +342,10 @@ def test_backward_writes_fresh_grads_and_adds_otherwise():
 
 
 def _step_grads(cfg, B, T, n_threads, dtype=np.float64):
-    from nanogpt_np import backend
+    from nanogpt_np import cpu
 
-    before = backend._num_threads
-    backend.set_num_threads(n_threads)
+    before = cpu._num_threads
+    cpu.set_num_threads(n_threads)
     try:
         model = GPT(cfg, dtype=dtype, seed=2)
         idx, targets = batch(cfg, B, T, seed=4)
@@ -355,14 +355,14 @@ def _step_grads(cfg, B, T, n_threads, dtype=np.float64):
         model.backward()
         return loss, logits, model.flat_grads.copy()
     finally:
-        backend._num_threads = before
+        cpu._num_threads = before
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_threads_change_rounding_at_most(dtype, monkeypatch):
-    from nanogpt_np import backend
+    from nanogpt_np import cpu
 
-    monkeypatch.setattr(backend, "MIN_SPLIT_FLOPS", 0)  # thread even this small model's matmuls
+    monkeypatch.setattr(cpu, "MIN_SPLIT_FLOPS", 0)  # thread even this small model's matmuls
     cfg, B, T = CONFIGS[3]  # several attention tiles
     loss1, logits1, grads1 = _step_grads(cfg, B, T, 1, dtype)
     loss2, logits2, grads2 = _step_grads(cfg, B, T, 2, dtype)

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -389,7 +388,7 @@ def test_a_signal_checkpoints_and_the_resumed_run_equals_one_never_stopped(data_
     stopped = len(train_lines(log_dir))
     assert 5 <= stopped < 80
     assert f"stopped by {sig.name} after step {stopped - 1} ({stopped} steps done)" in out
-    assert f"Continue with: python3 scripts/train.py" in out and out.rstrip().endswith("--resume")
+    assert "Continue with: python3 scripts/train.py" in out and out.rstrip().endswith("--resume")
     assert checkpoint.list_checkpoints(log_dir) == [str(log_dir / f"model_{stopped:05d}.npz")]
     resumed = train_script([*common, "--log-dir", str(log_dir), "--resume"])
     assert resumed.returncode == 0, resumed.stderr

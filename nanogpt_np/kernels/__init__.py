@@ -1,5 +1,5 @@
 """The GPU layer implementations: the same modules, names and interfaces as
-nanogpt_np.layers, so the model can run either set (see backend.layer_ops).
+nanogpt_np.layers, so the model can run either set (see ops.layer_ops).
 
     attention      flash attention kernels (attention.cu) for head size 64
     layernorm      layernorm.cu

@@ -44,7 +44,9 @@ nanogpt_np/kernels/attention.cu, tested against this file.
 """
 import math
 
-from ..backend import array_module, blas_threads, parallel_map
+from ..backend import array_module
+
+from ..cpu import blas_threads, parallel_map
 
 # ---- the lesson: the formula and its derivative, plainly -------------------------------
 
@@ -144,7 +146,7 @@ def _scores_t(q, k, t0, t1, mask_t):
 def _by_head(work, B, n_head, xp):
     """work(b, h) for every batch row and head. Heads are independent, so they are
     shared out among the CPU threads, each running its small matmuls on one BLAS
-    thread (see backend.parallel_map): splitting a (T, 64) @ (64, 128) product over
+    thread (see cpu.parallel_map): splitting a (T, 64) @ (64, 128) product over
     cores costs more than it gains."""
     with blas_threads(1):  # also when there is one thread, or one head
         parallel_map(lambda bh: work(*bh), [(b, h) for b in range(B) for h in range(n_head)], xp)

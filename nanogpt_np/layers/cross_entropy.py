@@ -22,13 +22,14 @@ After backward the logits array holds dlogits; callers that want logits must cop
 them first.
 Speed: a chunk of CHUNK_ELEMENTS values stays in the cache, so of the passes each
 chunk needs (max, subtract, exp, sum; subtract, exp, scale) only the first reads main
-memory; the chunks are shared among the CPU threads (backend.map_chunks).
+memory; the chunks are shared among the CPU threads (cpu.map_chunks).
 Stability: logsumexp subtracts the row max before exp(), so large logits cannot
 overflow; backward computes exp(logits - logsumexp) <= 1 for the same reason.
 
 On the GPU this formula runs as nanogpt_np/kernels/cross_entropy.cu, tested against this file.
 """
-from ..backend import array_module, map_chunks, on_cpu
+from ..backend import array_module, on_cpu
+from ..cpu import map_chunks
 
 CHUNK_ELEMENTS = 1 << 18  # values per chunk (1 MB in float32), at least one row
 

@@ -11,7 +11,8 @@ A token that appears twice gets both contributions, which is why dwte is a
 scatter-add rather than a plain assignment. There is no dx: idx is an integer
 input, not a learned value.
 """
-from ..backend import array_module, scatter_add_rows
+from ..backend import array_module
+from ..cpu import scatter_add_rows
 
 # ---- the lesson: the formula and its derivative, plainly -------------------------------
 
@@ -46,7 +47,7 @@ def reference_backward(dx, idx, wte, wpe):
 # ---- the same arithmetic, scheduled for speed ----------------------------------------------
 # What differs from the lesson: the gradients are added into the model's own buffers
 # (dwte already holds lm_head's gradient, since the weight is tied), and the scatter-add
-# runs as a sort-and-sum over rows (backend.scatter_add_rows), much faster than add.at.
+# runs as a sort-and-sum over rows (cpu.scatter_add_rows), much faster than add.at.
 
 
 def forward(idx, wte, wpe):

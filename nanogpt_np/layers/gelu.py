@@ -14,7 +14,7 @@ itself moves with x.
 Speed. Written as NumPy expressions, each formula is about ten passes over its
 array, and for GPT-2 124M that array is (1024, 3072) floats, 12 MB, far larger than
 the CPU's cache. So the work is done in cache-sized chunks of the flattened array
-(see backend.map_chunks): the first operation on a chunk reads it from memory, and
+(see cpu.map_chunks): the first operation on a chunk reads it from memory, and
 the rest of the formula runs on data already in the cache. Each chunk function
 below is the plain formula, one operation per line, in place.
 
@@ -22,7 +22,9 @@ On the GPU this formula runs as nanogpt_np/kernels/gelu.cu, tested against this 
 """
 import math
 
-from ..backend import array_module, chunk_rows, map_chunks
+from ..backend import array_module
+
+from ..cpu import chunk_rows, map_chunks
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 GELU_COEF = 0.044715

@@ -17,12 +17,13 @@ removed).
 
 Speed. `reference_forward` is the formula as NumPy expressions: about eight passes
 over (B, T, C) and as many temporaries. forward and backward run the same lines on
-cache-sized blocks of rows (see backend.map_chunks), so only the first pass over a
+cache-sized blocks of rows (see cpu.map_chunks), so only the first pass over a
 block reads main memory, and build the result in the output array itself.
 
 On the GPU this formula runs as nanogpt_np/kernels/layernorm.cu, tested against this file.
 """
-from ..backend import array_module, chunk_rows, column_sums, map_chunks
+from ..backend import array_module
+from ..cpu import chunk_rows, column_sums, map_chunks
 
 
 # ---- the lesson: the formula and its derivative, plainly -------------------------------

@@ -16,7 +16,7 @@ so
 Each gradient is one matrix product, as big as the forward one: a linear layer's
 backward costs twice its forward.
 """
-from ..backend import column_sums, matmul
+from ..cpu import column_sums, matmul
 
 # ---- the lesson: the formula and its derivative, plainly -------------------------------
 

@@ -50,15 +50,15 @@ def test_gelu_finite_differences(shape):
 
 @pytest.mark.parametrize("n_threads", [1, 2])
 def test_gelu_chunks_and_threads_give_the_same_result(n_threads, monkeypatch):
-    from nanogpt_np import backend
+    from nanogpt_np import cpu
 
     rng = np.random.default_rng(2)
     x = rng.standard_normal((3, 7, 12)) * 3
     dout = rng.standard_normal(x.shape)
     out, cache = gelu.forward(x)
     dx = gelu.backward(dout, cache)
-    monkeypatch.setattr(backend, "CHUNK_BYTES", 8 * 5)  # 5 values per chunk: ragged chunks
-    monkeypatch.setattr(backend, "_num_threads", n_threads)
+    monkeypatch.setattr(cpu, "CHUNK_BYTES", 8 * 5)  # 5 values per chunk: ragged chunks
+    monkeypatch.setattr(cpu, "_num_threads", n_threads)
     out_c, cache_c = gelu.forward(x)
     np.testing.assert_array_equal(out_c, out)  # elementwise: same operations, same bits
     np.testing.assert_array_equal(gelu.backward(dout, cache_c), dx)

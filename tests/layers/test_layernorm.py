@@ -57,9 +57,9 @@ def test_layernorm_finite_differences(B, T, C):
 
 @pytest.mark.parametrize("B,T,C", SHAPES)
 def test_chunked_forward_equals_the_readable_formula(B, T, C, monkeypatch):
-    from nanogpt_np import backend
+    from nanogpt_np import cpu
 
-    monkeypatch.setattr(backend, "CHUNK_BYTES", 8 * C * 2)  # two rows per chunk: many chunks
+    monkeypatch.setattr(cpu, "CHUNK_BYTES", 8 * C * 2)  # two rows per chunk: many chunks
     rng = np.random.default_rng(2)
     x = rng.standard_normal((B, T, C)) * 2 + 1
     w, b = rng.standard_normal(C), rng.standard_normal(C)
@@ -69,7 +69,7 @@ def test_chunked_forward_equals_the_readable_formula(B, T, C, monkeypatch):
 
 @pytest.mark.parametrize("n_threads", [1, 2])
 def test_layernorm_chunks_and_threads_agree(n_threads, monkeypatch):
-    from nanogpt_np import backend
+    from nanogpt_np import cpu
 
     rng = np.random.default_rng(4)
     x = rng.standard_normal((3, 7, 13)) + 2
@@ -77,8 +77,8 @@ def test_layernorm_chunks_and_threads_agree(n_threads, monkeypatch):
     dout = rng.standard_normal(x.shape)
     out, cache = layernorm.forward(x, w, b)
     dx, dw, db = layernorm.backward(dout, cache)
-    monkeypatch.setattr(backend, "CHUNK_BYTES", 8 * 13 * 3)  # 3 rows per chunk, 7 chunks
-    monkeypatch.setattr(backend, "_num_threads", n_threads)
+    monkeypatch.setattr(cpu, "CHUNK_BYTES", 8 * 13 * 3)  # 3 rows per chunk, 7 chunks
+    monkeypatch.setattr(cpu, "_num_threads", n_threads)
     out_c, cache_c = layernorm.forward(x, w, b)
     dx_c, dw_c, db_c = layernorm.backward(dout, cache_c)
     np.testing.assert_array_equal(out_c, out)  # row by row: same operations, same bits

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nanogpt_np import data, distributed, train
+from nanogpt_np import distributed, train
 from tests.mpi.reshard_config import config, record_reads
 
 mode, data_dir, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
