@@ -12,10 +12,10 @@ logits buffer, the allreduce that starts during backward) are in
 nanogpt_np/reference.py, composed from the layers' plain references, for reading.
 
 Parameters live in one flat array and each named parameter is a view into it;
-the gradients likewise. The optimizer, the gradient clip, the MPI allreduce and
-the checkpoint can then treat "all parameters" as one contiguous buffer.
-Names follow the GPT-2 checkpoint (`transformer.h.0.attn.c_attn.weight`, ...),
-and linear weights are (out, in), so Hugging Face weights load without renaming.
+the gradients likewise (weights.py, GPTWeights, which GPT extends). Names follow
+the GPT-2 checkpoint, and linear weights are (out, in); the names and shapes are in
+config.py. GPT.from_pretrained / save_pretrained come from pretrained.py, which
+builds on this file (attached in nanogpt_np/__init__.py, so no import runs back up).
 
 Precision (backend.resolve_precision). `dtype` is float32 or float64, or on the
 GPU bf16: mixed precision, the GPU default. model.dtype is always the parameter
@@ -30,198 +30,37 @@ NumPy, and on CuPy for sampling. Training and evaluation forwards on CuPy run
 GPU: cuBLAS gemms, fused bias/GELU/residual kernels, gradients written by the
 gemms themselves; it is where bf16 is handled. Tests hold the two to each other.
 """
-import math
-from dataclasses import dataclass
-
 import numpy as np
 
-from .backend import get_xp, on_cpu, resolve_precision, to_device, to_host
-
-from .cpu import fill, keep_freed_memory
-
+from .backend import get_xp, on_cpu, resolve_precision, to_host
+from .config import LM_HEAD, LN_F_WEIGHT, WPE, WTE, GPTConfig, init_std, parameter_shapes  # noqa: F401 (re-exported)
+from .cpu import keep_freed_memory
 from .ops import layer_ops
-
-WTE = "transformer.wte.weight"
-WPE = "transformer.wpe.weight"
-LN_F_WEIGHT = "transformer.ln_f.weight"
-LM_HEAD = "lm_head.weight"  # tied: the same array as WTE
+from .weights import GPTWeights
 
 
-@dataclass
-class GPTConfig:
-    block_size: int = 1024  # longest sequence (rows of wpe)
-    vocab_size: int = 50257  # GPT-2's; training pads it to 50304, a multiple of 128
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
+class GPT(GPTWeights):
+    """GPT-2: the parameters (GPTWeights), forward, backward, and sampling."""
 
-    def __post_init__(self):
-        for field in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-                raise ValueError(f"GPTConfig.{field} must be a positive integer, got {value!r}")
-            setattr(self, field, int(value))
-        if self.n_embd % self.n_head:
-            raise ValueError(
-                f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
-                "choose n_embd = n_head * head_size"
-            )
-
-    def to_dict(self):
-        return {f: getattr(self, f) for f in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")}
-
-
-def parameter_shapes(config):
-    """[(name, shape)] of every trainable array, in GPT-2 checkpoint order."""
-    C, L = config.n_embd, config.n_layer
-    shapes = [(WTE, (config.vocab_size, C)), (WPE, (config.block_size, C))]
-    for i in range(L):
-        h = f"transformer.h.{i}."
-        shapes += [
-            (h + "ln_1.weight", (C,)),
-            (h + "ln_1.bias", (C,)),
-            (h + "attn.c_attn.weight", (3 * C, C)),
-            (h + "attn.c_attn.bias", (3 * C,)),
-            (h + "attn.c_proj.weight", (C, C)),
-            (h + "attn.c_proj.bias", (C,)),
-            (h + "ln_2.weight", (C,)),
-            (h + "ln_2.bias", (C,)),
-            (h + "mlp.c_fc.weight", (4 * C, C)),
-            (h + "mlp.c_fc.bias", (4 * C,)),
-            (h + "mlp.c_proj.weight", (C, 4 * C)),
-            (h + "mlp.c_proj.bias", (C,)),
-        ]
-    shapes += [("transformer.ln_f.weight", (C,)), ("transformer.ln_f.bias", (C,))]
-    return shapes
-
-
-def init_std(name, config):
-    """build-nanogpt's init: None for LayerNorm/bias (constant), else the normal's std."""
-    if ".ln_" in name or name.startswith("transformer.ln_f") or name.endswith(".bias"):
-        return None
-    if name.endswith("attn.c_proj.weight") or name.endswith("mlp.c_proj.weight"):
-        # residual projections: each block adds two of them to the stream, so their
-        # variance is scaled down to keep the stream's growth independent of depth
-        return 0.02 / math.sqrt(2 * config.n_layer)
-    return 0.02
-
-
-class GPT:
     def __init__(self, config, dtype=np.float32, seed=0, backend="numpy", init_weights=True):
-        self.config = config
-        # parameter dtype and compute dtype: the same, except under bf16 (see above)
-        self.dtype, self.compute_dtype = resolve_precision(dtype, backend)
-        self.xp = get_xp(backend)
-        self.backend = backend
         # the layer implementations: nanogpt_np.layers on NumPy, CUDA kernels on CuPy
-        self.ops = layer_ops(self.xp)
-        if on_cpu(self.xp):
-            keep_freed_memory()  # activations are reused step after step (see backend)
-        if self.mixed and self.fused is None:
+        self.ops = layer_ops(get_xp(backend))
+        if on_cpu(get_xp(backend)):
+            keep_freed_memory()  # activations are reused step after step (see cpu.py)
+        param_dtype, compute_dtype = resolve_precision(dtype, backend)
+        if compute_dtype != param_dtype and self.fused is None:
             raise ValueError("dtype bf16 needs the GPU kernels, but NANOGPT_KERNELS=0 is set; unset it "
                              "or use --dtype float32")
-        self._shapes = parameter_shapes(config)
-        total = sum(math.prod(shape) for _, shape in self._shapes)
-        self.flat_params = self.xp.zeros(total, dtype=self.dtype)
-        self.flat_grads = self.xp.zeros(total, dtype=self.dtype)
-        self.params = self._views(self.flat_params)
-        self.grads = self._views(self.flat_grads)
-        # the weights the matmuls read: the parameters themselves, or their bf16 copies
-        self.compute_flat = self.xp.empty(total, dtype=self.compute_dtype) if self.mixed else self.flat_params
-        self.compute_params = self._views(self.compute_flat) if self.mixed else self.params
+        super().__init__(config, dtype, seed, backend, init_weights)
         self._caches = None  # set by forward(idx, targets), consumed by backward()
-        self._grads_are_zero = True  # backward may write gradients instead of adding them
-        self._write_grads = False  # the flag above, as the running backward() found it
+        self._write_grads = False  # _grads_are_zero, as the running backward() found it
         self._logits = None  # the logits buffer that training forwards reuse
-        if init_weights:  # False leaves zeros, for weights about to be loaded
-            self._init_weights(seed)
-
-    @property
-    def mixed(self):
-        """True under bf16: parameters in float32, activations and matmuls in bf16."""
-        return self.compute_dtype != self.dtype
 
     @property
     def fused(self):
         """The GPU schedule of the block (kernels/block.py) when the layers are the
         CUDA kernels, else None (the readable block runs)."""
         return getattr(self.ops, "block", None)
-
-    def _views(self, flat):
-        views, offset = {}, 0
-        for name, shape in self._shapes:
-            size = math.prod(shape)
-            views[name] = flat[offset : offset + size].reshape(shape)
-            offset += size
-        return views
-
-    def _init_weights(self, seed):
-        """Normal(0, std) weights, zero biases, LayerNorm weight 1, from one seeded RNG.
-
-        The draws are made on the host in float64, in checkpoint order, so a seed
-        gives the same model (up to rounding) in any dtype and on any backend.
-        """
-        rng = np.random.default_rng(seed)
-        for name, shape in self._shapes:
-            std = init_std(name, self.config)
-            if std is not None:
-                self.params[name][...] = to_device(rng.standard_normal(shape) * std, self.xp, self.dtype)
-            elif name.endswith(".weight"):
-                self.params[name][...] = 1.0
-            # biases are already zero
-
-    # ---- parameters and checkpoints -------------------------------------------------
-
-    def parameters(self):
-        """{name: array}: the unique trainable arrays (lm_head.weight is wte)."""
-        return dict(self.params)
-
-    def num_parameters(self):
-        return int(self.flat_params.size)
-
-    def state_dict(self):
-        """{name: array} in GPT-2 checkpoint names, including the tied lm_head.weight.
-
-        The arrays are the live parameters, as in PyTorch; copy them to keep a snapshot.
-        """
-        sd = dict(self.params)
-        sd[LM_HEAD] = self.params[WTE]
-        return sd
-
-    def load_state_dict(self, state_dict):
-        """Copy values in. Raises ValueError naming every missing, unexpected or
-        wrongly shaped key; lm_head.weight may be absent (it is tied to wte)."""
-        expected = {name: shape for name, shape in self._shapes}
-        problems = []
-        missing = [n for n in expected if n not in state_dict]
-        unexpected = [n for n in state_dict if n not in expected and n != LM_HEAD]
-        if missing:
-            problems.append("missing keys: " + ", ".join(missing))
-        if unexpected:
-            problems.append("unexpected keys: " + ", ".join(unexpected))
-        for name, value in state_dict.items():
-            want = expected.get(name, expected[WTE] if name == LM_HEAD else None)
-            if want is not None and tuple(value.shape) != want:
-                problems.append(f"{name}: shape {tuple(value.shape)} but this model has {want}")
-        if problems:
-            raise ValueError(
-                f"state_dict does not fit this model ({self.config}): " + "; ".join(problems)
-            )
-        if LM_HEAD in state_dict and state_dict[LM_HEAD] is not state_dict[WTE]:
-            if not np.array_equal(to_host(state_dict[LM_HEAD]), to_host(state_dict[WTE])):
-                raise ValueError(
-                    "lm_head.weight differs from transformer.wte.weight, but this model ties "
-                    "them; drop lm_head.weight or load a checkpoint with tied weights"
-                )
-        for name in expected:
-            self.params[name][...] = to_device(state_dict[name], self.xp, self.dtype)
-
-    def zero_grad(self):
-        """Set every gradient to zero. The next backward() then writes its gradients
-        into model.grads instead of adding them (the same numbers, one pass less), so
-        change model.grads only after backward(), not between zero_grad() and it."""
-        fill(self.flat_grads, 0)  # self.flat_grads[...] = 0, on all CPU threads
-        self._grads_are_zero = True
 
     # ---- forward --------------------------------------------------------------------
 
@@ -385,15 +224,6 @@ class GPT:
         report(0)
         return dict(self.grads)
 
-    def _flat_offset(self, name):
-        """Where parameter `name` starts in flat_params / flat_grads."""
-        offset = 0
-        for other, shape in self._shapes:
-            if other == name:
-                return offset
-            offset += math.prod(shape)
-        raise KeyError(name)
-
     def _head_backward(self, caches):
         """-> dx: (B, T, C) at ln_f's input; the head's gradients added into model.grads."""
         lnf_cache, head_cache, ce_cache = caches
@@ -478,24 +308,6 @@ class GPT:
             next_token = sample_next(to_host(logits[:, -1, :]), temperature, top_k, rng)  # (B,)
             idx = np.concatenate([idx, next_token[:, None]], axis=1)
         return idx
-
-    # ---- GPT-2 weights in and out (pretrained.py) ----------------------------------
-
-    @classmethod
-    def from_pretrained(cls, path_or_name, dtype=np.float32, backend="numpy", **kwargs):
-        """A GPT-2 from Hugging Face weights (a directory with model.safetensors and
-        config.json, or a name such as "gpt2" found in the local Hugging Face cache)
-        or from an llm.c model file (gpt2_124M.bin). See pretrained.load for kwargs."""
-        from . import pretrained
-
-        return pretrained.load(path_or_name, dtype=dtype, backend=backend, **kwargs)
-
-    def save_pretrained(self, directory, vocab_size=None):
-        """Write model.safetensors and config.json that transformers' GPT2LMHeadModel
-        loads; a padded vocab is cut back to GPT-2's 50257 (see pretrained.save_hf)."""
-        from . import pretrained
-
-        pretrained.save_hf(self, directory, vocab_size=vocab_size)
 
     def __repr__(self):
         dtype = "bf16 (float32 parameters)" if self.mixed else self.dtype.name

@@ -32,7 +32,8 @@ import numpy as np
 
 from . import safetensors_io
 from .backend import to_host
-from .model import GPT, LM_HEAD, WPE, WTE, GPTConfig, parameter_shapes
+from .config import LM_HEAD, WPE, WTE, GPTConfig, parameter_shapes
+from .model import GPT
 
 GPT2_VOCAB = 50257  # tokens in GPT-2's tokenizer
 HF_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -520,3 +521,21 @@ def load_llmc(path, dtype=np.float32, backend="numpy", keep_padding=True):
     model = GPT(config, dtype=dtype, backend=backend, init_weights=False)
     model.load_state_dict(state)
     return model
+
+
+# ---- GPT.from_pretrained / model.save_pretrained ----------------------------------------
+# This file builds on model.py, so model.py cannot import it. The two methods the
+# README shows are these functions, attached to GPT by nanogpt_np/__init__.py.
+
+
+def from_pretrained(cls, path_or_name, dtype=np.float32, backend="numpy", **kwargs):
+    """GPT.from_pretrained: a GPT-2 from Hugging Face weights (a directory with
+    model.safetensors and config.json, or a name such as "gpt2" found in the local
+    Hugging Face cache) or from an llm.c model file (gpt2_124M.bin). See load."""
+    return load(path_or_name, dtype=dtype, backend=backend, **kwargs)
+
+
+def save_pretrained(model, directory, vocab_size=None):
+    """model.save_pretrained: model.safetensors and config.json that transformers'
+    GPT2LMHeadModel loads; a padded vocab is cut back to GPT-2's 50257 (see save_hf)."""
+    save_hf(model, directory, vocab_size=vocab_size)

@@ -63,7 +63,8 @@ from .resilience import StepGuard, StopRequest
 from .backend import default_precision, get_xp, is_bfloat16, resolve_precision, set_tf32, to_device
 from .data import DataError, DataLoader
 from .distributed import DEFAULT_BUCKET_BYTES
-from .model import GPT, GPTConfig, parameter_shapes
+from .config import GPTConfig, parameter_shapes
+from .model import GPT
 from .optim import AdamW, clip_grad_norm, cosine_lr
 from .tokenizer import N_VOCAB, get_encoding
 
