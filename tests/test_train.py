@@ -255,10 +255,10 @@ def test_dataclass_and_parser_agree():
 
 
 def test_mfu_peak_is_remeasured_when_a_step_beats_it(data_dir, tmp_path, monkeypatch):
-    import nanogpt_np.train as train
+    import nanogpt_np.training.progress as progress
 
     peaks = iter([1.0, 1e18])  # start-up on a "busy" machine, then a quiet one
-    monkeypatch.setattr(train, "measure_peak_flops", lambda xp, dtype: next(peaks))
+    monkeypatch.setattr(progress, "measure_peak_flops", lambda xp, dtype: next(peaks))
     logs = []
     cfg = small(data_dir, tmp_path, peak_tflops=None, max_steps=2, val_every=0, sample_every=0, ckpt_every=0)
     Trainer(cfg, log=logs.append).run()
