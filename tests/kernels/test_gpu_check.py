@@ -42,10 +42,11 @@ def load_gpu_check():
 def test_time_limit_stops_a_long_row():
     import time
 
-    gpu_check = load_gpu_check()
-    with pytest.raises(gpu_check.TimeLimit):
-        gpu_check.with_time_limit(1, lambda: time.sleep(5))
-    assert gpu_check.with_time_limit(5, lambda: 42) == 42
+    from nanogpt_np.gpucheck import table
+
+    with pytest.raises(table.TimeLimit):
+        table.with_time_limit(1, lambda: time.sleep(5))
+    assert table.with_time_limit(5, lambda: 42) == 42
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not on PATH: no CUDA emulator")
@@ -61,8 +62,10 @@ def test_gpu_check_dry_run(emulator_lib, monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("OUT", str(tmp_path))
     monkeypatch.setattr("sys.argv", ["gpu_check.py", "--no-compile", "--in-process"])
     gpu_check = load_gpu_check()
-    monkeypatch.setattr(gpu_check, "SIZES", SIZES)
-    monkeypatch.setattr(gpu_check, "TORCH_DEVICE", "cpu")
+    from nanogpt_np.gpucheck import settings
+
+    monkeypatch.setattr(settings, "SIZES", SIZES)
+    monkeypatch.setattr(settings, "TORCH_DEVICE", "cpu")
     try:
         status = gpu_check.main()
     finally:
@@ -101,9 +104,11 @@ def test_prepare_text_writes_token_ids(tmp_path):
     out = tmp_path / "not_yet" / "t.npy"  # its folder is made
     gpu_check.main(["--prepare-text", str(src), str(out)])
     assert [p.name for p in out.parent.iterdir()] == ["t.npy"]  # no temporary file left
-    tokens, source = gpu_check.text_tokens(str(out))
+    from nanogpt_np.gpucheck.curve import text_tokens
+
+    tokens, source = text_tokens(str(out))
     assert tokens.dtype == np.int64 and 5 < tokens.size < 20 and "GPT-2 tokens" in source
-    tokens, source = gpu_check.text_tokens(str(src))
+    tokens, source = text_tokens(str(src))
     assert "GPT-2 BPE" in source and tokens.size < 20
 
 
@@ -114,13 +119,15 @@ def test_sections_run_in_their_own_processes(monkeypatch, tmp_path):
     section the child does not know makes it exit with an argparse error."""
     import types
 
-    gpu_check = load_gpu_check()
+    load_gpu_check()  # as the script wires it: its own path starts the section processes
+    from nanogpt_np.gpucheck import runner, settings, table
+
     monkeypatch.setenv("OUT", str(tmp_path))
-    monkeypatch.setattr(gpu_check, "SECTIONS", [("environment", None, 120), ("no_such_section", None, 120)])
-    monkeypatch.setattr(gpu_check, "summary_rows", lambda: None)
-    args = types.SimpleNamespace(budget=100.0, start=gpu_check.START, no_compile=True, text=None)
-    gpu_check.run_in_subprocesses(args)
-    rows = gpu_check.all_rows()
+    monkeypatch.setattr(runner, "SECTIONS", [("environment", None, 120), ("no_such_section", None, 120)])
+    monkeypatch.setattr(runner, "summary_rows", lambda: None)
+    args = types.SimpleNamespace(budget=100.0, start=settings.START, no_compile=True, text=None)
+    runner.run_in_subprocesses(args)
+    rows = table.all_rows()
     assert [r["name"] for r in rows] == ["environment", "NVRTC compiles every kernel",
                                          "mma.sync m16n8k16 bf16 fragment layout", "section no_such_section ended early"]
     assert rows[0]["result"].startswith("ERROR") and "cupy" in rows[0]["result"].lower()

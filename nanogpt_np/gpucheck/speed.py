@@ -1,0 +1,224 @@
+"""Section 4: a 124M training step, ours against build-nanogpt's PyTorch recipe."""
+import os
+import time
+
+import numpy as np
+
+from nanogpt_np import GPT, backend, optim
+
+from .environment import device_name
+
+from . import settings
+from .table import all_rows, free_gpu_memory, median_ms, record, with_time_limit
+
+
+# ---- 4. a 124M training step: tokens/s, MFU, host time and memory against build-nanogpt ------
+
+def twin():
+    """The PyTorch reference (benchmarks/torch_twin.py), which scripts/gpu_check.py sets."""
+    if settings.TWIN is None:
+        raise RuntimeError("no PyTorch reference: gpucheck.settings.TWIN is unset (scripts/gpu_check.py sets it "
+                           "to benchmarks/torch_twin.py)")
+    return settings.TWIN
+
+
+def torch_sync():
+    twin().sync(settings.TORCH_DEVICE)
+
+
+def flops_per_token(n_params):
+    """6 per parameter (forward 2, backward 4) plus attention's scores, causal half:
+    6N + 6 L C T, as llm.c counts it."""
+    cfg, _, T = settings.SIZES["speed"]
+    return 6 * n_params + 6 * cfg.n_layer * cfg.n_embd * T
+
+
+def peak_bf16():
+    """(dense bf16 peak FLOP/s, the card it was taken for) or (None, name)."""
+    name = device_name()
+    for key, peak in settings.BF16_PEAK:
+        if all(part in name for part in key.split()):
+            return peak, key
+    return None, name
+
+
+def throughput(step_ms, n_params, B, T):
+    tok_s = B * T / (step_ms / 1e3)
+    peak, card = peak_bf16()
+    mfu = flops_per_token(n_params) * tok_s / peak if peak else None
+    text = f"{step_ms:.1f} ms/step, {tok_s:,.0f} tok/s, MFU " + (
+        f"{mfu * 100:.1f}% (of {card}'s {peak / 1e12:.0f} TFLOPS bf16)" if peak else f"n/a (unknown card {card})")
+    return tok_s, mfu, text
+
+
+class CountingRunner:
+    """Counts kernel launches (or gemm calls) on their way to the real runner."""
+
+    def __init__(self, inner):
+        self.inner, self.count = inner, 0
+
+    def launch(self, *args):
+        self.count += 1
+        self.inner.launch(*args)
+
+    def gemm_ex(self, *args):
+        self.count += 1
+        self.inner.gemm_ex(*args)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def make_step(model, opt, idx, targets):
+    def step():
+        model.zero_grad()
+        model.forward(idx, targets)
+        model.backward()
+        optim.clip_grad_norm(model.grads, 1.0)
+        opt.step(model.grads)
+    return step
+
+
+def ours_step(dtype, tf32, B, T, steps=5):
+    """(ms per step, parameters, {memory}, launches per step) of our 124M training step."""
+    import cupy as cp
+    from nanogpt_np.kernels import gemm, loader
+
+    os.environ["NANOGPT_CUDA_SYNC"] = "0"
+    free_gpu_memory()
+    backend.set_tf32(tf32)
+    cfg = settings.SIZES["speed"][0]
+    pool = cp.get_default_memory_pool()
+    model = GPT(cfg, dtype=dtype, seed=0, backend="cupy")
+    opt = optim.AdamW(model.parameters(), lr=6e-4, weight_decay=0.1)
+    rng = np.random.default_rng(0)
+    V = min(50257, cfg.vocab_size)
+    idx, targets = cp.asarray(rng.integers(0, V, (B, T))), cp.asarray(rng.integers(0, V, (B, T)))
+    step = make_step(model, opt, idx, targets)
+    ms = median_ms(step, cp.cuda.Device().synchronize, reps=steps, warmup=2)
+    kernels_runner, gemm_runner = CountingRunner(loader._state["runner"]), CountingRunner(gemm._state["runner"])
+    loader.use_runner(kernels_runner)
+    gemm.use_runner(gemm_runner)
+    try:
+        step()
+    finally:
+        loader.use_runner(kernels_runner.inner)
+        gemm.use_runner(gemm_runner.inner)
+    cp.cuda.Device().synchronize()
+    free, total = cp.cuda.runtime.memGetInfo()
+    memory = dict(pool=pool.total_bytes() / 2**30, device=(total - free) / 2**30)
+    n = model.num_parameters()
+    del model, opt, step
+    backend.set_tf32(False)
+    free_gpu_memory()
+    return ms, n, memory, (kernels_runner.count, gemm_runner.count)
+
+
+def largest_fitting_batch(fn, B):
+    """fn(B), halving B on a GPU out-of-memory error -> (result, B used)."""
+    import cupy as cp
+
+    while True:
+        try:
+            return fn(B), B
+        except cp.cuda.memory.OutOfMemoryError:
+            if B == 1:
+                raise
+            free_gpu_memory()
+            B //= 2
+
+
+def torch_step_ms(compile_model, steps=5):
+    """build-nanogpt's step in PyTorch at the speed shape -> (ms, parameters, {memory})."""
+    cfg, B, T = settings.SIZES["speed"]
+    return twin().train_step_ms(cfg, B, T, settings.TORCH_DEVICE, compile_model, steps, median_ms, free_gpu_memory)
+
+
+def section_speed():
+    cfg, B0, T = settings.SIZES["speed"]
+
+    def ours(dtype, tf32, key):
+        (ms, n, memory, (launches, gemms)), B = largest_fitting_batch(lambda B: ours_step(dtype, tf32, B, T), B0)
+        tok_s, mfu, text = throughput(ms, n, B, T)
+        text += (f"; memory: CuPy pool {memory['pool']:.1f} GiB (its high-water mark), device {memory['device']:.1f}"
+                 f" GiB in use; {launches} kernels + {gemms} gemms per step")
+        return dict(result=f"B{B}: " + text, limit="", ok=None,
+                    metrics={f"{key}_tok_s": tok_s, f"{key}_mfu": mfu, f"{key}_pool_gib": memory["pool"],
+                             f"{key}_launches": launches + gemms, f"{key}_ms": ms})
+
+    record("4", f"ours bf16, B{B0} T{T} (or the largest B that fits)", lambda: ours("bf16", False, "ours_bf16"))
+    record("4", "ours f32 + TF32 matmuls", lambda: ours(np.float32, True, "ours_tf32"))
+
+    def host():  # the same step where the GPU's work is negligible: what remains is the host's
+        hB, hT = settings.SIZES["host"]
+        ms, _, _, (launches, gemms) = ours_step("bf16", False, hB, hT, steps=10)
+        return dict(result=f"{ms:.1f} ms of host time per step (B{hB} T{hT}: the GPU is idle most of it), "
+                           f"{launches} kernel launches + {gemms} gemm calls: {1e3 * ms / (launches + gemms):.0f} us "
+                           "each; the GPU keeps busy while this is below its own step time", limit="", ok=None,
+                    metrics={"host_ms": ms})
+
+    record("4", "host time per step (launch overhead)", host)
+
+    def torch_run(compiled):
+        ms, n, memory = torch_step_ms(compiled)
+        tok_s, mfu, text = throughput(ms, n, B0, T)
+        key = "torch_compile" if compiled else "torch_eager"
+        return dict(result=f"B{B0}: {text}; peak allocated {memory['allocated']:.1f} GiB, reserved "
+                           f"{memory['reserved']:.1f} GiB", limit="", ok=None,
+                    metrics={f"{key}_tok_s": tok_s, f"{key}_gib": memory["allocated"],
+                             f"{key}_reserved_gib": memory["reserved"]})
+
+    record("4", "torch bf16 autocast, eager", lambda: torch_run(False))
+
+
+def section_compile(args):
+    """torch.compile last: it may take minutes, and gets what is left of --budget."""
+    if args.no_compile:
+        record("4", "torch bf16 + torch.compile", lambda: dict(result="skipped (--no-compile)", limit="", ok=None))
+        return
+    left = args.budget - (time.time() - args.start)
+    if left < 90:
+        record("4", "torch bf16 + torch.compile",
+               lambda: dict(result=f"skipped: {left:.0f} s of --budget left (needs 90)", limit="", ok=None))
+        return
+    cfg, B0, T = settings.SIZES["speed"]
+
+    def run():
+        ms, n, memory = with_time_limit(left, lambda: torch_step_ms(True))
+        tok_s, mfu, text = throughput(ms, n, B0, T)
+        return dict(result=f"B{B0}: {text}; peak allocated {memory['allocated']:.1f} GiB", limit="", ok=None,
+                    metrics={"torch_compile_tok_s": tok_s, "torch_compile_gib": memory["allocated"]})
+
+    record("4", "torch bf16 + torch.compile", run)
+
+
+def summary_rows():
+    """The ratio, MFU and memory verdicts, from the metrics the speed rows left."""
+    metrics = {}
+    for row in all_rows():
+        metrics.update(row.get("metrics", {}))
+
+    def ratio():
+        torch_runs = {k[:-len("_tok_s")]: v for k, v in metrics.items() if k.startswith("torch") and k.endswith("_tok_s")}
+        best = max(torch_runs, key=torch_runs.get)
+        r = metrics["ours_bf16_tok_s"] / torch_runs[best]
+        return dict(result=f"ours bf16 {metrics['ours_bf16_tok_s']:,.0f} tok/s = {r:.2f}x {best} "
+                           f"{torch_runs[best]:,.0f} tok/s (target 1.0x)", limit=">= 1.0", ok=bool(r >= 1.0))
+
+    def mfu():
+        value = metrics.get("ours_bf16_mfu")
+        if value is None:
+            return dict(result="n/a: unknown card", limit="", ok=None)
+        return dict(result=f"ours bf16 MFU {100 * value:.1f}% (target 45%)", limit=">= 45%", ok=bool(value >= 0.45))
+
+    def memory():
+        ours = metrics["ours_bf16_pool_gib"]
+        theirs = {k: v for k, v in metrics.items()
+                  if k.startswith("torch") and k.endswith("_gib") and not k.endswith("reserved_gib")}
+        best = min(theirs, key=theirs.get)
+        return dict(result=f"ours bf16 pool high-water {ours:.1f} GiB vs {best} {theirs[best]:.1f} GiB "
+                           "(torch: max_memory_allocated)", limit="below", ok=bool(ours < theirs[best]))
+
+    record("4", "ratio ours bf16 / PyTorch best (tok/s)", ratio)
+    record("4", "MFU of ours bf16", mfu)
+    record("4", "peak GPU memory, ours bf16 vs PyTorch", memory)
