@@ -143,8 +143,109 @@ def load_checkpoint(path):
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete: no {', '.join(missing)}")
     params = {k[len("param/"):]: a for k, a in arrays.items() if k.startswith("param/")}
-    return {"meta": meta, "params": params, "exp_avg": arrays["optim/exp_avg"],
+    ckpt = {"meta": meta, "params": params, "exp_avg": arrays["optim/exp_avg"],
             "exp_avg_sq": arrays["optim/exp_avg_sq"]}
+    check_schema(ckpt, path)
+    return ckpt
+
+
+# ---- the schema: what a checkpoint must hold before anything trusts it ----------------------
+
+CONFIG_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")
+PARAM_DTYPES = ("float32", "float64")
+
+
+def _int(value, low=0):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def check_schema(ckpt, path):
+    """Every meta field present and of its type, every array of the dtype and shape the
+    meta's config implies, moments finite with exp_avg_sq >= 0. The first problem
+    found is raised as CheckpointError, naming the file and the field or array."""
+    def bad(what):
+        raise CheckpointError(f"checkpoint {path} is invalid: {what}")
+
+    meta = ckpt["meta"]
+    for key, kind in (("step", int), ("model_config", dict), ("dtype", str), ("optimizer", dict),
+                      ("loader_states", list), ("rng_state", dict)):
+        if key not in meta:
+            bad(f"meta has no {key!r}")
+        if not isinstance(meta[key], kind) or isinstance(meta[key], bool):
+            bad(f"meta {key!r} is {type(meta[key]).__name__}, not {kind.__name__}")
+    if not _int(meta["step"]):
+        bad(f"step {meta['step']} is negative")
+    config = _check_config(meta["model_config"], bad)
+    if meta["dtype"] not in PARAM_DTYPES:
+        bad(f"dtype {meta['dtype']!r} is not one of {', '.join(PARAM_DTYPES)}")
+    if not _int(meta["optimizer"].get("step")):
+        bad(f"optimizer step {meta['optimizer'].get('step')!r} is not a non-negative integer")
+    _check_loader_states(meta["loader_states"], bad)
+    if not isinstance(meta["rng_state"].get("bit_generator"), str) or not isinstance(meta["rng_state"].get("state"), dict):
+        bad("rng_state is not a NumPy bit generator state")
+    _check_arrays(ckpt, config, np.dtype(meta["dtype"]), bad)
+
+
+def _check_config(cfg, bad):
+    for key in CONFIG_FIELDS:
+        if not _int(cfg.get(key), 1):
+            bad(f"model_config {key} is {cfg.get(key)!r}, not a positive integer")
+    if cfg["n_embd"] % cfg["n_head"]:
+        bad(f"model_config n_embd {cfg['n_embd']} is not divisible by n_head {cfg['n_head']}")
+    return cfg
+
+
+def _check_loader_states(states, bad):
+    if not states:
+        bad("loader_states is empty (one per rank that saved it)")
+    for rank, state in enumerate(states):
+        if not isinstance(state, dict):
+            bad(f"loader state {rank} is not an object")
+        for key in ("epoch", "shard_index", "base", "B", "T", "rank", "world_size"):
+            if not _int(state.get(key), 1 if key in ("B", "T", "world_size") else 0):
+                bad(f"loader state {rank}: {key} is {state.get(key)!r}")
+        shards = state.get("shards")
+        if not isinstance(shards, list) or not shards or not all(isinstance(n, str) for n in shards):
+            bad(f"loader state {rank}: shards is not a list of file names")
+        if state["shard_index"] >= len(shards):
+            bad(f"loader state {rank}: shard_index {state['shard_index']} is past its {len(shards)} shard(s)")
+        if state["rank"] != rank or state["world_size"] != len(states):
+            bad(f"loader state {rank} says rank {state['rank']} of {state['world_size']}, but it is number {rank} "
+                f"of {len(states)}")
+
+
+def _check_arrays(ckpt, config, dtype, bad):
+    from .config import parameter_shapes
+
+    L = config["n_layer"]
+    expected_count = 2 + 12 * L + 2  # wte, wpe, 12 per block, ln_f: counted before listing them
+    if len(ckpt["params"]) != expected_count:
+        bad(f"it holds {len(ckpt['params'])} parameter arrays, but model_config (n_layer {L}) needs {expected_count}")
+    total = 0
+    for name, shape in parameter_shapes(_Config(config)):
+        a = ckpt["params"].get(name)
+        if a is None:
+            bad(f"parameter {name} is missing")
+        if a.dtype != dtype or tuple(a.shape) != shape:
+            bad(f"parameter {name} is {a.dtype} {tuple(a.shape)}, but the meta implies {dtype.name} {shape}")
+        if not np.isfinite(a).all():
+            bad(f"parameter {name} holds NaN or Inf")
+        total += a.size
+    for key in ("exp_avg", "exp_avg_sq"):
+        a = ckpt[key]
+        if a.dtype != dtype or a.shape != (total,):
+            bad(f"optim/{key} is {a.dtype} {a.shape}, but the parameters need {dtype.name} ({total},)")
+        if not np.isfinite(a).all():
+            bad(f"optim/{key} holds NaN or Inf")
+    if (ckpt["exp_avg_sq"] < 0).any():
+        bad("optim/exp_avg_sq has negative values (a second moment is a mean of squares)")
+
+
+class _Config:
+    """The attributes parameter_shapes reads, from a checked model_config dict."""
+
+    def __init__(self, cfg):
+        self.__dict__.update({k: cfg[k] for k in CONFIG_FIELDS})
 
 
 def _verify_checksums(path, meta, arrays):

@@ -37,6 +37,16 @@ from .model import GPT
 
 GPT2_VOCAB = 50257  # tokens in GPT-2's tokenizer
 HF_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+class HFWeightsError(ValueError):
+    """A Hugging Face GPT-2 directory that cannot be loaded: config.json or the
+    tensors it describes; the message names the file (and the key or tensor)."""
+
+
+class LlmcModelError(ValueError):
+    """An llm.c model file that cannot be loaded; the message names the file."""
+
+
+WEIGHT_DTYPES = ("F64", "F32", "F16", "BF16")  # what a weight may be stored as: floating point
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")
 HF_BASE_URL = "https://huggingface.co"
@@ -259,17 +269,36 @@ def download_file(url, target, chunk=1 << 22):
 # ---- Hugging Face format -----------------------------------------------------------
 
 
+def read_config_json(path):
+    """config.json as a dict, or HFWeightsError naming the file and what is wrong."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise HFWeightsError(f"{path}: not UTF-8 text (byte {e.start}); the file is corrupt") from None
+    try:
+        cfg = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise HFWeightsError(f"{path} is not valid JSON ({e})") from e
+    except RecursionError:
+        raise HFWeightsError(f"{path}: JSON nested too deeply to be a config") from None
+    if not isinstance(cfg, dict):
+        raise HFWeightsError(f"{path}: a config must be a JSON object, not a {type(cfg).__name__}")
+    return cfg
+
+
 def _config_from_hf(cfg, where):
     """GPTConfig from a config.json dict, refusing variants this model does not compute."""
     def need(key, alt=None):
-        if key in cfg:
-            return cfg[key]
-        if alt is not None and alt in cfg:
-            return cfg[alt]
-        raise ValueError(f"{where}: config.json lacks {key!r}; it does not describe a GPT-2")
+        for k in (key, alt):
+            if k is not None and k in cfg:
+                value = cfg[k]
+                if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                    raise HFWeightsError(f"{where}: {k} is {value!r}; a GPT-2 size must be a positive integer")
+                return value
+        raise HFWeightsError(f"{where}: config.json lacks {key!r}; it does not describe a GPT-2")
 
     if cfg.get("model_type", "gpt2") != "gpt2":
-        raise ValueError(f"{where}: model_type is {cfg['model_type']!r}; only GPT-2 ('gpt2') loads here")
+        raise HFWeightsError(f"{where}: model_type is {cfg['model_type']!r}; only GPT-2 ('gpt2') loads here")
     n_embd = need("n_embd", "hidden_size")
     unsupported = []
     if cfg.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -283,29 +312,58 @@ def _config_from_hf(cfg, where):
     if not cfg.get("tie_word_embeddings", True):
         unsupported.append("untied lm_head and wte")
     if unsupported:
-        raise ValueError(f"{where}: this GPT-2 variant is not supported: " + "; ".join(unsupported))
-    return GPTConfig(
-        block_size=need("n_positions", "n_ctx"),
-        vocab_size=need("vocab_size"),
-        n_layer=need("n_layer", "num_hidden_layers"),
-        n_head=need("n_head", "num_attention_heads"),
-        n_embd=n_embd,
-    )
+        raise HFWeightsError(f"{where}: this GPT-2 variant is not supported: " + "; ".join(unsupported))
+    n_head = need("n_head", "num_attention_heads")
+    if n_embd % n_head:
+        raise HFWeightsError(f"{where}: n_embd {n_embd} is not divisible by n_head {n_head}, so it describes no "
+                             "GPT-2 (each head takes n_embd / n_head channels); the file is corrupt or edited")
+    return GPTConfig(block_size=need("n_positions", "n_ctx"), vocab_size=need("vocab_size"),
+                     n_layer=need("n_layer", "num_hidden_layers"), n_head=n_head, n_embd=n_embd)
+
+
+def _check_sizes_against_tensors(config, tensors, config_path, source):
+    """The config's sizes against the tensors actually in the file, in time linear in
+    the file (a config claiming 10^9 layers is refused before anything is built), and
+    the block indices contiguous from 0."""
+    blocks = set()
+    for name in tensors:
+        parts = name.removeprefix("transformer.").split(".")
+        if parts[0] == "h" and len(parts) > 1 and parts[1].isdigit():
+            blocks.add(int(parts[1]))
+    if blocks != set(range(config.n_layer)):
+        held = f"blocks {min(blocks)}..{max(blocks)} ({len(blocks)} in all)" if blocks else "no blocks"
+        raise HFWeightsError(f"{config_path} says n_layer={config.n_layer}, but {source} holds {held}; the two "
+                             "files do not belong together (re-download or re-export the checkpoint)")
 
 
 def _read_hf_tensors(directory):
     """{name: array} from model.safetensors, or from the shards its index lists."""
     single = directory / "model.safetensors"
     if single.is_file():
-        return safetensors_io.load(single), str(single)
+        return _load_weights(single), str(single)
     index_path = directory / "model.safetensors.index.json"
-    weight_map = json.loads(index_path.read_text())["weight_map"]
+    index = read_config_json(index_path)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise HFWeightsError(f"{index_path}: no weight_map of tensor names to shard files")
     tensors = {}
     for shard in sorted(set(weight_map.values())):
-        if not (directory / shard).is_file():
-            raise FileNotFoundError(f"{index_path} lists shard {shard}, which is missing from {directory}")
-        tensors.update(safetensors_io.load(directory / shard))
+        if Path(shard).name != shard or not (directory / shard).is_file():
+            raise HFWeightsError(f"{index_path} lists shard {shard!r}, which is not a file in {directory}")
+        tensors.update(_load_weights(directory / shard))
     return tensors, str(index_path)
+
+
+def _load_weights(path):
+    """A safetensors file's tensors, after checking from its header (read and validated
+    first, see safetensors_io.read_header) that every weight is floating point: an
+    integer or boolean tensor cast to float would load without a word, and wrong."""
+    header, _, _ = safetensors_io.read_header(path)
+    for name, info in header.items():
+        if info["dtype"] not in WEIGHT_DTYPES and not name.endswith(MASK_BUFFERS):
+            raise HFWeightsError(f"{path}: tensor {name} is stored as {info['dtype']}; weights must be "
+                                 f"floating point ({', '.join(WEIGHT_DTYPES)})")
+    return safetensors_io.load(path)
 
 
 def load_hf(directory, dtype=np.float32, backend="numpy"):
@@ -313,12 +371,9 @@ def load_hf(directory, dtype=np.float32, backend="numpy"):
     directory = Path(directory)
     _check_hf_dir(directory)
     config_path = directory / "config.json"
-    try:
-        cfg = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_path} is not valid JSON ({e})") from e
-    config = _config_from_hf(cfg, config_path)
+    config = _config_from_hf(read_config_json(config_path), config_path)
     tensors, source = _read_hf_tensors(directory)
+    _check_sizes_against_tensors(config, tensors, config_path, source)
     # Strip the optional prefix once: "transformer.h.0..." and "h.0..." name the same tensor.
     stripped = {}
     for name, value in tensors.items():
@@ -336,7 +391,7 @@ def load_hf(directory, dtype=np.float32, backend="numpy"):
             parts.append("missing tensors: " + ", ".join(missing))
         if unexpected:
             parts.append("unexpected tensors: " + ", ".join(unexpected))
-        raise ValueError(
+        raise HFWeightsError(
             f"{source} does not hold the GPT-2 that {config_path.name} describes ({config}): "
             + "; ".join(parts) + ". Re-download or re-export the checkpoint"
         )
@@ -346,7 +401,7 @@ def load_hf(directory, dtype=np.float32, backend="numpy"):
         if name.endswith(CONV1D):
             value = value.T  # Conv1D stores (in, out); our linear weights are (out, in)
         if tuple(value.shape) != shape:
-            raise ValueError(f"{source}: {name} has shape {tuple(value.shape)} but config.json implies {shape}")
+            raise HFWeightsError(f"{source}: {name} has shape {tuple(value.shape)} but config.json implies {shape}")
         state[name] = value
     if LM_HEAD in stripped:
         state[LM_HEAD] = stripped[LM_HEAD]  # load_state_dict checks that it equals wte
@@ -466,15 +521,15 @@ def read_llmc_header(path):
     size = os.path.getsize(path)
     header = np.fromfile(path, dtype="<i4", count=LLMC_HEADER_INTS)
     if header.size < 8:
-        raise ValueError(f"{path}: {size} bytes, too short for an llm.c model file (1024-byte header)")
+        raise LlmcModelError(f"{path}: {size} bytes, too short for an llm.c model file (1024-byte header)")
     magic, version = int(header[0]), int(header[1])
     if magic != LLMC_MAGIC:
         hints = {20240327: "an llm.c debug state file", 20240328: "an llm.c tokenizer file",
                  20240520: "a token data shard"}
         what = hints.get(magic, "not an llm.c model file")
-        raise ValueError(f"{path}: magic number {magic}, expected {LLMC_MAGIC}: this is {what}")
+        raise LlmcModelError(f"{path}: magic number {magic}, expected {LLMC_MAGIC}: this is {what}")
     if version not in LLMC_VERSIONS:
-        raise ValueError(
+        raise LlmcModelError(
             f"{path}: llm.c model file version {version}; this reader takes version 3 (float32) or "
             "5 (bfloat16), both with a padded vocab. Re-export it with a current llm.c train_gpt2.py"
         )
@@ -483,12 +538,15 @@ def read_llmc_header(path):
     h["dtype"] = LLMC_VERSIONS[version]
     C, L, Vp, T = h["channels"], h["num_layers"], h["padded_vocab_size"], h["max_seq_len"]
     if min(C, L, Vp, T, h["num_heads"]) <= 0 or h["vocab_size"] > Vp:
-        raise ValueError(f"{path}: the header holds impossible sizes {h}; the file is corrupt")
+        raise LlmcModelError(f"{path}: the header holds impossible sizes {h}; the file is corrupt")
+    if C % h["num_heads"]:
+        raise LlmcModelError(f"{path}: channels {C} is not divisible by num_heads {h['num_heads']}, so the header "
+                             "describes no GPT-2; the file is corrupt")
     n_params = Vp * C + T * C + L * 12 * C * C + L * 13 * C + 2 * C
     itemsize = 4 if h["dtype"] == "float32" else 2
     expected = 4 * LLMC_HEADER_INTS + n_params * itemsize
     if size != expected:
-        raise ValueError(
+        raise LlmcModelError(
             f"{path}: {size} bytes, but its header ({h}) implies {expected}; the file is truncated or corrupt"
         )
     return h

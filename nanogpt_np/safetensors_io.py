@@ -43,7 +43,14 @@ class SafetensorsError(ValueError):
 
 
 def read_header(path):
-    """(header dict without __metadata__, metadata dict, byte offset where the data starts)."""
+    """(header dict without __metadata__, metadata dict, byte offset where the data starts).
+
+    Checked as the format's reference implementation checks it, before any tensor is
+    read: the header is one JSON object with no repeated key; each entry has a dtype
+    this reader knows, a shape of non-negative integers and two integer offsets; and
+    the byte ranges, sorted, tile the data section exactly (from 0 to its last byte,
+    no gap, no overlap), each as long as its shape and dtype need. A header length a
+    few bytes off therefore fails here instead of shifting every tensor."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
@@ -56,41 +63,76 @@ def read_header(path):
                 "or not safetensors (download it again)"
             )
         raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SafetensorsError(f"{path}: the header is not valid JSON ({e}); the file is corrupt") from e
-    if not isinstance(header, dict):
-        raise SafetensorsError(f"{path}: the header is not a JSON object")
+    header = _parse_header_json(path, raw)
     metadata = header.pop("__metadata__", None) or {}
-    data_size = size - 8 - n
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise SafetensorsError(f"{path}: __metadata__ must map names to strings")
     for name, info in header.items():
-        _check_entry(path, name, info, data_size)
+        _check_entry(path, name, info)
+    _check_tiling(path, header, size - 8 - n)
     return header, metadata, 8 + n
 
 
-def _check_entry(path, name, info, data_size):
+def _parse_header_json(path, raw):
+    def no_repeats(pairs):
+        keys = [k for k, _ in pairs]
+        repeated = sorted({k for k in keys if keys.count(k) > 1})
+        if repeated:
+            raise SafetensorsError(f"{path}: the header names {', '.join(map(repr, repeated))} more than once")
+        return dict(pairs)
+
     try:
-        dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-    except (KeyError, TypeError, ValueError) as e:
-        raise SafetensorsError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from e
-    if dtype not in DTYPES:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_repeats)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SafetensorsError(f"{path}: the header is not valid JSON ({e}); the file is corrupt") from e
+    except RecursionError:
+        raise SafetensorsError(f"{path}: the header's JSON is nested too deeply to be a safetensors header") from None
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{path}: the header is not a JSON object")
+    return header
+
+
+def _is_index(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0  # JSON true is not an offset
+
+
+def _check_entry(path, name, info):
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        raise SafetensorsError(f"{path}: tensor {name!r} has a malformed header entry {info!r} (it needs exactly "
+                               "dtype, shape and data_offsets)")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise SafetensorsError(
-            f"{path}: tensor {name!r} has dtype {dtype}, which this reader does not handle "
+            f"{path}: tensor {name!r} has dtype {dtype if isinstance(dtype, str) else repr(dtype)}, which this "
+            "reader does not handle "
             f"(it reads {', '.join(DTYPES)})"
         )
-    if not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise SafetensorsError(f"{path}: tensor {name!r} has a bad shape {shape!r}")
+    if not isinstance(shape, list) or not all(_is_index(d) for d in shape):
+        raise SafetensorsError(f"{path}: tensor {name!r} has a bad shape {shape!r} (a list of non-negative integers)")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_index(o) for o in offsets)
+            and offsets[0] <= offsets[1]):
+        raise SafetensorsError(f"{path}: tensor {name!r} has bad data_offsets {offsets!r} ([begin, end], integers)")
     nbytes = math.prod(shape) * DTYPES[dtype].itemsize
-    if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= data_size):
-        raise SafetensorsError(
-            f"{path}: tensor {name!r} spans bytes [{begin}, {end}) of a {data_size}-byte data section; "
-            "the file is truncated or corrupt"
-        )
-    if end - begin != nbytes:
+    if offsets[1] - offsets[0] != nbytes:
         raise SafetensorsError(
             f"{path}: tensor {name!r} of shape {shape} and dtype {dtype} needs {nbytes} bytes, "
-            f"but its offsets give {end - begin}"
+            f"but its offsets give {offsets[1] - offsets[0]}"
+        )
+
+
+def _check_tiling(path, header, data_size):
+    expected = 0
+    for name, info in sorted(header.items(), key=lambda kv: tuple(kv[1]["data_offsets"])):
+        begin, end = info["data_offsets"]
+        if begin != expected:
+            what = "overlaps the tensor before it" if begin < expected else f"leaves a gap of {begin - expected} bytes"
+            raise SafetensorsError(f"{path}: tensor {name!r} starts at byte {begin} of the data, which {what}; "
+                                   "the byte ranges must tile the data section, so the file is corrupt")
+        expected = end
+    if expected != data_size:
+        raise SafetensorsError(
+            f"{path}: the tensors cover {expected} bytes but the data section has {data_size}; the header "
+            "length or the offsets are wrong, or the file is truncated"
         )
 
 

@@ -90,3 +90,9 @@ def assert_same_as_reference(fast, reference, what, tol=1e-12):
             continue
         err = rel_err(a, b)
         assert err <= tol, f"{what}[{i}]: relative error {err:.2e} > {tol:.0e}"
+
+
+def loader_state(rank=0, base=0, world_size=1):
+    """A DataLoader.state() as a checkpoint holds it, for checkpoints written by tests."""
+    return {"split": "train", "B": 2, "T": 8, "rank": rank, "world_size": world_size, "shuffle": False,
+            "seed": 0, "shards": ["x_train_000000.npy"], "epoch": 0, "shard_index": 0, "base": base, "tokens": 0}

@@ -7,6 +7,7 @@ import pytest
 from nanogpt_np import GPT, GPTConfig, checkpoint
 from nanogpt_np.checkpoint import CheckpointError
 from nanogpt_np.optim import AdamW
+from tests.helpers import loader_state
 
 CFG = GPTConfig(block_size=8, vocab_size=61, n_layer=2, n_head=2, n_embd=8)
 
@@ -27,7 +28,7 @@ def trained(seed=0, dtype=np.float32, config=CFG, steps=2):
 def save(path, model, opt, step=5):
     rng = np.random.default_rng(3)
     rng.random(7)
-    loaders = [{"rank": 0, "base": 40}, {"rank": 1, "base": 56}]
+    loaders = [loader_state(0, 40, world_size=2), loader_state(1, 56, world_size=2)]
     checkpoint.save_checkpoint(path, model, opt, step, loaders, rng.bit_generator.state, {"max_lr": 1e-2})
     return rng
 

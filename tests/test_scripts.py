@@ -34,7 +34,10 @@ def models(tmp_path_factory):
     model.save_pretrained(d / "hf")
     pretrained.save_llmc(model, d / "tiny.bin")
     optimizer = AdamW(model.parameters())
-    checkpoint.save_checkpoint(d / "model_00007.npz", model, optimizer, 7, [{}], rng_state={})
+    from tests.helpers import loader_state
+
+    checkpoint.save_checkpoint(d / "model_00007.npz", model, optimizer, 7, [loader_state()],
+                               rng_state=np.random.default_rng(0).bit_generator.state)
     return d
 
 
