@@ -286,9 +286,16 @@ class DataLoader:
                     f"{key}={mine[key]!r} ({self.data_dir}); resume with the same data, batch "
                     "shape, number of ranks and shuffle settings"
                 )
+        if not 0 <= state["shard_index"] < len(self.shards):
+            raise DataError(f"loader state shard_index {state['shard_index']} is outside the {len(self.shards)} "
+                            f"{self.split} shard(s) of {self.data_dir}")
         self.epoch, self.shard_index, self.base = state["epoch"], state["shard_index"], state["base"]
         self.tokens_read = int(state.get("tokens", 0))  # absent in states saved before it was kept
         self._load_current_shard()
+        fits = self.base + (0 if reshard else self.round_tokens) <= self.tokens.size
+        if self.base < 0 or not fits:
+            raise DataError(f"loader state position {self.base} is past what shard {self.shards[self.shard_index]} "
+                            f"holds ({self.tokens.size} tokens); the state does not belong to this data")
         if reshard and self.base + self.round_tokens > self.tokens.size:
             self._advance_shard()  # what is left of the shard is too short for this loader's round
 

@@ -38,6 +38,12 @@ URLS = {
     for split in ("train", "val", "test")
 }
 N_ENDINGS = 4
+# examples in the official files: a cached copy with fewer was cut short
+OFFICIAL_EXAMPLES = {"train": 39905, "val": 10042, "test": 10003}
+
+
+class HellaSwagError(ValueError):
+    """A HellaSwag file that cannot be scored; the message names the file and line."""
 CHUNK_ELEMENTS = 1 << 22  # logits computed at a time (16 MB in float32)
 
 
@@ -75,7 +81,10 @@ def data_file(split="val", path=None, data_dir=None, download=True, url=None):
         raise ValueError(f"unknown HellaSwag split {split!r}; choose one of {', '.join(URLS)}")
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     target = data_dir / f"hellaswag_{split}.jsonl"
+    official = url is None  # a caller's own url may serve any subset
     if target.is_file():
+        if official:
+            check_official_count(target, split)
         return target
     if not download:
         raise FileNotFoundError(f"{target} is missing; download it from {URLS[split]} or pass --path FILE")
@@ -91,44 +100,70 @@ def data_file(split="val", path=None, data_dir=None, download=True, url=None):
             f"could not download HellaSwag {split} from {url} ({e}). Without a network, fetch "
             f"hellaswag_{split}.jsonl elsewhere and pass it with --path FILE"
         ) from e
+    if official:
+        check_official_count(target, split)
     return target
 
 
-def read_examples(path):
-    """Yield the examples of a HellaSwag .jsonl file as dicts, checked field by field."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+def check_official_count(path, split):
+    """The cached official file holds every example (a download or copy cut at a line
+    end would otherwise score a subset without a word)."""
+    with open(path, "rb") as f:
+        n = sum(1 for line in f if line.strip())
+    if n != OFFICIAL_EXAMPLES[split]:
+        raise HellaSwagError(f"{path}: {n} examples, but the official {split} split has {OFFICIAL_EXAMPLES[split]}; "
+                             "the file is incomplete: delete it to download it again")
+
+
+def read_examples(path, need_labels=False):
+    """Yield the examples of a HellaSwag .jsonl file as dicts, checked field by field;
+    a bad line is a HellaSwagError naming its number."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise HellaSwagError(f"{where}: not UTF-8 text (byte {e.start} of the line)") from None
             if not line.strip():
                 continue
             try:
                 example = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from e
-            check_example(example, f"{path}:{lineno}")
+                cut = "" if raw.endswith(b"\n") else " (the last line has no end: the file was cut short?)"
+                raise HellaSwagError(f"{where}: not valid JSON ({e}){cut}") from None
+            except RecursionError:
+                raise HellaSwagError(f"{where}: JSON nested too deeply for a HellaSwag example") from None
+            check_example(example, where, need_labels)
             yield example
 
 
-def load_examples(path, limit=None):
-    """The first `limit` (default: all) examples of a HellaSwag .jsonl file, as a list."""
+def load_examples(path, limit=None, need_labels=False):
+    """The first `limit` (default: all) examples of a HellaSwag .jsonl file, as a
+    list; a file with none is an error. need_labels: every example must have one."""
     out = []
-    for example in read_examples(path):
+    for example in read_examples(path, need_labels):
         if limit is not None and len(out) >= limit:
             break
         out.append(example)
+    if not out:
+        raise HellaSwagError(f"{path}: no HellaSwag examples in it (an empty file, or only blank lines)")
     return out
 
 
-def check_example(example, where="example"):
+def check_example(example, where="example", need_label=False):
     if not isinstance(example, dict):
-        raise ValueError(f"{where}: a HellaSwag example is a JSON object, got {type(example).__name__}")
+        raise HellaSwagError(f"{where}: a HellaSwag example is a JSON object, got {type(example).__name__}")
     if not isinstance(example.get("ctx"), str):
-        raise ValueError(f"{where}: field 'ctx' (the context) must be a string")
+        raise HellaSwagError(f"{where}: field 'ctx' (the context) must be a string")
     endings = example.get("endings")
     if not (isinstance(endings, list) and len(endings) == N_ENDINGS and all(isinstance(e, str) for e in endings)):
-        raise ValueError(f"{where}: field 'endings' must be a list of {N_ENDINGS} strings")
+        raise HellaSwagError(f"{where}: field 'endings' must be a list of {N_ENDINGS} strings")
     label = example.get("label")
+    if label is None and need_label:
+        raise HellaSwagError(f"{where}: the example has no label (the test split's are hidden); score the val split")
     if label is not None and (isinstance(label, bool) or label not in range(N_ENDINGS)):
-        raise ValueError(f"{where}: field 'label' must be 0, 1, 2 or 3, got {label!r}")
+        raise HellaSwagError(f"{where}: field 'label' must be 0, 1, 2 or 3, got {label!r}")
 
 
 # ---- rendering and scoring ---------------------------------------------------------
@@ -140,8 +175,9 @@ def render_example(example, enc):
     Row i is the context's tokens followed by the tokens of " " + endings[i]; the
     mask is 1 over the ending's tokens; rows are padded with 0 to the longest.
     """
-    ctx_tokens = enc.encode(example["ctx"])
-    rows = [ctx_tokens + enc.encode(" " + ending) for ending in example["endings"]]
+    # encode_ordinary: "<|endoftext|>" inside the text is text, not the special token
+    ctx_tokens = enc.encode_ordinary(example["ctx"])
+    rows = [ctx_tokens + enc.encode_ordinary(" " + ending) for ending in example["endings"]]
     T = max(len(r) for r in rows)
     tokens = np.zeros((N_ENDINGS, T), dtype=np.int64)
     mask = np.zeros((N_ENDINGS, T), dtype=np.int64)
@@ -210,12 +246,16 @@ def evaluate(model, examples, enc=None, rank=0, world_size=1, reduce_sum=None, e
         from .tokenizer import get_encoding
 
         enc = get_encoding()
+    if not examples:
+        raise HellaSwagError("no HellaSwag examples to score")
     mine = [render(ex, enc) for i, ex in enumerate(examples) if i % world_size == rank]
     counts = np.zeros(3, dtype=np.float64)  # correct, correct_norm, total
     for start in range(0, len(mine), examples_per_forward):
         group = mine[start : start + examples_per_forward]
-        if any(g.label is None for g in group):
-            raise ValueError("an example has no label (the test split's are hidden); score the val split")
+        missing = [start + i for i, g in enumerate(group) if g.label is None]
+        if missing:
+            raise HellaSwagError(f"example {rank + world_size * missing[0]} (counting from 0) has no label (the "
+                                 "test split's are hidden); score the val split")
         tokens, mask = stack_rows(group)
         sum_loss, mean_loss = ending_losses(model, tokens, mask)
         for e, g in enumerate(group):

@@ -6,9 +6,10 @@ log.txt holds one measurement a line, `{step} {kind} {value}`:
     250 val 6.2361
     250 hella 0.2492
 
-Two panels: train and val loss against the step, with OpenAI's GPT-2 124M
-checkpoint's val loss as a horizontal line; and HellaSwag acc_norm against GPT-2
-124M's and GPT-3 124M's scores. A step logged twice (a run resumed from a
+Two panels: train and val loss against the step (the raw train loss faint under
+a smoothed line, the axes fitted to the data), and, when the log has any,
+HellaSwag acc_norm. OpenAI's GPT-2 124M val loss and the GPT-2 / GPT-3 124M
+HellaSwag scores are drawn only for a run of the 124M shape (or when asked). A step logged twice (a run resumed from a
 checkpoint repeats the steps after it) keeps its last value.
 
 matplotlib is an optional dependency (`pip install -e '.[plot]'`), imported only
@@ -85,37 +86,74 @@ def import_pyplot():
     return plt
 
 
-def plot(log_dir_or_file, out=None, loss_ymax=4.0):
-    """Draw the two panels into a PNG (default: log.txt's directory / log.png) -> its path."""
+GPT2_124M_SHAPE = dict(n_layer=12, n_head=12, n_embd=768)
+
+
+def run_info(log_dir_or_file):
+    """The run's model, if the log directory says: run.json (written by the trainer
+    at start-up), else the newest checkpoint's meta. -> {"model_config", "parameters"}
+    or None. Read with allow_pickle=False; only the small meta entry is loaded."""
+    import json
+
+    from .checkpoint import list_checkpoints
+    from .config import GPTConfig, parameter_shapes
+
+    folder = log_path(log_dir_or_file).parent
+    try:
+        info = json.loads((folder / "run.json").read_text())
+        return {"model_config": info["model_config"], "parameters": int(info["parameters"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    for ckpt in list_checkpoints(folder):
+        try:
+            with np.load(ckpt, allow_pickle=False) as npz:
+                cfg = json.loads(str(npz["meta"]))["model_config"]
+            n = sum(int(np.prod(shape)) for _, shape in parameter_shapes(GPTConfig(**cfg)))
+            return {"model_config": cfg, "parameters": n}
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def size_label(info):
+    if info is None:
+        return "nanogpt_np"
+    n, cfg = info["parameters"], info["model_config"]
+    size = f"{n / 1e6:.0f}M" if n >= 1e7 else f"{n / 1e6:.1f}M"
+    return f"nanogpt_np {size} ({cfg['n_layer']}L, {cfg['n_embd']}C)"
+
+
+def smoothed(values, window):
+    """Centred moving average over `window` points (fewer at the ends), so the line
+    does not lag the raw curve where it falls fast."""
+    half = window // 2
+    c = np.cumsum(np.insert(np.asarray(values, dtype=np.float64), 0, 0.0))
+    idx = np.arange(len(values))
+    lo, hi = np.maximum(idx - half, 0), np.minimum(idx + half + 1, len(values))
+    return (c[hi] - c[lo]) / (hi - lo)
+
+
+def plot(log_dir_or_file, out=None, loss_ymax=None, baselines=None):
+    """Draw the loss panel (and a HellaSwag panel when the log has HellaSwag lines)
+    into a PNG (default: log.txt's directory / log.png) -> its path.
+
+    The axes follow the data: the whole curve is visible (loss_ymax caps the top if
+    given), the raw train loss faint under a smoothed line. The legend names the
+    model's size (run_info). OpenAI's GPT-2 124M baselines are drawn only when they
+    compare like with like, a run of the 124M shape, or when baselines=True."""
     series = read_log(log_dir_or_file)
     plt = import_pyplot()
     path = log_path(log_dir_or_file)
     out = Path(out) if out is not None else path.parent / "log.png"
-    fig, (ax_loss, ax_hella) = plt.subplots(1, 2, figsize=(16, 6))
-
-    for kind, label in (("train", "train loss"), ("val", "val loss")):
-        if kind in series:
-            ax_loss.plot(*series[kind], label=f"nanogpt_np (124M) {label}")
-    ax_loss.axhline(GPT2_124M_VAL_LOSS, color="r", linestyle="--", label="OpenAI GPT-2 (124M) checkpoint val loss")
-    ax_loss.set_xlabel("step")
-    ax_loss.set_ylabel("loss")
-    ax_loss.set_yscale("linear")
-    ax_loss.set_ylim(top=loss_ymax)  # the first steps' ~11 would squash the interesting part
-    ax_loss.legend()
-    ax_loss.set_title("Loss")
-
-    if "hella" in series:
-        ax_hella.plot(*series["hella"], label="nanogpt_np (124M)")
-    else:
-        ax_hella.text(0.5, 0.5, "no HellaSwag entries in the log", ha="center", va="center",
-                      transform=ax_hella.transAxes)
-    ax_hella.axhline(GPT2_124M_HELLASWAG, color="r", linestyle="--", label="OpenAI GPT-2 (124M) checkpoint")
-    ax_hella.axhline(GPT3_124M_HELLASWAG, color="g", linestyle="--", label="OpenAI GPT-3 (124M) checkpoint")
-    ax_hella.set_xlabel("step")
-    ax_hella.set_ylabel("acc_norm")
-    ax_hella.legend()
-    ax_hella.set_title("HellaSwag eval")
-
+    info = run_info(log_dir_or_file)
+    if baselines is None:
+        baselines = info is not None and all(info["model_config"].get(k) == v for k, v in GPT2_124M_SHAPE.items())
+    label = size_label(info)
+    panels = 2 if "hella" in series else 1
+    fig, axes = plt.subplots(1, panels, figsize=(8 * panels, 6), squeeze=False)
+    _loss_panel(axes[0][0], series, label, baselines, loss_ymax)
+    if panels == 2:
+        _hella_panel(axes[0][1], series, label, baselines)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp.png")  # whole or nothing: write, then rename
@@ -123,3 +161,41 @@ def plot(log_dir_or_file, out=None, loss_ymax=4.0):
     plt.close(fig)
     tmp.replace(out)
     return out
+
+
+def _loss_panel(ax, series, label, baselines, loss_ymax):
+    shown = []
+    if "train" in series:
+        steps, values = series["train"]
+        window = max(1, len(values) // 20)
+        ax.plot(steps, values, color="C0", alpha=0.25, linewidth=0.8, label=f"{label} train loss")
+        ax.plot(steps, smoothed(values, window), color="C0",
+                label=f"{label} train loss, mean of {window} steps around each" if window > 1 else None)
+        shown.append(values)
+    if "val" in series:
+        ax.plot(*series["val"], color="C1", marker="o", markersize=3, label=f"{label} val loss")
+        shown.append(series["val"][1])
+    if baselines:
+        ax.axhline(GPT2_124M_VAL_LOSS, color="r", linestyle="--", label="OpenAI GPT-2 (124M) checkpoint val loss")
+        shown.append(np.array([GPT2_124M_VAL_LOSS]))
+    if shown:
+        values = np.concatenate(shown)
+        lo, hi = float(values.min()), float(values.max())
+        hi = min(hi, loss_ymax) if loss_ymax is not None else hi
+        margin = 0.05 * max(hi - lo, 1e-3)
+        ax.set_ylim(lo - margin, hi + margin)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.set_title("Loss")
+
+
+def _hella_panel(ax, series, label, baselines):
+    ax.plot(*series["hella"], marker="o", markersize=3, label=label)
+    if baselines:
+        ax.axhline(GPT2_124M_HELLASWAG, color="r", linestyle="--", label="OpenAI GPT-2 (124M) checkpoint")
+        ax.axhline(GPT3_124M_HELLASWAG, color="g", linestyle="--", label="OpenAI GPT-3 (124M) checkpoint")
+    ax.set_xlabel("step")
+    ax.set_ylabel("acc_norm")
+    ax.legend()
+    ax.set_title("HellaSwag eval")

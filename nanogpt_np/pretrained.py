@@ -330,7 +330,8 @@ def _check_sizes_against_tensors(config, tensors, config_path, source):
         parts = name.removeprefix("transformer.").split(".")
         if parts[0] == "h" and len(parts) > 1 and parts[1].isdigit():
             blocks.add(int(parts[1]))
-    if blocks != set(range(config.n_layer)):
+    # distinct indices >= 0, as many as n_layer, the largest n_layer - 1: exactly 0..n_layer-1
+    if len(blocks) != config.n_layer or max(blocks, default=-1) != config.n_layer - 1:
         held = f"blocks {min(blocks)}..{max(blocks)} ({len(blocks)} in all)" if blocks else "no blocks"
         raise HFWeightsError(f"{config_path} says n_layer={config.n_layer}, but {source} holds {held}; the two "
                              "files do not belong together (re-download or re-export the checkpoint)")
@@ -520,7 +521,7 @@ def read_llmc_header(path):
     """The llm.c header as a dict, after checking magic, version and file size."""
     size = os.path.getsize(path)
     header = np.fromfile(path, dtype="<i4", count=LLMC_HEADER_INTS)
-    if header.size < 8:
+    if size < 4 * LLMC_HEADER_INTS:
         raise LlmcModelError(f"{path}: {size} bytes, too short for an llm.c model file (1024-byte header)")
     magic, version = int(header[0]), int(header[1])
     if magic != LLMC_MAGIC:

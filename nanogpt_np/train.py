@@ -47,6 +47,7 @@ dtype measured on this device at start-up (an achievable peak, not a datasheet
 one; on a CPU it is the BLAS sgemm/dgemm rate), measured again whenever a step
 beats it (a machine busy at start-up measures low).
 """
+import dataclasses
 import os
 import sys
 import time
@@ -91,6 +92,9 @@ class Trainer(CheckpointMixin, EvaluationMixin, ProgressMixin):
             set_tf32(True)
         self.model_config = GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size,
                                       n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
+        if cfg.total_batch_size is None:  # one micro-step per rank, whatever the rank count
+            cfg = self.cfg = dataclasses.replace(
+                cfg, total_batch_size=cfg.batch_size * cfg.block_size * self.dist.world_size)
         self.accum = grad_accum_steps(cfg.total_batch_size, cfg.batch_size, cfg.block_size,
                                       self.dist.world_size)
         self.model = GPT(self.model_config, dtype=self.precision, seed=cfg.seed, backend=cfg.backend)
@@ -198,6 +202,21 @@ def resume_command(argv=None, world_size=1):
     return " ".join(shlex.quote(a) for a in [*launcher, "python3", "scripts/train.py", *args])
 
 
+def report_error(dist, error):
+    """One line for the job, no traceback, exit status 1. Under several ranks every
+    rank usually fails the same way (the same flags, the same files): rank 0 says it
+    and stops the job; another rank waits a moment first, so it speaks only when rank
+    0 did not fail (a rank-specific error, rank 0 then waiting in a collective)."""
+    if dist.world_size == 1 or getattr(error, "collective", False):
+        if dist.is_master:
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        return 1
+    if not dist.is_master:
+        time.sleep(4 * distributed.ABORT_GRACE_SECONDS)  # rank 0's abort, if it failed too, ends us first
+    dist.abort(1, f"error: {error}" if dist.is_master else f"error on rank {dist.rank}: {error}")
+    return 1
+
+
 def main(argv=None):
     cfg = parse_args(argv)
     t0 = time.perf_counter()
@@ -206,14 +225,7 @@ def main(argv=None):
         trainer = Trainer(cfg, dist=dist)
         history = trainer.run()
     except (ConfigError, DataError, CheckpointError, TrainingStopped) as e:
-        if getattr(e, "collective", False):  # every rank stopped here: rank 0 speaks for all
-            if dist.is_master:
-                print(f"error: {e}", file=sys.stderr, flush=True)
-            return 1
-        if dist.world_size > 1:  # the other ranks may wait in a collective: stop them too
-            dist.abort(1, f"error on rank {dist.rank}: {e}")
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 1
+        return report_error(dist, e)
     except KeyboardInterrupt:
         print(f"\ninterrupted; continue with the same flags plus --resume "
               f"(from the latest checkpoint in {cfg.log_dir})", file=sys.stderr)

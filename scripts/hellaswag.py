@@ -53,7 +53,7 @@ def main(argv=None):
         fail(dist, found["error"])
     try:
         dist.pin_device(get_xp(args.backend))  # one GPU per rank
-        examples = hellaswag.load_examples(found["path"], limit=args.limit)
+        examples = hellaswag.load_examples(found["path"], limit=args.limit, need_labels=True)
         model = load_model(args)
     except (ValueError, OSError, RuntimeError) as e:
         fail(dist, e)

@@ -68,3 +68,66 @@ def test_missing_matplotlib_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
     with pytest.raises(RuntimeError, match=r"needs matplotlib.*pip install -e '\.\[plot\]'"):
         logplot.plot(write_log(tmp_path))
+
+
+def figure_of(monkeypatch):
+    """Keep the figure plot() draws, to look at its axes."""
+    import matplotlib.pyplot as plt
+
+    kept = []
+    real_subplots, real_close = plt.subplots, plt.close
+
+    def subplots(*a, **k):
+        fig, axes = real_subplots(*a, **k)
+        kept.append(fig)
+        return fig, axes
+
+    monkeypatch.setattr(plt, "subplots", subplots)
+    monkeypatch.setattr(plt, "close", lambda fig: None)
+    return kept
+
+
+def write_run_json(tmp_path, n_layer, n_head, n_embd, parameters):
+    import json
+
+    cfg = dict(block_size=1024, vocab_size=50304, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+    (tmp_path / "run.json").write_text(json.dumps({"model_config": cfg, "parameters": parameters}))
+
+
+def test_a_small_run_fits_its_axes_and_names_its_size(tmp_path, monkeypatch):
+    figs = figure_of(monkeypatch)
+    write_run_json(tmp_path, 4, 4, 64, 3_412_992)
+    log = "".join(f"{s} train {10.5 - 6.5 * s / 199:.4f}\n" for s in range(200)) + "199 val 4.12\n"
+    logplot.plot(write_log(tmp_path, log))
+    (ax,) = figs[0].axes  # no HellaSwag lines: one panel, not an empty second one
+    low, high = ax.get_ylim()
+    assert low < 4.0 and high > 10.5  # the whole curve and the val point are on the chart
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert all("124M" not in t for t in labels)  # neither the model's label nor a GPT-2 baseline
+    assert any("3.4M (4L, 64C)" in t for t in labels) and any("mean of" in t for t in labels)
+
+
+def test_a_124m_run_gets_the_gpt2_baselines(tmp_path, monkeypatch):
+    figs = figure_of(monkeypatch)
+    write_run_json(tmp_path, 12, 12, 768, 124_475_904)
+    logplot.plot(write_log(tmp_path))
+    loss_ax, hella_ax = figs[0].axes
+    assert any("OpenAI GPT-2 (124M)" in t.get_text() for t in loss_ax.get_legend().get_texts())
+    assert any("GPT-3" in t.get_text() for t in hella_ax.get_legend().get_texts())
+    assert any("124M (12L, 768C)" in t.get_text() for t in loss_ax.get_legend().get_texts())
+    figs.clear()
+    logplot.plot(tmp_path, baselines=False)
+    assert not any("OpenAI" in t.get_text() for t in figs[0].axes[0].get_legend().get_texts())
+
+
+def test_the_size_comes_from_a_checkpoint_when_there_is_no_run_json(tmp_path):
+    from nanogpt_np import GPT, GPTConfig, checkpoint
+    from nanogpt_np.optim import AdamW
+    from tests.helpers import loader_state
+
+    model = GPT(GPTConfig(block_size=16, vocab_size=61, n_layer=2, n_head=2, n_embd=8))
+    checkpoint.save_checkpoint(tmp_path / "model_00002.npz", model, AdamW(model.parameters()), 2, [loader_state()],
+                               np.random.default_rng(0).bit_generator.state)
+    write_log(tmp_path)
+    info = logplot.run_info(tmp_path)
+    assert info["parameters"] == model.num_parameters() and info["model_config"]["n_layer"] == 2

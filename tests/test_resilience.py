@@ -191,7 +191,7 @@ def run_with_checkpoints(data_dir, log_dir, stop_at=None, **kw):
 
 def test_keep_last_deletes_older_checkpoints(data_dir, tmp_path):
     run_with_checkpoints(data_dir, tmp_path, keep_last=2)
-    assert sorted(os.listdir(tmp_path)) == ["log.txt", "model_00006.npz", "model_00008.npz"]
+    assert sorted(os.listdir(tmp_path)) == ["log.txt", "model_00006.npz", "model_00008.npz", "run.json"]
     run_with_checkpoints(data_dir, tmp_path / "all", keep_last=0)
     assert len(checkpoint.list_checkpoints(tmp_path / "all")) == 4
 
@@ -308,7 +308,7 @@ def test_a_read_only_log_dir_during_a_checkpoint(data_dir, tmp_path, monkeypatch
     assert "could not write checkpoint" in message and "model_00004.npz" in message
     assert "Permission denied" in message or "Operation not permitted" in message
     assert "model_00002.npz is intact" in message
-    assert sorted(os.listdir(tmp_path)) == ["log.txt", "model_00002.npz"]  # no partial file
+    assert sorted(os.listdir(tmp_path)) == ["log.txt", "model_00002.npz", "run.json"]  # no partial file
     assert load_checkpoint(tmp_path / "model_00002.npz")["meta"]["step"] == 2
 
 
@@ -343,7 +343,7 @@ def test_disk_full_during_a_checkpoint(data_dir, tmp_path):
     lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "could not write checkpoint" in lines[0] and "model_00004.npz" in lines[0]
     assert "model_00002.npz is intact" in lines[0]
-    assert sorted(os.listdir(tmp_path)) == ["log.txt", "model_00002.npz"]
+    assert sorted(os.listdir(tmp_path)) == ["log.txt", "model_00002.npz", "run.json"]
     assert load_checkpoint(tmp_path / "model_00002.npz")["meta"]["step"] == 2
 
 

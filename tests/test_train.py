@@ -156,7 +156,7 @@ def test_float64_and_switches_off(data_dir, tmp_path):
     history = trainer.run()
     assert trainer.model.flat_params.dtype == np.float64 and trainer.val_loader is None
     assert history["val"] == {} and history["samples"] == {} and len(history["train"]) == 3
-    assert sorted(os.listdir(tmp_path)) == ["log.txt"]
+    assert sorted(os.listdir(tmp_path)) == ["log.txt", "run.json"]
     assert (tmp_path / "log.txt").read_text().splitlines() == [f"{s} train {history['train'][s]:.6f}"
                                                                for s in range(3)]
 

@@ -5,6 +5,7 @@ import dataclasses
 import os
 
 from .. import checkpoint
+from ..data import DataError
 from .config import RESUME_SENSITIVE
 from .errors import ConfigError, TrainingStopped
 
@@ -51,6 +52,7 @@ class CheckpointMixin:
         # checkpoint; the broadcast makes sure)
         self.dist.broadcast_(self.model.flat_params, root=0)
         if self.dist.is_master:
+            self.write_run_info()
             if path is None:
                 open(self.log_path, "w").close()  # a new run starts a new log, as build-nanogpt's
             else:
@@ -69,6 +71,12 @@ class CheckpointMixin:
     def _restore_loader(self, path, states):
         """The same ranks and B: each rank continues its own loader exactly. Otherwise
         the shared position carries over and the new ranks split the rest (data.py)."""
+        try:
+            self._load_loader_state(path, states)
+        except DataError as e:
+            raise checkpoint.CheckpointError(f"checkpoint {path}: {e}") from e
+
+    def _load_loader_state(self, path, states):
         same = len(states) == self.dist.world_size and states[0].get("B") == self.cfg.batch_size
         if same:
             self.train_loader.load_state(states[self.dist.rank])

@@ -19,7 +19,8 @@ class TrainConfig:
     block_size: int = 1024  # the sequence length T of training
     vocab_size: int = 50304  # 50257 padded to a multiple of 128
     batch_size: int = 64  # B, sequences per micro-step per rank
-    total_batch_size: int = 524288  # tokens per optimizer step (~0.5M, as GPT-3 small)
+    total_batch_size: Optional[int] = 524288  # tokens per optimizer step (~0.5M, as GPT-3 small);
+    # None: B*T*ranks, one micro-step per rank (the tiny preset, so it runs at any rank count)
     max_lr: float = 6e-4
     min_lr: float = 6e-5
     warmup_steps: int = 715
@@ -56,9 +57,9 @@ PRESETS = {
     "124M": {},
     # a few minutes on a 2-core CPU, on the built-in corpus: a 3.4M-parameter model
     # (most of it the 50304 x 64 embedding; the vocab-sized output layer is most of
-    # the work), 200 steps of 1024 tokens
+    # the work), 200 steps of B*T*ranks tokens (1024 on one process)
     "tiny": dict(
-        n_layer=4, n_head=4, n_embd=64, block_size=128, batch_size=8, total_batch_size=1024,
+        n_layer=4, n_head=4, n_embd=64, block_size=128, batch_size=8, total_batch_size=None,
         max_lr=3e-3, min_lr=3e-4, warmup_steps=10, max_steps=200,
         val_every=50, val_steps=10, sample_every=100, ckpt_every=100, hellaswag_every=0,
     ),
@@ -75,7 +76,7 @@ RESUME_SENSITIVE = ("total_batch_size", "max_lr", "min_lr", "warmup_steps", "max
 FLAG_HELP = {
     "n_layer": "transformer blocks", "n_head": "attention heads", "n_embd": "channels C",
     "block_size": "context length T", "vocab_size": "vocabulary (50257 padded up)",
-    "batch_size": "micro-batch B per rank", "total_batch_size": "tokens per optimizer step",
+    "batch_size": "micro-batch B per rank", "total_batch_size": "tokens per optimizer step (the tiny preset: B*T*ranks)",
     "max_lr": "peak learning rate", "min_lr": "final learning rate",
     "warmup_steps": "linear warmup steps", "max_steps": "optimizer steps",
     "weight_decay": "AdamW decoupled weight decay (2-D weights only)",

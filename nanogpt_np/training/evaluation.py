@@ -43,7 +43,7 @@ class EvaluationMixin:
             self.dist.barrier()
             path = path or hellaswag.data_file("val", path=self.cfg.hellaswag_path, download=False)
             enc = get_encoding()
-            examples = [hellaswag.render_example(e, enc) for e in hellaswag.load_examples(path)]
+            examples = [hellaswag.render_example(e, enc) for e in hellaswag.load_examples(path, need_labels=True)]
         except (OSError, RuntimeError, ValueError) as e:
             raise ConfigError(f"HellaSwag: {e}. Pass --hellaswag-path FILE, or --hellaswag-every 0 "
                               "to train without it") from e

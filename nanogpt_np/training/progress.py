@@ -62,6 +62,23 @@ def format_seconds(s):
 class ProgressMixin:
     """Trainer's output: only rank 0 prints and writes log.txt."""
 
+    def write_run_info(self):
+        """log_dir/run.json: the model and batch of this run, for scripts/plot_log.py's
+        legend (log.txt keeps build-nanogpt's plain lines). Written whole or not at all."""
+        import json
+        import os
+
+        info = {"model_config": self.model_config.to_dict(), "parameters": self.model.num_parameters(),
+                "dtype": self.precision, "ranks": self.dist.world_size,
+                "total_batch_size": self.cfg.total_batch_size, "preset": self.cfg.preset}
+        path = os.path.join(self.cfg.log_dir, "run.json")
+        try:
+            with open(path + ".tmp", "w") as f:
+                json.dump(info, f, indent=1)
+            os.replace(path + ".tmp", path)
+        except OSError as e:
+            raise TrainingStopped(f"cannot write {path}: {e.strerror or e}; make --log-dir writable") from e
+
     def append_log(self, line):
         if self.dist.is_master:
             try:
