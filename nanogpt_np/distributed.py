@@ -188,6 +188,25 @@ class MPIDistributed(Single):
         abort_with_message(self.comm, code, message)
 
 
+def report_failure(dist, message, everywhere=False):
+    """One `error:` line for the job, then exit status 1 on every rank.
+
+    everywhere: every rank has this same error (decided together, e.g. after an
+    allgather): rank 0 prints it and each rank returns 1. Otherwise the ranks most
+    often fail alike (the same flags, the same files), but one may fail alone while
+    the others wait in a collective: rank 0 prints and aborts the job at once;
+    another rank waits a moment first, so it speaks only when rank 0 did not fail.
+    Returns 1 (when it returns at all)."""
+    if dist.world_size == 1 or everywhere:
+        if dist.is_master:
+            print(f"error: {message}", file=sys.stderr, flush=True)
+        return 1
+    if not dist.is_master:
+        time.sleep(4 * ABORT_GRACE_SECONDS)  # rank 0's abort, if it failed too, ends this rank first
+    dist.abort(1, f"error: {message}" if dist.is_master else f"error on rank {dist.rank}: {message}")
+    return 1
+
+
 def install_abort_on_error(comm, rank):
     """An uncaught exception on any rank prints which rank failed and why, then
     aborts the whole job, so the other ranks never hang in a collective."""

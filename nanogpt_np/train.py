@@ -202,21 +202,6 @@ def resume_command(argv=None, world_size=1):
     return " ".join(shlex.quote(a) for a in [*launcher, "python3", "scripts/train.py", *args])
 
 
-def report_error(dist, error):
-    """One line for the job, no traceback, exit status 1. Under several ranks every
-    rank usually fails the same way (the same flags, the same files): rank 0 says it
-    and stops the job; another rank waits a moment first, so it speaks only when rank
-    0 did not fail (a rank-specific error, rank 0 then waiting in a collective)."""
-    if dist.world_size == 1 or getattr(error, "collective", False):
-        if dist.is_master:
-            print(f"error: {error}", file=sys.stderr, flush=True)
-        return 1
-    if not dist.is_master:
-        time.sleep(4 * distributed.ABORT_GRACE_SECONDS)  # rank 0's abort, if it failed too, ends us first
-    dist.abort(1, f"error: {error}" if dist.is_master else f"error on rank {dist.rank}: {error}")
-    return 1
-
-
 def main(argv=None):
     cfg = parse_args(argv)
     t0 = time.perf_counter()
@@ -225,7 +210,7 @@ def main(argv=None):
         trainer = Trainer(cfg, dist=dist)
         history = trainer.run()
     except (ConfigError, DataError, CheckpointError, TrainingStopped) as e:
-        return report_error(dist, e)
+        return distributed.report_failure(dist, e, everywhere=getattr(e, "collective", False))
     except KeyboardInterrupt:
         print(f"\ninterrupted; continue with the same flags plus --resume "
               f"(from the latest checkpoint in {cfg.log_dir})", file=sys.stderr)

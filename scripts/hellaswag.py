@@ -30,11 +30,10 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def fail(dist, message):
-    """Report on stderr and stop every rank (one rank exiting alone would leave the
-    others waiting in a collective)."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    dist.abort(1)
+def fail(dist, message, everywhere=False):
+    """One error line for the job, and every rank stopped (one rank exiting alone
+    would leave the others waiting in a collective): distributed.report_failure."""
+    sys.exit(distributed.report_failure(dist, message, everywhere))
 
 
 def main(argv=None):
@@ -50,7 +49,7 @@ def main(argv=None):
             found["error"] = str(e)
     found = dist.allgather_json(found)[0]
     if found["error"]:
-        fail(dist, found["error"])
+        fail(dist, found["error"], everywhere=True)  # every rank has rank 0's answer
     try:
         dist.pin_device(get_xp(args.backend))  # one GPU per rank
         examples = hellaswag.load_examples(found["path"], limit=args.limit, need_labels=True)

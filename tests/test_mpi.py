@@ -166,3 +166,17 @@ def test_sigterm_to_a_two_rank_job_checkpoints_and_resumes_exactly(shards, tmp_p
     resumed = run_mpi(script, args=(*flags, "--log-dir", str(log_dir), "--resume"))
     assert resumed.returncode == 0, resumed.stderr
     assert log.read_text() == (tmp_path / "a" / "log.txt").read_text()
+
+
+def test_an_error_every_rank_hits_is_printed_once(tmp_path):
+    """The same bad flag on both ranks: one `error:` line for the job, not one per rank."""
+    train = run_mpi(ROOT / "scripts" / "train.py", args=("--preset", "tiny", "--total-batch-size", "1000",
+                                                         "--log-dir", str(tmp_path / "log")), timeout=60)
+    assert train.returncode != 0
+    lines = [line for line in train.stderr.splitlines() if "error" in line.lower() and "Abort" not in line]
+    assert lines == ["error: --total-batch-size 1000 is not divisible by B*T*ranks = 8*128*2 = 2048; pick a "
+                     "multiple of 2048"], train.stderr
+    hella = run_mpi(ROOT / "scripts" / "hellaswag.py", args=("--path", str(tmp_path / "missing.jsonl"),
+                                                             "--llmc-bin", str(tmp_path / "none.bin")), timeout=60)
+    assert hella.returncode != 0
+    assert hella.stderr.count("error:") == 1 and "missing.jsonl does not exist" in hella.stderr, hella.stderr
