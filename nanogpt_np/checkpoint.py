@@ -66,10 +66,13 @@ def sha256(array):
     return hashlib.sha256(np.ascontiguousarray(array).data).hexdigest()
 
 
-def save_checkpoint(path, model, optimizer, step, loader_states, rng_state, train_args=None, extra=None):
+def save_checkpoint(path, model, optimizer, step, loader_states, rng_state, train_args=None, extra=None,
+                    optimizer_state=None):
     """Write everything a bit-identical resume needs to `path`, atomically.
-    `extra`: more JSON-able meta (the trainer's step-guard statistics)."""
-    opt_state = optimizer.state_dict()
+    `extra`: more JSON-able meta (the trainer's step-guard statistics).
+    `optimizer_state`: optimizer.state_dict() when the caller has it already (ZeRO's
+    is gathered by every rank together, then written by rank 0)."""
+    opt_state = optimizer_state if optimizer_state is not None else optimizer.state_dict()
     meta = {
         "format": FORMAT, "version": VERSION, "step": int(step),
         "model_config": model.config.to_dict(), "dtype": model.dtype.name, "backend": model.backend,

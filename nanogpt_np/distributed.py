@@ -104,6 +104,20 @@ class Single:
         """Every rank's small JSON-able object, as a list in rank order."""
         return [obj]
 
+    # ZeRO-1 (zero.py): the flat buffers cut into one slice per rank, `counts` long each
+
+    def reduce_scatter_sum(self, flat, counts):
+        """This rank's slice of the sum over ranks of `flat` (a new array, or a view)."""
+        return flat
+
+    def allgather_slices_(self, flat, counts):
+        """Every rank's slice of `flat`, from the rank that owns it, in place."""
+        return flat
+
+    def gather_slices(self, local, counts):
+        """The slices of all ranks, joined, on rank 0 (None on the others)."""
+        return local
+
     def pin_device(self, xp):
         """Make this rank's GPU (local_rank modulo the GPUs here) the current one."""
         if xp is not np:
@@ -162,6 +176,30 @@ class MPIDistributed(Single):
         else:
             self.gpu_transport(array_module(buf)).broadcast_(buf, root)
         return buf
+
+    def reduce_scatter_sum(self, flat, counts):
+        self._host_only(flat, "reduce_scatter_sum")
+        mine = np.empty(counts[self.rank], dtype=flat.dtype)
+        self.comm.Reduce_scatter(flat, mine, recvcounts=list(counts), op=self.MPI.SUM)
+        return mine
+
+    def allgather_slices_(self, flat, counts):
+        self._host_only(flat, "allgather_slices_")
+        offsets = [sum(counts[:r]) for r in range(len(counts))]
+        self.comm.Allgatherv(self.MPI.IN_PLACE, [flat, (list(counts), offsets)])
+        return flat
+
+    def gather_slices(self, local, counts):
+        self._host_only(local, "gather_slices")
+        offsets = [sum(counts[:r]) for r in range(len(counts))]
+        whole = np.empty(sum(counts), dtype=local.dtype) if self.is_master else None
+        self.comm.Gatherv(local, [whole, (list(counts), offsets)] if self.is_master else None, root=0)
+        return whole
+
+    @staticmethod
+    def _host_only(buf, what):
+        if array_module(buf) is not np:
+            raise NotImplementedError(f"{what}: ZeRO over NCCL (GPU buffers) is not written yet")
 
     def allgather_json(self, obj):
         """Pickle-free gather of small objects: JSON bytes through Allgatherv."""

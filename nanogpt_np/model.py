@@ -55,6 +55,9 @@ class GPT(GPTWeights):
         self._caches = None  # set by forward(idx, targets), consumed by backward()
         self._write_grads = False  # _grads_are_zero, as the running backward() found it
         self._logits = None  # the logits buffer that training forwards reuse
+        # True: forward keeps neither the LayerNorm outputs nor the GELU output, and
+        # backward recomputes them (the same bits) from what it keeps (see _block_backward)
+        self.recompute = False
 
     @property
     def fused(self):
@@ -179,7 +182,20 @@ class GPT(GPTWeights):
         m, act = self.ops.gelu.forward(m)
         m, mlp_proj = self.ops.linear.forward(m, p[h + "mlp.c_proj.weight"], p[h + "mlp.c_proj.bias"])  # (B, T, C)
         x = x + m
+        if self.recompute:  # drop the linear layers' inputs that backward can rebuild cheaply
+            c_attn, c_fc, mlp_proj = ((None,) + cache[1:] for cache in (c_attn, c_fc, mlp_proj))
         return x, (ln1, c_attn, attn, attn_proj, ln2, c_fc, act, mlp_proj)
+
+    def _recomputed(self, h, caches):
+        """The block's caches with what --recompute dropped rebuilt: ln_1's and ln_2's
+        outputs from their (x, mean, rstd), the GELU output from its input. The same
+        operations as forward's, so the same bits."""
+        ln1, c_attn, attn, attn_proj, ln2, c_fc, act, mlp_proj = caches
+        p, layernorm = self.params, self.ops.layernorm
+        c_attn = (layernorm.recompute_output(ln1, p[h + "ln_1.bias"]),) + c_attn[1:]
+        c_fc = (layernorm.recompute_output(ln2, p[h + "ln_2.bias"]),) + c_fc[1:]
+        mlp_proj = (self.ops.gelu.forward(act)[0],) + mlp_proj[1:]  # act: GELU's cache is its input
+        return ln1, c_attn, attn, attn_proj, ln2, c_fc, act, mlp_proj
 
     # ---- backward -------------------------------------------------------------------
 
@@ -262,8 +278,10 @@ class GPT(GPTWeights):
 
     def _block_backward(self, i, dx, caches):
         """dx: (B, T, C) at the block's output -> dx at its input."""
-        ln1, c_attn, attn, attn_proj, ln2, c_fc, act, mlp_proj = caches
         h = f"transformer.h.{i}."
+        if caches[1][0] is None:  # forward ran with self.recompute
+            caches = self._recomputed(h, caches)
+        ln1, c_attn, attn, attn_proj, ln2, c_fc, act, mlp_proj = caches
         # forward: x = x + m  (dx flows to both the skip path and the MLP)
         dm, dw, db = self.ops.linear.backward(dx, mlp_proj, **self._grad_out(h + "mlp.c_proj"))
         self._add_grads(h + "mlp.c_proj", dw, db)

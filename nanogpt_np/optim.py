@@ -141,16 +141,7 @@ class AdamW:
         return [(*seg, self.params[name].ndim >= 2) for seg, name in zip(segments, self.names)]
 
     def _runs(self):
-        """[(start, stop, decay)]: the flat order cut where weight decay turns on or off."""
-        runs = []
-        for name in self.names:
-            start, stop = self.spans[name]
-            decay = self.params[name].ndim >= 2
-            if runs and runs[-1][2] == decay and runs[-1][1] == start:
-                runs[-1] = (runs[-1][0], stop, decay)
-            else:
-                runs.append((start, stop, decay))
-        return runs
+        return decay_runs(self.params)
 
     def state_dict(self):
         return {
@@ -179,6 +170,20 @@ class AdamW:
                 setattr(self, key, float(to_host(state[key])))
         if "betas" in state:
             self.betas = tuple(float(b) for b in to_host(state["betas"]))
+
+
+def decay_runs(params):
+    """[(start, stop, decay)]: the flat order of params {name: array} cut where weight
+    decay (2-D and larger arrays only) turns on or off."""
+    runs, start = [], 0
+    for a in params.values():
+        stop, decay = start + a.size, a.ndim >= 2
+        if runs and runs[-1][2] == decay and runs[-1][1] == start:
+            runs[-1] = (runs[-1][0], stop, decay)
+        else:
+            runs.append((start, stop, decay))
+        start = stop
+    return runs
 
 
 def _fused_update(xp):

@@ -63,19 +63,21 @@ from .model import GPT
 from .optim import AdamW, clip_grad_norm, cosine_lr
 from .resilience import StepGuard, StopRequest
 from .tokenizer import N_VOCAB
+from .zero import ShardedAdamW, apply as zero_apply, zero_step
 from .training.checkpointing import CheckpointMixin, truncate_log  # noqa: F401 (re-exported)
 from .training.config import (FLAG_HELP, PRESETS, RESUME_SENSITIVE, TrainConfig, build_parser,  # noqa: F401
                               grad_accum_steps, parse_args)
 from .training.errors import ConfigError, TrainingStopped
+from .training.fitting import FittingMixin
 from .training.evaluation import EvaluationMixin, evaluate, generate_samples  # noqa: F401
 from .training.progress import (ProgressMixin, flops_per_token, format_seconds, measure_peak_flops,  # noqa: F401
                                 say, synchronize)
 from .training.step import accumulate_gradients, train_step  # noqa: F401
 
 
-class Trainer(CheckpointMixin, EvaluationMixin, ProgressMixin):
+class Trainer(CheckpointMixin, EvaluationMixin, ProgressMixin, FittingMixin):
     """Builds the model, optimizer and loaders from a TrainConfig and runs the loop.
-    The pieces: nanogpt_np/training/ (checkpoints, evaluation, progress)."""
+    The pieces: nanogpt_np/training/ (checkpoints, evaluation, progress, fitting)."""
 
     def __init__(self, cfg, dist=None, log=None):
         self.cfg, self.dist = cfg, dist or distributed.Single()
@@ -92,14 +94,20 @@ class Trainer(CheckpointMixin, EvaluationMixin, ProgressMixin):
             set_tf32(True)
         self.model_config = GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size,
                                       n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
-        if cfg.total_batch_size is None:  # one micro-step per rank, whatever the rank count
-            cfg = self.cfg = dataclasses.replace(
+        if cfg.total_batch_size is None and cfg.batch_size != "auto":  # one micro-step per rank
+            self.cfg = dataclasses.replace(
                 cfg, total_batch_size=cfg.batch_size * cfg.block_size * self.dist.world_size)
+        self.resolve_batch_size()  # --batch-size auto: from the memory plan
+        self.model = GPT(self.model_config, dtype=self.precision, seed=cfg.seed, backend=cfg.backend)
+        self.model.recompute = cfg.recompute
+        self.confirm_batch_on_gpu()  # --batch-size auto on a GPU: one trial step
+        cfg = self.cfg
         self.accum = grad_accum_steps(cfg.total_batch_size, cfg.batch_size, cfg.block_size,
                                       self.dist.world_size)
-        self.model = GPT(self.model_config, dtype=self.precision, seed=cfg.seed, backend=cfg.backend)
-        self.optimizer = AdamW(self.model.parameters(), lr=cfg.max_lr, betas=(0.9, 0.95), eps=1e-8,
-                               weight_decay=cfg.weight_decay)
+        optimizer = ShardedAdamW if cfg.zero else AdamW  # ZeRO-1: 1/ranks of the moments here
+        extra = dict(dist=self.dist) if cfg.zero else {}
+        self.optimizer = optimizer(self.model.parameters(), lr=cfg.max_lr, betas=(0.9, 0.95), eps=1e-8,
+                                   weight_decay=cfg.weight_decay, **extra)
         self.data_dir = cfg.data_dir or self._builtin_corpus()
         self.train_loader, self.val_loader = self._make_loaders()
         self.hellaswag_examples = self._load_hellaswag() if cfg.hellaswag_every else None
@@ -119,7 +127,17 @@ class Trainer(CheckpointMixin, EvaluationMixin, ProgressMixin):
             raise ConfigError(str(e)) from e
         if cfg.vocab_size < N_VOCAB:
             raise ConfigError(f"--vocab-size {cfg.vocab_size} is smaller than GPT-2's {N_VOCAB} tokens")
-        for name in ("max_steps", "batch_size", "val_steps", "num_samples"):
+        if cfg.recompute and cfg.backend == "cupy":
+            raise ConfigError("--recompute runs on the NumPy block only; the GPU's fused block (kernels/block.py) "
+                              "keeps every activation. Drop --recompute, or use --batch-size auto")
+        if cfg.zero not in (0, 1):
+            raise ConfigError(f"--zero {cfg.zero}: 0 (every rank keeps all of AdamW) or 1 (ZeRO-1) only")
+        if cfg.zero and cfg.backend == "cupy":
+            raise ConfigError("--zero 1 runs over MPI on the CPU only so far (NCCL reduceScatter/allGather is not "
+                              "written yet); use --zero 0 on GPUs")
+        if cfg.batch_size != "auto" and not (isinstance(cfg.batch_size, int) and cfg.batch_size > 0):
+            raise ConfigError(f"--batch-size must be a positive number of sequences or auto, got {cfg.batch_size!r}")
+        for name in ("max_steps", "val_steps", "num_samples"):
             if getattr(cfg, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
         for name in ("val_every", "sample_every", "ckpt_every", "warmup_steps", "sample_tokens",
@@ -174,10 +192,16 @@ class Trainer(CheckpointMixin, EvaluationMixin, ProgressMixin):
         lr = cosine_lr(step, cfg.max_lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
         loss, votes = accumulate_gradients(self.model, self.train_loader, self.accum, self.dist,
                                            int(cfg.bucket_mb * 2**20),
-                                           stop_vote=lambda: float(self.stop_request.requested))
-        norm = clip_grad_norm(self.model.grads, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+                                           stop_vote=lambda: float(self.stop_request.requested),
+                                           sum_over_ranks=not cfg.zero)
+        if cfg.zero:  # reduce-scatter, norm over the slices, AdamW on this rank's slice, allgather
+            grad_slice, norm = zero_step(self.model, self.optimizer, self.dist, self.accum, lr, cfg.grad_clip)
+        else:
+            norm = clip_grad_norm(self.model.grads, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         skipped = self.guard.judge(loss, norm)  # the same on every rank: loss and norm are
-        if skipped is None:  # computed from numbers the allreduce made equal
+        if skipped is None and cfg.zero:  # computed from numbers the allreduce made equal
+            zero_apply(self.model, self.optimizer, self.dist, grad_slice, lr)
+        elif skipped is None:
             self.optimizer.step(self.model.grads, lr=lr)
         synchronize(self.xp)
         self.step = step + 1

@@ -372,3 +372,53 @@ def test_threads_change_rounding_at_most(dtype, monkeypatch):
     # and with a fixed thread count a step is reproducible bit for bit
     loss3, logits3, grads3 = _step_grads(cfg, B, T, 2, dtype)
     assert loss3 == loss2 and np.array_equal(logits3, logits2) and np.array_equal(grads3, grads2)
+
+
+@pytest.mark.parametrize("cfg,B,T", CONFIGS[:3])
+def test_recompute_gives_bit_identical_gradients(cfg, B, T):
+    """--recompute: forward keeps neither LayerNorm output nor the GELU output; backward
+    rebuilds them with the same operations, so every gradient has the same bits."""
+    idx, targets = batch(cfg, B, T)
+    runs = []
+    for recompute in (False, True):
+        model = GPT(cfg, dtype=np.float64, seed=1)
+        model.recompute = recompute
+        model.zero_grad()
+        _, loss = model.forward(idx, targets)
+        if recompute:
+            block = model._caches[1][0]
+            assert block[1][0] is None and block[5][0] is None and block[7][0] is None  # dropped
+        model.backward()
+        runs.append((loss, model.flat_grads.copy()))
+    assert runs[0][0] == runs[1][0]
+    assert np.array_equal(runs[0][1], runs[1][1])
+
+
+@pytest.mark.slow
+def test_gpt2_350m_shape_matches_torch_in_float32():
+    """The 350M preset's shape (24 layers, 16 heads, 1024 channels): every gradient
+    against PyTorch in float32, at a short T (the shape is what is being checked)."""
+    from nanogpt_np.train import PRESETS
+
+    p = PRESETS["350M"]
+    check_against_torch(GPTConfig(vocab_size=50304, n_layer=p["n_layer"], n_head=p["n_head"], n_embd=p["n_embd"]),
+                        1, 8, np.float32)
+
+
+@pytest.mark.slow
+def test_the_350m_preset_trains_a_few_steps(tmp_path):
+    from nanogpt_np.train import Trainer, parse_args
+    from tests.helpers import write_random_shards
+
+    data = write_random_shards(tmp_path, 1, 2000, 41, "r_val_000000.npy", 200)
+    cfg = parse_args(["--preset", "350M", "--block-size", "16", "--batch-size", "1", "--total-batch-size", "32",
+                      "--max-steps", "3", "--warmup-steps", "1", "--val-every", "0", "--sample-every", "0",
+                      "--ckpt-every", "0", "--hellaswag-every", "0", "--peak-tflops", "1", "--data-dir", str(data),
+                      "--log-dir", str(tmp_path / "log")])
+    trainer = Trainer(cfg, log=lambda *a, **k: None)
+    assert 350e6 < trainer.model.num_parameters() < 360e6 and trainer.accum == 2
+    before = trainer.model.flat_params.copy()
+    history = trainer.run()
+    assert len(history["train"]) == 3 and all(np.isfinite(list(history["train"].values())))
+    assert not history["skipped"] and trainer.optimizer.step_count == 3
+    assert np.abs(trainer.model.flat_params - before).max() > 1e-5  # AdamW moved the weights

@@ -180,3 +180,34 @@ def test_an_error_every_rank_hits_is_printed_once(tmp_path):
                                                              "--llmc-bin", str(tmp_path / "none.bin")), timeout=60)
     assert hella.returncode != 0
     assert hella.stderr.count("error:") == 1 and "missing.jsonl does not exist" in hella.stderr, hella.stderr
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_zero_1_equals_zero_0_with_an_uneven_split(shards, tmp_path, ranks):
+    import json
+
+    from nanogpt_np import checkpoint
+    from nanogpt_np.train import Trainer
+    from tests.mpi.reshard_config import config
+
+    result = run_mpi(ROOT / "tests" / "mpi" / "zero_ranks.py", n=ranks, args=("compare", shards, str(tmp_path)),
+                     timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    r = json.loads((tmp_path / "zero.json").read_text())
+    assert r["total"] % ranks  # the split is uneven
+    assert sum(r["moment_sizes"]) == r["total"] and max(r["moment_sizes"]) - min(r["moment_sizes"]) == 1
+    assert r["moments_without_zero"] == r["total"]  # every rank holds all of them without ZeRO
+    np.testing.assert_allclose(r["losses1"], r["losses0"], rtol=1e-12)
+    assert r["param_rel_diff"] <= 1e-12
+    # checkpoints stay whole: ZeRO's equals the plain one, and resumes on one rank without ZeRO
+    plain, zero = (checkpoint.load_checkpoint(tmp_path / f"zero{z}" / "model_00003.npz") for z in (0, 1))
+    for key in ("exp_avg", "exp_avg_sq"):
+        np.testing.assert_allclose(zero[key], plain[key], rtol=1e-10, atol=1e-18)
+    shape = dict(n_layer=2, n_head=1, n_embd=7, vocab_size=50307, max_steps=6, ckpt_every=3, keep_last=0,
+                 total_batch_size=16 * 2 * 6, batch_size=2)
+    for z in (0, 1):  # from the ZeRO checkpoint at step 3: on one rank, without ZeRO and with it
+        log_dir = tmp_path / f"one_rank_from_zero_{z}"
+        log_dir.mkdir()
+        (log_dir / "model_00003.npz").write_bytes((tmp_path / "zero1" / "model_00003.npz").read_bytes())
+        history = Trainer(config(shards, log_dir, resume=True, zero=z, **shape), log=lambda *a, **k: None).run()
+        assert sorted(history["train"]) == [3, 4, 5] and np.isfinite(list(history["train"].values())).all()

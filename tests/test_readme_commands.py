@@ -112,6 +112,11 @@ def plot(cwd):
     assert (cwd / "log" / "log.png").stat().st_size > 1000
 
 
+def memory_plan(cwd):
+    r = run("python3 scripts/memory_plan.py --preset 124M --batch-size auto --memory-gib 16", cwd)
+    assert r.returncode == 0 and "--batch-size auto: B=8" in r.stdout, r.stdout + r.stderr
+
+
 def gradcheck_all(cwd):
     r = run("python3 -m nanogpt_np.gradcheck all", cwd)
     assert r.returncode == 0 and r.stdout.rstrip().endswith("ok: every gradient within 1e-06"), r.stdout
@@ -129,6 +134,7 @@ RUNS = {
     "python3 scripts/sample.py --ckpt log/model_00200.npz": sample_checkpoint,
     "python3 scripts/plot_log.py log/": plot,
     "python3 -m nanogpt_np.gradcheck all": gradcheck_all,
+    "python3 scripts/memory_plan.py --preset 124M --batch-size auto --memory-gib 16": memory_plan,
     "python3 -m nanogpt_np.gradcheck layernorm": gradcheck_layernorm,
 }
 

@@ -110,6 +110,17 @@ def forward(x, weight, bias, eps=1e-5):
     return out, cache
 
 
+def recompute_output(cache, bias):
+    """forward's output again, from its cache (x, weight, mean, rstd) and the bias:
+    the same operations in the same order, so the same bits (model --recompute)."""
+    x, weight, mean, rstd = cache
+    out = x - mean  # (B, T, C)
+    out *= rstd  # xhat
+    out *= weight
+    out += bias
+    return out
+
+
 def backward(dout, cache):
     """dout: (B, T, C)  ->  dx: (B, T, C), dweight: (C,), dbias: (C,)"""
     xp = array_module(dout)

@@ -104,13 +104,14 @@ class CheckpointMixin:
         Then the checkpoints beyond --keep-last are deleted (never the new one). A
         failed write stops every rank with rank 0's error."""
         states = self.dist.allgather_json(self.train_loader.state())
+        optimizer_state = self.optimizer.state_dict()  # every rank: ZeRO gathers the moments on rank 0
         path = checkpoint.checkpoint_path(self.cfg.log_dir, self.step)
         problem = None
         if self.dist.is_master:
             try:
                 checkpoint.save_checkpoint(path, self.model, self.optimizer, self.step, states,
                                            self.rng.bit_generator.state, dataclasses.asdict(self.cfg),
-                                           extra={"guard": self.guard.state()})
+                                           extra={"guard": self.guard.state()}, optimizer_state=optimizer_state)
                 self.log(f"saved checkpoint {path}")
                 for old in checkpoint.prune_checkpoints(self.cfg.log_dir, self.cfg.keep_last, keep=[path]):
                     self.log(f"deleted old checkpoint {old} (--keep-last {self.cfg.keep_last})")

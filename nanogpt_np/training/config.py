@@ -3,7 +3,7 @@ gradient accumulation they imply."""
 import argparse
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 from ..distributed import DEFAULT_BUCKET_BYTES
 from .errors import ConfigError
@@ -18,7 +18,7 @@ class TrainConfig:
     n_embd: int = 768
     block_size: int = 1024  # the sequence length T of training
     vocab_size: int = 50304  # 50257 padded to a multiple of 128
-    batch_size: int = 64  # B, sequences per micro-step per rank
+    batch_size: Union[int, str] = 64  # B, sequences per micro-step per rank, or "auto"
     total_batch_size: Optional[int] = 524288  # tokens per optimizer step (~0.5M, as GPT-3 small);
     # None: B*T*ranks, one micro-step per rank (the tiny preset, so it runs at any rank count)
     max_lr: float = 6e-4
@@ -50,11 +50,23 @@ class TrainConfig:
     max_bad_steps: int = 5  # non-finite steps in a row before the run stops (0: never)
     skip_zscore: float = 0.0  # skip steps whose loss or grad norm z-score passes this (0: off)
     keep_last: int = 3  # checkpoints kept in --log-dir (0: all)
+    memory_gib: Optional[float] = None  # memory to plan for (None: the device's free memory)
+    recompute: bool = False  # backward recomputes the LayerNorm and GELU outputs
+    zero: int = 0  # 1: ZeRO-1, AdamW's moments sharded over the ranks
 
 
 PRESETS = {
     # build-nanogpt's run; the same as the defaults, named for clarity
     "124M": {},
+    # the larger GPT-2 sizes, with the batch, learning rate and schedule of llm.c's
+    # reproductions (scripts/run_gpt2_{350M,774M,1558M}.sh; docs/memory.md): -q 0.0 there is
+    # a cosine decay to 0, -q 0.1 to a tenth of the peak
+    "350M": dict(n_layer=24, n_head=16, n_embd=1024, batch_size=64, total_batch_size=524288,
+                 max_lr=3e-4, min_lr=0.0, warmup_steps=700, max_steps=60000),
+    "774M": dict(n_layer=36, n_head=20, n_embd=1280, batch_size=32, total_batch_size=524288,
+                 max_lr=2.5e-4, min_lr=0.0, warmup_steps=700, max_steps=286102),
+    "1558M": dict(n_layer=48, n_head=25, n_embd=1600, batch_size=16, total_batch_size=1048576,
+                  max_lr=6e-4, min_lr=6e-5, warmup_steps=700, max_steps=32000),
     # a few minutes on a 2-core CPU, on the built-in corpus: a 3.4M-parameter model
     # (most of it the 50304 x 64 embedding; the vocab-sized output layer is most of
     # the work), 200 steps of B*T*ranks tokens (1024 on one process)
@@ -76,7 +88,8 @@ RESUME_SENSITIVE = ("total_batch_size", "max_lr", "min_lr", "warmup_steps", "max
 FLAG_HELP = {
     "n_layer": "transformer blocks", "n_head": "attention heads", "n_embd": "channels C",
     "block_size": "context length T", "vocab_size": "vocabulary (50257 padded up)",
-    "batch_size": "micro-batch B per rank", "total_batch_size": "tokens per optimizer step (the tiny preset: B*T*ranks)",
+    "batch_size": "micro-batch B per rank, or auto: the largest that divides the tokens per step and fits "
+                  "the memory plan", "total_batch_size": "tokens per optimizer step (the tiny preset: B*T*ranks)",
     "max_lr": "peak learning rate", "min_lr": "final learning rate",
     "warmup_steps": "linear warmup steps", "max_steps": "optimizer steps",
     "weight_decay": "AdamW decoupled weight decay (2-D weights only)",
@@ -105,6 +118,11 @@ FLAG_HELP = {
     "skip_zscore": "skip a step whose loss or grad norm is this many standard deviations above "
                    "recent steps (0: off)",
     "keep_last": "keep only the newest K checkpoints (0: keep all)",
+    "memory_gib": "memory per rank that --batch-size auto and the plan count on (default: free GPU memory or "
+                  "available RAM)",
+    "recompute": "keep fewer activations: backward recomputes the LayerNorm and GELU outputs (llm.c's -r)",
+    "zero": "1: ZeRO-1, each rank keeps 1/ranks of AdamW's moments (gradients reduce-scattered, "
+            "parameters all-gathered); 0: every rank keeps all",
 }
 
 
@@ -121,9 +139,19 @@ def build_parser():
         if isinstance(default, bool):
             p.add_argument(flag, action="store_true", help=help_text)
             continue
-        kind = float if field.name == "peak_tflops" else type(default) if default is not None else str
+        kinds = {"peak_tflops": float, "memory_gib": float, "batch_size": batch_size_arg}
+        kind = kinds.get(field.name) or (type(default) if default is not None else str)
         p.add_argument(flag, type=kind, choices=choices.get(field.name), help=help_text)
     return p
+
+
+def batch_size_arg(text):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number of sequences nor 'auto'") from None
 
 
 def parse_args(argv=None):

@@ -98,6 +98,10 @@ class ProgressMixin:
             self.peak = measure_peak_flops(self.xp, m.compute_dtype)
             source = f"measured {m.compute_dtype.name} 1024^3 matmul on this {cfg.backend} device"
         self.log(f"model: {m}")
+        if getattr(self, "auto_batch", False):
+            self.log(f"--batch-size auto: B={cfg.batch_size}, {self.accum} micro-step(s) x {self.dist.world_size} "
+                     f"rank(s) make the {cfg.total_batch_size:,} tokens per step")
+        self.log(self.memory_plan(cfg.batch_size).table())
         self.log(f"data: {self.data_dir} | {self.dist.world_size} rank(s) x B={cfg.batch_size} x "
                  f"T={cfg.block_size} x {self.accum} micro-steps = {tokens:,} tokens per step")
         self.log(f"MFU peak: {self.peak / 1e12:.3f} TFLOPS per rank ({source}); "

@@ -12,7 +12,8 @@ def train_step(model, optimizer, loader, accum, lr, grad_clip, dist, bucket_byte
     return loss, norm
 
 
-def accumulate_gradients(model, loader, accum, dist, bucket_bytes=DEFAULT_BUCKET_BYTES, stop_vote=0.0):
+def accumulate_gradients(model, loader, accum, dist, bucket_bytes=DEFAULT_BUCKET_BYTES, stop_vote=0.0,
+                         sum_over_ranks=True):
     """model.flat_grads = the gradient of the mean loss over `accum` micro-batches on
     every rank -> (that mean loss, the mean of the ranks' stop_vote).
 
@@ -20,9 +21,11 @@ def accumulate_gradients(model, loader, accum, dist, bucket_bytes=DEFAULT_BUCKET
     allreduce in buckets as they become final (distributed.GradientBuckets), so the
     communication hides under the rest of backward; bucket_bytes=0 sends them all
     after backward instead. stop_vote (a callable, read after backward) rides on the
-    loss's allreduce, so every rank learns in the same step that one was signalled."""
+    loss's allreduce, so every rank learns in the same step that one was signalled.
+    sum_over_ranks=False leaves this rank's own sum over its micro-steps in flat_grads,
+    undivided (ZeRO-1 reduce-scatters it instead, zero.zero_step)."""
     model.zero_grad()
-    buckets = dist.gradient_buckets(model.flat_grads, bucket_bytes)  # None on one rank
+    buckets = dist.gradient_buckets(model.flat_grads, bucket_bytes) if sum_over_ranks else None  # None: one rank
     loss_sum = 0.0
     for micro in range(accum):
         x, y = loader.next_batch()
@@ -32,7 +35,7 @@ def accumulate_gradients(model, loader, accum, dist, bucket_bytes=DEFAULT_BUCKET
         loss_sum += loss
     if buckets:
         buckets.finish()  # flat_grads now holds the sum over ranks and micro-steps
-    if accum * dist.world_size > 1:
+    if sum_over_ranks and accum * dist.world_size > 1:
         model.flat_grads /= accum * dist.world_size  # the gradient of the mean over all of them
     vote = stop_vote() if callable(stop_vote) else stop_vote
     loss, votes = dist.allreduce_scalars([loss_sum / accum, float(vote)], op="mean")

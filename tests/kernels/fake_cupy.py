@@ -129,7 +129,8 @@ def install(monkeypatch):
         compiler=types.SimpleNamespace(CompileException=RuntimeError),
     )
     cupy.random = types.SimpleNamespace(RandomState=RandomState)
-    cupy.get_default_memory_pool = lambda: types.SimpleNamespace(free_all_blocks=_noop, total_bytes=lambda: 0)
+    cupy.get_default_memory_pool = lambda: types.SimpleNamespace(free_all_blocks=_noop, total_bytes=lambda: 0,
+                                                                 free_bytes=lambda: 0)
     core = types.ModuleType("cupy._core")
     core._routines_linalg = _Linalg("cupy._core._routines_linalg")
     cupy._core = core
