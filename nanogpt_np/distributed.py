@@ -36,7 +36,7 @@ import traceback
 
 import numpy as np
 
-from .backend import array_module, data_pointer, use_gpu
+from .backend import array_module, data_pointer, to_host, use_gpu
 
 # variables MPI launchers set to the world size: MPICH/Hydra and Intel MPI, Open MPI, MVAPICH
 LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "PMIX_SIZE")
@@ -178,28 +178,34 @@ class MPIDistributed(Single):
         return buf
 
     def reduce_scatter_sum(self, flat, counts):
-        self._host_only(flat, "reduce_scatter_sum")
+        xp = array_module(flat)
+        if xp is not np:
+            transport = self.gpu_transport(xp)
+            if isinstance(transport, NCCLTransport):
+                return transport.reduce_scatter_sum(flat, counts, self.rank)
+            return xp.asarray(self.reduce_scatter_sum(to_host(flat), counts))  # host staging
         mine = np.empty(counts[self.rank], dtype=flat.dtype)
         self.comm.Reduce_scatter(flat, mine, recvcounts=list(counts), op=self.MPI.SUM)
         return mine
 
     def allgather_slices_(self, flat, counts):
-        self._host_only(flat, "allgather_slices_")
-        offsets = [sum(counts[:r]) for r in range(len(counts))]
+        xp = array_module(flat)
+        if xp is not np:
+            transport = self.gpu_transport(xp)
+            if isinstance(transport, NCCLTransport):
+                return transport.allgather_slices_(flat, counts, self.rank)
+            host = to_host(flat)
+            flat[...] = xp.asarray(self.allgather_slices_(host, counts))  # host staging
+            return flat
+        offsets = slice_offsets(counts)
         self.comm.Allgatherv(self.MPI.IN_PLACE, [flat, (list(counts), offsets)])
         return flat
 
     def gather_slices(self, local, counts):
-        self._host_only(local, "gather_slices")
-        offsets = [sum(counts[:r]) for r in range(len(counts))]
+        local = to_host(local)  # checkpoints only: through the host, whatever the transport
         whole = np.empty(sum(counts), dtype=local.dtype) if self.is_master else None
-        self.comm.Gatherv(local, [whole, (list(counts), offsets)] if self.is_master else None, root=0)
+        self.comm.Gatherv(local, [whole, (list(counts), slice_offsets(counts))] if self.is_master else None, root=0)
         return whole
-
-    @staticmethod
-    def _host_only(buf, what):
-        if array_module(buf) is not np:
-            raise NotImplementedError(f"{what}: ZeRO over NCCL (GPU buffers) is not written yet")
 
     def allgather_json(self, obj):
         """Pickle-free gather of small objects: JSON bytes through Allgatherv."""
@@ -224,6 +230,28 @@ class MPIDistributed(Single):
     def abort(self, code=1, message=None):
         """Print `message` (if any) and stop every rank of the job with exit `code`."""
         abort_with_message(self.comm, code, message)
+
+
+def slice_offsets(counts):
+    return [sum(counts[:r]) for r in range(len(counts))]
+
+
+def pad_slices(flat, counts, xp=np):
+    """flat cut into len(counts) slices, each padded to the longest: (ranks * S,) with
+    rank r's slice at r * S. NCCL's reduceScatter and allGather move equal counts."""
+    S, offsets = max(counts), slice_offsets(counts)
+    padded = xp.zeros(len(counts) * S, dtype=flat.dtype)
+    for r, (o, c) in enumerate(zip(offsets, counts)):
+        padded[r * S : r * S + c] = flat[o : o + c]
+    return padded
+
+
+def unpad_slices_(flat, padded, counts):
+    """The inverse of pad_slices, into flat (in place)."""
+    S, offsets = max(counts), slice_offsets(counts)
+    for r, (o, c) in enumerate(zip(offsets, counts)):
+        flat[o : o + c] = padded[r * S : r * S + c]
+    return flat
 
 
 def report_failure(dist, message, everywhere=False):
@@ -514,3 +542,23 @@ class NCCLTransport:
     def broadcast_(self, buf, root):
         stream = self.cupy.cuda.get_current_stream().ptr
         self.comm.bcast(data_pointer(buf), buf.size, self._dtype(buf), root, stream)
+
+    # ZeRO-1 (zero.py): equal counts per rank, so uneven slices travel padded
+
+    def reduce_scatter_sum(self, flat, counts, rank):
+        S = max(counts)
+        padded = pad_slices(flat, counts, self.cupy)
+        mine = self.cupy.empty(S, dtype=flat.dtype)
+        stream = self.cupy.cuda.get_current_stream().ptr
+        self.comm.reduceScatter(data_pointer(padded), data_pointer(mine), S, self._dtype(flat), self.nccl.NCCL_SUM,
+                                stream)
+        return mine[: counts[rank]]
+
+    def allgather_slices_(self, flat, counts, rank):
+        S, offset = max(counts), slice_offsets(counts)[rank]
+        mine = self.cupy.zeros(S, dtype=flat.dtype)
+        mine[: counts[rank]] = flat[offset : offset + counts[rank]]
+        gathered = self.cupy.empty(S * len(counts), dtype=flat.dtype)
+        stream = self.cupy.cuda.get_current_stream().ptr
+        self.comm.allGather(data_pointer(mine), data_pointer(gathered), S, self._dtype(flat), stream)
+        return unpad_slices_(flat, gathered, counts)

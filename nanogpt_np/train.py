@@ -132,9 +132,6 @@ class Trainer(CheckpointMixin, EvaluationMixin, ProgressMixin, FittingMixin):
                               "keeps every activation. Drop --recompute, or use --batch-size auto")
         if cfg.zero not in (0, 1):
             raise ConfigError(f"--zero {cfg.zero}: 0 (every rank keeps all of AdamW) or 1 (ZeRO-1) only")
-        if cfg.zero and cfg.backend == "cupy":
-            raise ConfigError("--zero 1 runs over MPI on the CPU only so far (NCCL reduceScatter/allGather is not "
-                              "written yet); use --zero 0 on GPUs")
         if cfg.batch_size != "auto" and not (isinstance(cfg.batch_size, int) and cfg.batch_size > 0):
             raise ConfigError(f"--batch-size must be a positive number of sequences or auto, got {cfg.batch_size!r}")
         for name in ("max_steps", "val_steps", "num_samples"):

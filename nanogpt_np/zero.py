@@ -15,14 +15,18 @@ an allgather is how ring allreduce works anyway), and each rank's AdamW state is
 rank 0, and load_state_dict() takes this rank's slice of whole moments, so a run
 saved with ZeRO on N ranks resumes on M ranks, with ZeRO or without.
 
-MPI on the CPU (Reduce_scatter, Allgatherv). The GPU (NCCL reduceScatter /
-allGather) is not written yet: train.py refuses --zero 1 with --backend cupy.
+MPI on the CPU (Reduce_scatter with uneven counts, Allgatherv). On GPUs, NCCL's
+reduceScatter and allGather, which move equal counts: the slices travel padded to
+the longest (distributed.pad_slices); without NCCL, through the host. The float32
+master weights stay whole on every rank (the bf16 copies are cast from them), and
+the slice's update runs the same elementwise formula, not the fused AdamW kernel.
+The GPU path has not run on a GPU yet.
 """
 import math
 
 import numpy as np
 
-from .backend import to_device, to_host
+from .backend import array_module, to_device, to_host
 from .cpu import parallel_map
 from .optim import CHUNK, _adam_chunk, contiguous_base, decay_runs
 
@@ -47,8 +51,9 @@ class ShardedAdamW:
         self.offsets = [sum(self.counts[:r]) for r in range(dist.world_size)]
         self.lo = self.offsets[dist.rank]
         self.hi = self.lo + self.counts[dist.rank]
-        self.exp_avg = np.zeros(self.hi - self.lo, dtype=self.flat.dtype)
-        self.exp_avg_sq = np.zeros(self.hi - self.lo, dtype=self.flat.dtype)
+        self.xp = array_module(self.flat)
+        self.exp_avg = self.xp.zeros(self.hi - self.lo, dtype=self.flat.dtype)
+        self.exp_avg_sq = self.xp.zeros(self.hi - self.lo, dtype=self.flat.dtype)
         self.step_count = 0
         self.runs = [(max(a, self.lo) - self.lo, min(b, self.hi) - self.lo, decay)
                      for a, b, decay in decay_runs(self.params) if max(a, self.lo) < min(b, self.hi)]
@@ -63,7 +68,8 @@ class ShardedAdamW:
         bias_correction2_sqrt = math.sqrt(1 - beta2**self.step_count)
         decay_factor = 1 - lr * self.weight_decay
         p = self.flat[self.lo : self.hi]
-        chunks = [(a + lo, min(b, a + lo + CHUNK), decay) for a, b, decay in self.runs for lo in range(0, b - a, CHUNK)]
+        size = CHUNK if self.xp is np else self.flat.size  # a GPU takes each run whole
+        chunks = [(a + lo, min(b, a + lo + size), decay) for a, b, decay in self.runs for lo in range(0, b - a, size)]
 
         def update(chunk):
             lo, hi, decay = chunk
@@ -72,7 +78,7 @@ class ShardedAdamW:
             _adam_chunk(p[lo:hi], grad_slice[lo:hi], self.exp_avg[lo:hi], self.exp_avg_sq[lo:hi], beta1, beta2,
                         step_size, bias_correction2_sqrt, self.eps)
 
-        parallel_map(update, chunks, np)
+        parallel_map(update, chunks, self.xp)
 
     # ---- whole checkpoints from slices ---------------------------------------------------
 
@@ -89,7 +95,7 @@ class ShardedAdamW:
             if whole.shape != (self.flat.size,):
                 raise ValueError(f"optimizer state {key} has shape {whole.shape}, but these parameters need "
                                  f"({self.flat.size},): the checkpoint is from another model config")
-            getattr(self, key)[...] = to_device(whole[self.lo : self.hi], np)
+            getattr(self, key)[...] = to_device(whole[self.lo : self.hi], self.xp)
         self.step_count = int(state["step"])
         for key in ("lr", "eps", "weight_decay"):
             if key in state:
@@ -104,7 +110,8 @@ def zero_step(model, optimizer, dist, accum, lr, grad_clip):
     The caller decides from the norm whether to apply(...)."""
     grads = dist.reduce_scatter_sum(model.flat_grads, optimizer.counts)  # this rank's slice of the sum
     grads /= accum * dist.world_size
-    (sum_sq,) = dist.allreduce_scalars([float(np.dot(grads, grads))], op="sum")
+    xp = array_module(grads)
+    (sum_sq,) = dist.allreduce_scalars([float(xp.dot(grads, grads))], op="sum")
     norm = math.sqrt(sum_sq)
     max_norm = grad_clip if grad_clip > 0 else float("inf")
     clip_coef = min(1.0, max_norm / (norm + 1e-6))  # as optim.clip_grad_norm and torch compute it

@@ -334,3 +334,24 @@ def test_blocking_gpu_transports_reduce_once_after_backward(monkeypatch, no_exce
     buckets.finish()
     assert len(comm.calls) == 1 and buckets.spans == [(0, 8)]
     np.testing.assert_array_equal(flat.host, 2.0)
+
+
+def test_padded_slices_carry_uneven_shards_through_equal_count_collectives():
+    """What NCCL's reduceScatter and allGather see under ZeRO-1, emulated for 3 ranks:
+    each rank's flat buffer padded so every slice is as long as the longest."""
+    from nanogpt_np.distributed import pad_slices, unpad_slices_
+    from nanogpt_np.zero import shard_counts
+
+    counts = shard_counts(11, 3)  # [4, 4, 3]
+    S = max(counts)
+    flats = [np.arange(11, dtype=np.float64) * (r + 1) for r in range(3)]
+    summed = sum(pad_slices(f, counts) for f in flats)  # reduceScatter's sum, laid out padded
+    total = sum(flats)
+    offsets = [0, 4, 8]
+    for r in range(3):
+        np.testing.assert_array_equal(summed[r * S : r * S + counts[r]], total[offsets[r] : offsets[r] + counts[r]])
+    # allGather: rank r contributes its padded slice of a buffer where only its slice is right
+    truth = np.arange(11, dtype=np.float64) + 100
+    gathered = np.concatenate([np.pad(truth[o : o + c], (0, S - c)) for o, c in zip(offsets, counts)])
+    out = unpad_slices_(np.zeros(11), gathered, counts)
+    np.testing.assert_array_equal(out, truth)

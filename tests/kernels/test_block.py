@@ -155,3 +155,27 @@ def test_train_py_runs_bf16_by_default_on_the_gpu(fake_gpu, tmp_path):
     assert len(history["train"]) == 2 and all(np.isfinite(v) for v in history["train"].values())
     ckpt = load_checkpoint(str(tmp_path / "log" / "model_00002.npz"))
     assert ckpt["meta"]["dtype"] == "float32"  # the masters are what a checkpoint keeps
+
+
+def test_zero_1_on_the_gpu_path_equals_zero_0(fake_gpu, tmp_path):
+    """--zero 1 with --backend cupy (one rank, a fake GPU over NumPy): the sharded AdamW
+    keeps its moments as CuPy arrays and its steps equal the fused AdamW's."""
+    from nanogpt_np.data import write_shard
+    from nanogpt_np.train import TrainConfig, Trainer
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        write_shard(tmp_path / f"r_{split}_000000.npy", rng.integers(0, 50257, 400))
+    runs = {}
+    for zero in (0, 1):
+        cfg = TrainConfig(n_layer=1, n_head=2, n_embd=128, block_size=16, batch_size=2, total_batch_size=64,
+                          max_steps=3, warmup_steps=1, val_every=0, sample_every=0, ckpt_every=3, zero=zero,
+                          data_dir=str(tmp_path), log_dir=str(tmp_path / f"log{zero}"), backend="cupy",
+                          dtype="float32", peak_tflops=1.0, hellaswag_every=0)
+        trainer = Trainer(cfg, log=lambda *a, **k: None)
+        runs[zero] = (trainer.run()["train"], np.asarray(trainer.model.flat_params).copy(), trainer.optimizer)
+    assert type(runs[1][2]).__name__ == "ShardedAdamW" and runs[1][2].exp_avg.size == runs[1][1].size
+    np.testing.assert_allclose([runs[1][0][s] for s in range(3)], [runs[0][0][s] for s in range(3)], rtol=1e-6)
+    # float32: a gradient near 0 may round to either sign, and AdamW's update is then
+    # +-lr either way; the weights agree to a small fraction of the lr (6e-4)
+    np.testing.assert_allclose(runs[1][1], runs[0][1], rtol=1e-5, atol=2e-5)
