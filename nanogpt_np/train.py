@@ -127,9 +127,6 @@ class Trainer(CheckpointMixin, EvaluationMixin, ProgressMixin, FittingMixin):
             raise ConfigError(str(e)) from e
         if cfg.vocab_size < N_VOCAB:
             raise ConfigError(f"--vocab-size {cfg.vocab_size} is smaller than GPT-2's {N_VOCAB} tokens")
-        if cfg.recompute and cfg.backend == "cupy":
-            raise ConfigError("--recompute runs on the NumPy block only; the GPU's fused block (kernels/block.py) "
-                              "keeps every activation. Drop --recompute, or use --batch-size auto")
         if cfg.zero not in (0, 1):
             raise ConfigError(f"--zero {cfg.zero}: 0 (every rank keeps all of AdamW) or 1 (ZeRO-1) only")
         if cfg.batch_size != "auto" and not (isinstance(cfg.batch_size, int) and cfg.batch_size > 0):

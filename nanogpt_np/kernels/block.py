@@ -84,14 +84,31 @@ def block_forward(model, i, x):
     hidden = fused.bias_gelu_forward(pre, p[h + "mlp.c_fc.bias"])  # (N, 4C)
     proj = gemm.matmul(hidden, w[h + "mlp.c_proj.weight"], trans_b=True)  # (N, C)
     x = fused.bias_residual(x, proj.reshape(B, T, C), p[h + "mlp.c_proj.bias"])
+    if model.recompute:  # backward rebuilds the LayerNorm outputs and the GELU output (_recomputed)
+        a2 = m2 = hidden = None
     return x, (ln1, a2, attn, y2, ln2, m2, pre, hidden)
+
+
+def _recomputed(model, h, cache):
+    """--recompute: the LayerNorm outputs from their inputs (in the LayerNorm caches)
+    and the GELU output from its input, by the same kernels as forward: the same bits."""
+    ln1, a2, attn, y2, ln2, m2, pre, hidden = cache
+    p, cd = model.params, model.compute_dtype
+    C = y2.shape[-1]
+    a2 = layernorm.forward(ln1[0], p[h + "ln_1.weight"], p[h + "ln_1.bias"], out_dtype=cd)[0].reshape(-1, C)
+    m2 = layernorm.forward(ln2[0], p[h + "ln_2.weight"], p[h + "ln_2.bias"], out_dtype=cd)[0].reshape(-1, C)
+    hidden = fused.bias_gelu_forward(pre, p[h + "mlp.c_fc.bias"])
+    return ln1, a2, attn, y2, ln2, m2, pre, hidden
 
 
 def block_backward(model, i, dx, cache):
     """dx: (B, T, C) at the block's output (parameter dtype) -> dx at its input.
     dx is updated in place (the residual path passes it through unchanged)."""
+    h = f"transformer.h.{i}."
+    if cache[1] is None:  # forward ran with model.recompute
+        cache = _recomputed(model, h, cache)
     ln1, a2, attn, y2, ln2, m2, pre, hidden = cache
-    p, h, cd = model.params, f"transformer.h.{i}.", model.compute_dtype
+    p, cd = model.params, model.compute_dtype
     C = dx.shape[-1]
     # forward: x = x + (hidden @ W.T + b)   (mlp.c_proj and the residual)
     d, dbias = fused.cast_column_sums(dx.reshape(-1, C), cd)  # (N, C) matmul operand, (C,)

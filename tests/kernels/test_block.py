@@ -179,3 +179,21 @@ def test_zero_1_on_the_gpu_path_equals_zero_0(fake_gpu, tmp_path):
     # float32: a gradient near 0 may round to either sign, and AdamW's update is then
     # +-lr either way; the weights agree to a small fraction of the lr (6e-4)
     np.testing.assert_allclose(runs[1][1], runs[0][1], rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_fused_schedule_recompute_is_bit_identical(emulated, dtype):
+    """--recompute on the GPU schedule: the LayerNorm and GELU outputs rebuilt in
+    backward by the same kernels, so losses and gradients have the same bits."""
+    runs = []
+    for recompute in (False, True):
+        model = GPT(CFG, dtype=dtype, seed=3)
+        model.ops = kernels
+        model.recompute = recompute
+        runs.append(_grads_after(model, _batches(2)))
+        model.zero_grad()
+        model.forward(*_batches(1)[0])
+        a2, m2, hidden = (model._caches[1][0][k] for k in (1, 5, 7))
+        assert (a2 is None and m2 is None and hidden is None) == recompute  # dropped only when asked
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])
+    np.testing.assert_array_equal(runs[0][1], runs[1][1])
