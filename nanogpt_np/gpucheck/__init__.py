@@ -28,6 +28,8 @@ still run. Sections, in the order they run:
      NH=12, T=1024, hs=64;
   6. 50 steps of the 124M model on real text in bf16 against the same 50 steps in
      float32: the loss curves must agree within 1%.
+  and, last, within --budget: the 350M preset's shape in bf16, ours against PyTorch
+     eager and torch.compile (rows "350M ..." of section 4).
 --text: token ids (.npy, e.g. made here by `--prepare-text FILE OUT.npy`, which
 needs the GPT-2 tokenizer files) or a text file (GPT-2 BPE if the tokenizer is
 installed, else UTF-8 bytes as tokens); without it, the bytes of this Python's

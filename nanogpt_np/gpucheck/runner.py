@@ -17,7 +17,7 @@ from .curve import section_curve
 from .environment import section_environment
 from .kernel_checks import section_kernels
 from .model_checks import section_model
-from .speed import section_compile, section_speed, summary_rows
+from .speed import section_compile, section_speed, section_speed_350m, summary_rows
 from .training_checks import section_training
 
 
@@ -34,6 +34,7 @@ SECTIONS = [
     ("curve", section_curve, 240),
     ("training", lambda args: section_training(), 120),
     ("compile", section_compile, 600),
+    ("speed_350m", section_speed_350m, 600),
 ]
 
 

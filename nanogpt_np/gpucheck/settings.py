@@ -31,6 +31,7 @@ SIZES = dict(
     train=(GPTConfig(block_size=128, vocab_size=2048, n_layer=4, n_head=4, n_embd=256), 20, 8, 128),
     attention_bench=(16, 12, 1024, 64),  # B, NH, T, hs
     speed=(GPTConfig(vocab_size=50304), 16, 1024),  # build-nanogpt's 124M step
+    speed_350m=(GPTConfig(vocab_size=50304, n_layer=24, n_head=16, n_embd=1024), 16, 1024),  # the 350M preset
     host=(1, 64),  # B, T of the step whose GPU work is negligible: its time is the host's
     curve=(GPTConfig(vocab_size=50304), 50, 8, 1024),  # config, steps, B, T
 )

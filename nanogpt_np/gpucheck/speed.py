@@ -26,10 +26,11 @@ def torch_sync():
     twin().sync(settings.TORCH_DEVICE)
 
 
-def flops_per_token(n_params):
+def flops_per_token(n_params, cfg=None, T=None):
     """6 per parameter (forward 2, backward 4) plus attention's scores, causal half:
-    6N + 6 L C T, as llm.c counts it."""
-    cfg, _, T = settings.SIZES["speed"]
+    6N + 6 L C T, as llm.c counts it (default: the speed rows' 124M shape)."""
+    if cfg is None:
+        cfg, _, T = settings.SIZES["speed"]
     return 6 * n_params + 6 * cfg.n_layer * cfg.n_embd * T
 
 
@@ -42,10 +43,10 @@ def peak_bf16():
     return None, name
 
 
-def throughput(step_ms, n_params, B, T):
+def throughput(step_ms, n_params, B, T, cfg=None):
     tok_s = B * T / (step_ms / 1e3)
     peak, card = peak_bf16()
-    mfu = flops_per_token(n_params) * tok_s / peak if peak else None
+    mfu = flops_per_token(n_params, cfg, T if cfg is not None else None) * tok_s / peak if peak else None
     text = f"{step_ms:.1f} ms/step, {tok_s:,.0f} tok/s, MFU " + (
         f"{mfu * 100:.1f}% (of {card}'s {peak / 1e12:.0f} TFLOPS bf16)" if peak else f"n/a (unknown card {card})")
     return tok_s, mfu, text
@@ -79,7 +80,7 @@ def make_step(model, opt, idx, targets):
     return step
 
 
-def ours_step(dtype, tf32, B, T, steps=5):
+def ours_step(dtype, tf32, B, T, steps=5, cfg=None):
     """(ms per step, parameters, {memory}, launches per step) of our 124M training step."""
     import cupy as cp
     from nanogpt_np.kernels import gemm, loader
@@ -87,7 +88,7 @@ def ours_step(dtype, tf32, B, T, steps=5):
     os.environ["NANOGPT_CUDA_SYNC"] = "0"
     free_gpu_memory()
     backend.set_tf32(tf32)
-    cfg = settings.SIZES["speed"][0]
+    cfg = cfg or settings.SIZES["speed"][0]
     pool = cp.get_default_memory_pool()
     model = GPT(cfg, dtype=dtype, seed=0, backend="cupy")
     opt = optim.AdamW(model.parameters(), lr=6e-4, weight_decay=0.1)
@@ -128,9 +129,9 @@ def largest_fitting_batch(fn, B):
             B //= 2
 
 
-def torch_step_ms(compile_model, steps=5):
+def torch_step_ms(compile_model, steps=5, size="speed"):
     """build-nanogpt's step in PyTorch at the speed shape -> (ms, parameters, {memory})."""
-    cfg, B, T = settings.SIZES["speed"]
+    cfg, B, T = settings.SIZES[size]
     return twin().train_step_ms(cfg, B, T, settings.TORCH_DEVICE, compile_model, steps, median_ms, free_gpu_memory)
 
 
@@ -222,3 +223,38 @@ def summary_rows():
     record("4", "ratio ours bf16 / PyTorch best (tok/s)", ratio)
     record("4", "MFU of ours bf16", mfu)
     record("4", "peak GPU memory, ours bf16 vs PyTorch", memory)
+
+
+def section_speed_350m(args):
+    """The 350M preset's shape (24 layers, 16 heads, 1024 channels), bf16: ours against
+    PyTorch eager and, within what is left of --budget, torch.compile, in the same run."""
+    cfg, B0, T = settings.SIZES["speed_350m"]
+    found = {}
+
+    def ours():
+        (ms, n, memory, _), B = largest_fitting_batch(lambda B: ours_step("bf16", False, B, T, cfg=cfg), B0)
+        tok_s, mfu, text = throughput(ms, n, B, T, cfg)
+        found["ours"] = tok_s
+        return dict(result=f"B{B}: {text}; CuPy pool {memory['pool']:.1f} GiB", limit="", ok=None,
+                    metrics={"m350_ours_tok_s": tok_s, "m350_ours_mfu": mfu})
+
+    def torch_run(compiled):
+        left = args.budget - (time.time() - args.start)
+        if compiled and (args.no_compile or left < 90):
+            why = "--no-compile" if args.no_compile else f"{left:.0f} s of --budget left (needs 90)"
+            return dict(result=f"skipped: {why}", limit="", ok=None)
+        ms, n, memory = with_time_limit(max(left, 60), lambda: torch_step_ms(compiled, size="speed_350m"))
+        tok_s, mfu, text = throughput(ms, n, B0, T, cfg)
+        found["torch_compile" if compiled else "torch_eager"] = tok_s
+        return dict(result=f"B{B0}: {text}; peak allocated {memory['allocated']:.1f} GiB", limit="", ok=None)
+
+    def ratio():
+        best = max((k for k in found if k.startswith("torch")), key=found.get)
+        r = found["ours"] / found[best]
+        return dict(result=f"350M ours bf16 {found['ours']:,.0f} tok/s = {r:.2f}x {best} {found[best]:,.0f} tok/s",
+                    limit=">= 1.0", ok=bool(r >= 1.0))
+
+    record("4", f"350M ours bf16, B{B0} T{T} (or the largest B that fits)", ours)
+    record("4", "350M torch bf16 autocast, eager", lambda: torch_run(False))
+    record("4", "350M torch bf16 + torch.compile", lambda: torch_run(True))
+    record("4", "350M ratio ours bf16 / PyTorch best (tok/s)", ratio)

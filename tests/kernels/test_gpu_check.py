@@ -29,6 +29,7 @@ SIZES = dict(
     train=(TINY, 3, 2, 16),
     attention_bench=(1, 1, 16, 64),
     speed=(TINY, 2, 16),
+    speed_350m=(TINY, 1, 16),
 )
 
 
@@ -75,7 +76,8 @@ def test_gpu_check_dry_run(emulator_lib, monkeypatch, tmp_path, capsys):
     rows = gpu_check.ROWS
     # the speed verdicts compare a CPU emulator with PyTorch on the CPU: meaningless here, so
     # only they may say FAIL; nothing may be an ERROR
-    verdicts = {"ratio ours bf16 / PyTorch best (tok/s)", "MFU of ours bf16", "peak GPU memory, ours bf16 vs PyTorch"}
+    verdicts = {"ratio ours bf16 / PyTorch best (tok/s)", "MFU of ours bf16", "peak GPU memory, ours bf16 vs PyTorch",
+                "350M ratio ours bf16 / PyTorch best (tok/s)"}
     broken = [(r["name"], r["result"]) for r in rows
               if r["result"].startswith("ERROR") or (r["status"] == "FAIL" and r["name"] not in verdicts)]
     assert not broken, broken
@@ -83,7 +85,7 @@ def test_gpu_check_dry_run(emulator_lib, monkeypatch, tmp_path, capsys):
     assert {r["section"] for r in rows} == {"0", "1", "2", "3", "4", "5", "6"}
     n_kernel_rows = sum(len(SIZES[k]) for k in ("attention", "attention_bf16", "layernorm", "gelu", "cross_entropy",
                                                 "adamw", "gemm")) + 3
-    assert len(rows) == 3 + n_kernel_rows + 6 + 2 + 4 + 4 + 1 + 1 + 3
+    assert len(rows) == 3 + n_kernel_rows + 6 + 2 + 4 + 4 + 1 + 1 + 3 + 4  # + the 350M rows
     names = {r["name"] for r in rows}
     overlap = next(r for r in rows if r["name"] == "overlapped NCCL allreduce, 1 rank")
     assert overlap["status"] == "ok" and overlap["result"].startswith("3 buckets (want 3)"), overlap
