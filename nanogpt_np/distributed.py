@@ -60,14 +60,18 @@ def launched_world_size(env=None):
 
 
 def init(env=None):
-    """`Single()` for one process, else an `MPIDistributed` over COMM_WORLD."""
-    if launched_world_size(env) <= 1:
+    """`Single()` for one process, else an `MPIDistributed` over COMM_WORLD.
+    NANOGPT_MPI=1 takes MPI (and, on GPUs, NCCL) even for one rank, so
+    `mpiexec -n 1` runs the multi-rank code path (gpu_check does, on one GPU)."""
+    env = os.environ if env is None else env
+    forced = env.get("NANOGPT_MPI") == "1"
+    if launched_world_size(env) <= 1 and not forced:
         return Single()
     from mpi4py import MPI
 
-    if MPI.COMM_WORLD.Get_size() == 1:
+    if MPI.COMM_WORLD.Get_size() == 1 and not forced:
         return Single()
-    return MPIDistributed(MPI.COMM_WORLD, MPI)
+    return MPIDistributed(MPI.COMM_WORLD, MPI, env)
 
 
 class Single:

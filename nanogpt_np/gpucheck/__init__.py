@@ -28,6 +28,9 @@ still run. Sections, in the order they run:
      NH=12, T=1024, hs=64;
   6. 50 steps of the 124M model on real text in bf16 against the same 50 steps in
      float32: the loss curves must agree within 1%.
+  7. scripts/train.py --backend cupy itself, as a subprocess: validation, samples and
+     checkpoints, then --resume from the middle checkpoint (the log must come out
+     identical), then under `mpiexec -n 1` with NANOGPT_MPI=1 (the NCCL path);
   and, last, within --budget: the 350M preset's shape in bf16, ours against PyTorch
      eager and torch.compile (rows "350M ..." of section 4).
 --text: token ids (.npy, e.g. made here by `--prepare-text FILE OUT.npy`, which

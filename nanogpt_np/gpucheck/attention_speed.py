@@ -6,7 +6,6 @@ from nanogpt_np import kernels
 
 from . import settings
 from .table import bf16, free_gpu_memory, median_ms, record
-
 from .speed import twin
 
 

@@ -4,10 +4,8 @@ from pathlib import Path
 
 import numpy as np
 
-
 from . import settings
 from .table import free_gpu_memory, record
-
 from .training_checks import train
 
 

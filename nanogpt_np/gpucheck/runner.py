@@ -11,13 +11,13 @@ from nanogpt_np import backend
 
 from . import settings
 from .table import add_row, all_rows, save, table
-
 from .attention_speed import section_attention_speed
 from .curve import section_curve
 from .environment import section_environment
 from .kernel_checks import section_kernels
 from .model_checks import section_model
 from .speed import section_compile, section_speed, section_speed_350m, summary_rows
+from .train_script import section_train_script
 from .training_checks import section_training
 
 
@@ -33,6 +33,7 @@ SECTIONS = [
     ("attention", lambda args: section_attention_speed(), 120),
     ("curve", section_curve, 240),
     ("training", lambda args: section_training(), 120),
+    ("train_script", section_train_script, 420),
     ("compile", section_compile, 600),
     ("speed_350m", section_speed_350m, 600),
 ]

@@ -15,6 +15,8 @@ TWIN = None
 # how a section's own process is started (after the Python executable): the script
 # sets its own path, so the section processes get the PyTorch reference too
 SECTION_COMMAND = ["-m", "nanogpt_np.gpucheck"]
+# the backend section 7 runs scripts/train.py with (the CPU dry run uses numpy)
+TRAIN_BACKEND = "cupy"
 # Every size the checks use, in one place (the CPU dry run in tests/test_gpu_check.py shrinks them).
 SIZES = dict(
     attention=[(2, 1, 2, np.float32), (2, 77, 3, np.float32), (1, 333, 2, np.float64), (2, 1024, 12, np.float32),
@@ -32,6 +34,7 @@ SIZES = dict(
     attention_bench=(16, 12, 1024, 64),  # B, NH, T, hs
     speed=(GPTConfig(vocab_size=50304), 16, 1024),  # build-nanogpt's 124M step
     speed_350m=(GPTConfig(vocab_size=50304, n_layer=24, n_head=16, n_embd=1024), 16, 1024),  # the 350M preset
+    train_script=dict(n_layer=4, n_head=4, n_embd=256, T=256, B=4, tokens=2048, steps=30),  # section 7
     host=(1, 64),  # B, T of the step whose GPU work is negligible: its time is the host's
     curve=(GPTConfig(vocab_size=50304), 50, 8, 1024),  # config, steps, B, T
 )

@@ -30,6 +30,7 @@ SIZES = dict(
     attention_bench=(1, 1, 16, 64),
     speed=(TINY, 2, 16),
     speed_350m=(TINY, 1, 16),
+    train_script=dict(n_layer=1, n_head=2, n_embd=32, T=16, B=2, tokens=64, steps=6),
 )
 
 
@@ -67,6 +68,7 @@ def test_gpu_check_dry_run(emulator_lib, monkeypatch, tmp_path, capsys):
 
     monkeypatch.setattr(settings, "SIZES", SIZES)
     monkeypatch.setattr(settings, "TORCH_DEVICE", "cpu")
+    monkeypatch.setattr(settings, "TRAIN_BACKEND", "numpy")  # section 7's subprocesses have no fake GPU
     try:
         status = gpu_check.main()
     finally:
@@ -82,10 +84,13 @@ def test_gpu_check_dry_run(emulator_lib, monkeypatch, tmp_path, capsys):
               if r["result"].startswith("ERROR") or (r["status"] == "FAIL" and r["name"] not in verdicts)]
     assert not broken, broken
     assert status in (0, 1)
-    assert {r["section"] for r in rows} == {"0", "1", "2", "3", "4", "5", "6"}
+    assert {r["section"] for r in rows} == {"0", "1", "2", "3", "4", "5", "6", "7"}
     n_kernel_rows = sum(len(SIZES[k]) for k in ("attention", "attention_bf16", "layernorm", "gelu", "cross_entropy",
                                                 "adamw", "gemm")) + 3
-    assert len(rows) == 3 + n_kernel_rows + 6 + 2 + 4 + 4 + 1 + 1 + 3 + 4  # + the 350M rows
+    assert len(rows) == 3 + n_kernel_rows + 6 + 2 + 4 + 4 + 1 + 1 + 3 + 4 + 3  # + the 350M rows, section 7
+    section7 = [r for r in rows if r["section"] == "7"]
+    assert [r["status"] for r in section7] == ["ok", "ok", "ok"], section7
+    assert "log.txt identical" in section7[1]["result"]
     names = {r["name"] for r in rows}
     overlap = next(r for r in rows if r["name"] == "overlapped NCCL allreduce, 1 rank")
     assert overlap["status"] == "ok" and overlap["result"].startswith("3 buckets (want 3)"), overlap
