@@ -91,11 +91,25 @@ def save_checkpoint(path, model, optimizer, step, loader_states, rng_state, trai
     return path
 
 
+_PARTIAL = set()  # temporary files being written now (a hard exit removes them first)
+
+
+def remove_partial_writes():
+    """Delete the temporary file of a checkpoint being written right now, for an exit
+    that cannot wait for the write to finish (a second Ctrl-C)."""
+    for tmp in list(_PARTIAL):
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+
+
 def _write_atomically(path, arrays):
     """np.savez into a temporary file beside `path`, fsync, rename. On any failure
     the temporary file is removed and `path` (an older checkpoint, say) is untouched."""
     directory = os.path.dirname(os.path.abspath(path))
     tmp = f"{path}.tmp{os.getpid()}"
+    _PARTIAL.add(tmp)
     try:
         os.makedirs(directory, exist_ok=True)
         with open(tmp, "wb") as f:
@@ -111,6 +125,7 @@ def _write_atomically(path, arrays):
             "Free disk space or make the folder writable (or choose another --log-dir), then --resume"
         ) from e
     finally:
+        _PARTIAL.discard(tmp)
         try:
             os.remove(tmp)
         except OSError:

@@ -135,6 +135,9 @@ class StopRequest:
         name = signal.Signals(signum).name
         if self.requested:
             self.say(f"{name} again: exiting now, without a checkpoint")
+            from .checkpoint import remove_partial_writes
+
+            remove_partial_writes()  # a checkpoint cut off mid-write leaves no temporary file
             os._exit(128 + signum)
         self.signal_name = name
         self.say(f"{name}: finishing this step, then a checkpoint and exit "

@@ -414,3 +414,33 @@ def test_a_second_signal_exits_at_once(data_dir, tmp_path):
     assert "SIGINT again: exiting now, without a checkpoint" in out_path.read_text()
     assert checkpoint.list_checkpoints(tmp_path) == []
     assert not [n for n in os.listdir(tmp_path) if ".tmp" in n]
+
+
+def test_a_hard_exit_during_a_checkpoint_leaves_no_temporary_file(data_dir, tmp_path, monkeypatch):
+    """The second Ctrl-C may land while a checkpoint is being written: the handler
+    removes the temporary file before os._exit."""
+    from nanogpt_np.resilience import StopRequest
+
+    exits = []
+
+    def fake_exit(code):  # what a real os._exit would leave behind: the folder as it is now
+        exits.append((code, [n for n in os.listdir(tmp_path) if ".tmp" in n]))
+
+    monkeypatch.setattr("os._exit", fake_exit)
+    trainer = Trainer(small(data_dir, tmp_path, max_steps=2), **QUIET)
+    trainer.run()
+    request = StopRequest(say=lambda msg: None)
+    real_savez = np.savez
+
+    def savez_then_second_signal(f, **arrays):
+        real_savez(f, **arrays)
+        request._handle(signal.SIGINT, None)  # the first one
+        request._handle(signal.SIGINT, None)  # the second, mid-write: before the rename
+
+    monkeypatch.setattr(np, "savez", savez_then_second_signal)
+    try:
+        checkpoint.save_checkpoint(tmp_path / "model_00009.npz", trainer.model, trainer.optimizer, 9,
+                                   [trainer.train_loader.state()], trainer.rng.bit_generator.state)
+    except Exception:
+        pass  # os._exit returned here (patched); the write may go on or fail after it
+    assert exits == [(128 + signal.SIGINT, [])]  # at the moment of the exit, no temporary file
