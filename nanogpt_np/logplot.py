@@ -48,6 +48,8 @@ def read_log(log_dir_or_file):
         if not line.strip():
             continue
         parts = line.split()
+        if parts[1:2] == ["skipped"]:
+            continue  # `{step} skipped <why>`: the trainer's note of a step it did not apply
         try:
             if len(parts) != 3:
                 raise ValueError

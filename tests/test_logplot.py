@@ -131,3 +131,9 @@ def test_the_size_comes_from_a_checkpoint_when_there_is_no_run_json(tmp_path):
     write_log(tmp_path)
     info = logplot.run_info(tmp_path)
     assert info["parameters"] == model.num_parameters() and info["model_config"]["n_layer"] == 2
+
+
+def test_skipped_step_lines_are_notes_not_values(tmp_path):
+    text = "0 train 3.0\n1 train nan\n1 skipped loss nan (non-finite; 1 in a row)\n2 train 2.5\n"
+    series = logplot.read_log(write_log(tmp_path, text))
+    assert set(series) == {"train"} and len(series["train"][0]) == 3
