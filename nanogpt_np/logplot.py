@@ -169,6 +169,8 @@ def _loss_panel(ax, series, label, baselines, loss_ymax):
     shown = []
     if "train" in series:
         steps, values = series["train"]
+        keep = np.isfinite(values)  # a skipped NaN/Inf step has no point (and would poison the average)
+        steps, values = steps[keep], values[keep]
         window = max(1, len(values) // 20)
         ax.plot(steps, values, color="C0", alpha=0.25, linewidth=0.8, label=f"{label} train loss")
         ax.plot(steps, smoothed(values, window), color="C0",

@@ -137,3 +137,4 @@ def test_skipped_step_lines_are_notes_not_values(tmp_path):
     text = "0 train 3.0\n1 train nan\n1 skipped loss nan (non-finite; 1 in a row)\n2 train 2.5\n"
     series = logplot.read_log(write_log(tmp_path, text))
     assert set(series) == {"train"} and len(series["train"][0]) == 3
+    assert logplot.plot(tmp_path).is_file()  # the NaN step is left out of the curve
