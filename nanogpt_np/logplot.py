@@ -69,8 +69,9 @@ def summary(series):
     lines = []
     for kind, pick, what in (("train", min, "min train loss"), ("val", min, "min val loss"),
                              ("hella", max, "max HellaSwag acc_norm")):
-        if kind in series and len(series[kind][1]):
-            lines.append(f"{what}: {pick(series[kind][1]):.4f}")
+        values = series[kind][1][np.isfinite(series[kind][1])] if kind in series else []
+        if len(values):
+            lines.append(f"{what}: {pick(values):.4f}")
     return lines
 
 

@@ -138,3 +138,4 @@ def test_skipped_step_lines_are_notes_not_values(tmp_path):
     series = logplot.read_log(write_log(tmp_path, text))
     assert set(series) == {"train"} and len(series["train"][0]) == 3
     assert logplot.plot(tmp_path).is_file()  # the NaN step is left out of the curve
+    assert logplot.summary(series) == ["min train loss: 2.5000"]
