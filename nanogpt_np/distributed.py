@@ -181,28 +181,32 @@ class MPIDistributed(Single):
             self.gpu_transport(array_module(buf)).broadcast_(buf, root)
         return buf
 
+    def _gpu_path(self, buf):
+        """(xp, the NCCL transport or None) for a GPU buffer; (numpy, None) on the host."""
+        xp = array_module(buf)
+        if xp is np:
+            return xp, None
+        transport = self.gpu_transport(xp)
+        return xp, transport if isinstance(transport, NCCLTransport) else None
+
     def reduce_scatter_sum(self, flat, counts):
-        xp = array_module(flat)
-        if xp is not np:
-            transport = self.gpu_transport(xp)
-            if isinstance(transport, NCCLTransport):
-                return transport.reduce_scatter_sum(flat, counts, self.rank)
-            return xp.asarray(self.reduce_scatter_sum(to_host(flat), counts))  # host staging
+        xp, nccl = self._gpu_path(flat)
+        if nccl is not None:
+            return nccl.reduce_scatter_sum(flat, counts, self.rank)
+        if xp is not np:  # another GPU transport: through the host
+            return xp.asarray(self.reduce_scatter_sum(to_host(flat), counts))
         mine = np.empty(counts[self.rank], dtype=flat.dtype)
         self.comm.Reduce_scatter(flat, mine, recvcounts=list(counts), op=self.MPI.SUM)
         return mine
 
     def allgather_slices_(self, flat, counts):
-        xp = array_module(flat)
-        if xp is not np:
-            transport = self.gpu_transport(xp)
-            if isinstance(transport, NCCLTransport):
-                return transport.allgather_slices_(flat, counts, self.rank)
-            host = to_host(flat)
-            flat[...] = xp.asarray(self.allgather_slices_(host, counts))  # host staging
+        xp, nccl = self._gpu_path(flat)
+        if nccl is not None:
+            return nccl.allgather_slices_(flat, counts, self.rank)
+        if xp is not np:  # another GPU transport: through the host
+            flat[...] = xp.asarray(self.allgather_slices_(to_host(flat), counts))
             return flat
-        offsets = slice_offsets(counts)
-        self.comm.Allgatherv(self.MPI.IN_PLACE, [flat, (list(counts), offsets)])
+        self.comm.Allgatherv(self.MPI.IN_PLACE, [flat, (list(counts), slice_offsets(counts))])
         return flat
 
     def gather_slices(self, local, counts):
