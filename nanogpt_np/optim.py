@@ -103,21 +103,7 @@ class AdamW:
             self._fused.step(p, g, m, v, self._decay_bounds, 1 - lr * self.weight_decay, beta1, beta2,
                              self.eps, step_size, bias_correction2_sqrt)
             return
-        # decoupled decay, applied first as torch.optim.AdamW does: p *= 1 - lr * wd
-        decay_factor = 1 - lr * self.weight_decay
-        xp = array_module(self.exp_avg)
-        size = CHUNK if on_cpu(xp) else self.exp_avg.size  # a GPU takes each run whole
-        chunks = [(run, lo, min(run[0].size, lo + size))
-                  for run in self._with_decay(segments) for lo in range(0, run[0].size, size)]
-
-        def update(chunk):
-            (p, g, m, v, decay), lo, hi = chunk
-            if decay and self.weight_decay:
-                p[lo:hi] *= decay_factor
-            _adam_chunk(p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi], beta1, beta2,
-                        step_size, bias_correction2_sqrt, self.eps)
-
-        parallel_map(update, chunks, xp)  # chunks are disjoint: any thread may take any
+        adamw_update(self._with_decay(segments), self.step_count, lr, self.betas, self.eps, self.weight_decay)
 
     def _segments(self, grads):
         """[(param, grad, exp_avg, exp_avg_sq)] as 1-D arrays: one segment covering
@@ -170,6 +156,38 @@ class AdamW:
                 setattr(self, key, float(to_host(state[key])))
         if "betas" in state:
             self.betas = tuple(float(b) for b in to_host(state["betas"]))
+
+
+def adamw_update(runs, step_count, lr, betas, eps, weight_decay):
+    """The AdamW update of step `step_count` over runs [(p, g, m, v, decay)] of matching
+    1-D arrays, in place: cache-sized chunks shared among the CPU threads (a GPU takes
+    each run whole). AdamW.step and ZeRO's ShardedAdamW.step both run it."""
+    if not runs:
+        return
+    beta1, beta2 = betas
+    step_size = lr / (1 - beta1**step_count)
+    bias_correction2_sqrt = math.sqrt(1 - beta2**step_count)
+    # decoupled decay, applied first as torch.optim.AdamW does: p *= 1 - lr * wd
+    decay_factor = 1 - lr * weight_decay
+    xp = array_module(runs[0][0])
+    size = CHUNK if on_cpu(xp) else max(run[0].size for run in runs)
+    chunks = [(run, lo, min(run[0].size, lo + size)) for run in runs for lo in range(0, run[0].size, size)]
+
+    def update(chunk):
+        (p, g, m, v, decay), lo, hi = chunk
+        if decay and weight_decay:
+            p[lo:hi] *= decay_factor
+        _adam_chunk(p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi], beta1, beta2, step_size, bias_correction2_sqrt, eps)
+
+    parallel_map(update, chunks, xp)  # chunks are disjoint: any thread may take any
+
+
+def clip_coefficient(norm, max_norm):
+    """The factor clipping scales gradients of global norm `norm` by, as
+    torch.nn.utils.clip_grad_norm_ computes it (with its 1e-6); 1.0 for a NaN or Inf
+    norm, whose step the trainer skips (scaling would only hide where it went wrong)."""
+    coef = min(1.0, max_norm / (norm + 1e-6))
+    return coef if math.isfinite(norm) else 1.0
 
 
 def decay_runs(params):
@@ -234,8 +252,8 @@ def clip_grad_norm(grads, max_norm):
     size = CHUNK * 16 if on_cpu(xp) else max(a.size for a in parts)  # memory-bound dot
     pieces = [a[lo : lo + size] for a in parts for lo in range(0, a.size, size)]
     total = math.sqrt(sum(parallel_map(lambda piece: float(xp.dot(piece, piece)), pieces, xp)))
-    clip_coef = min(1.0, max_norm / (total + 1e-6))
-    if clip_coef < 1.0 and math.isfinite(total):
+    clip_coef = clip_coefficient(total, max_norm)
+    if clip_coef < 1.0:
 
         def scale(piece):
             piece *= clip_coef

@@ -189,7 +189,7 @@ class Trainer(CheckpointMixin, EvaluationMixin, ProgressMixin, FittingMixin):
                                            stop_vote=lambda: float(self.stop_request.requested),
                                            sum_over_ranks=not cfg.zero)
         if cfg.zero:  # reduce-scatter, norm over the slices, AdamW on this rank's slice, allgather
-            grad_slice, norm = zero_step(self.model, self.optimizer, self.dist, self.accum, lr, cfg.grad_clip)
+            grad_slice, norm = zero_step(self.model, self.optimizer, self.dist, self.accum, cfg.grad_clip)
         else:
             norm = clip_grad_norm(self.model.grads, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         skipped = self.guard.judge(loss, norm)  # the same on every rank: loss and norm are

@@ -24,11 +24,9 @@ The GPU path has not run on a GPU yet.
 """
 import math
 
-import numpy as np
-
 from .backend import array_module, to_device, to_host
-from .cpu import parallel_map
-from .optim import CHUNK, _adam_chunk, contiguous_base, decay_runs
+from .distributed import slice_offsets
+from .optim import adamw_update, clip_coefficient, contiguous_base, decay_runs
 
 
 def shard_counts(total, ranks):
@@ -48,8 +46,7 @@ class ShardedAdamW:
             raise ValueError("ZeRO needs the parameters as views of one flat buffer (model.flat_params)")
         self.flat = flat[0]
         self.counts = shard_counts(self.flat.size, dist.world_size)
-        self.offsets = [sum(self.counts[:r]) for r in range(dist.world_size)]
-        self.lo = self.offsets[dist.rank]
+        self.lo = slice_offsets(self.counts)[dist.rank]
         self.hi = self.lo + self.counts[dist.rank]
         self.xp = array_module(self.flat)
         self.exp_avg = self.xp.zeros(self.hi - self.lo, dtype=self.flat.dtype)
@@ -60,25 +57,12 @@ class ShardedAdamW:
 
     def step(self, grad_slice, lr=None):
         """One AdamW update of this rank's parameter slice from its gradient slice
-        (then allgather_params brings every rank the others' slices)."""
+        (then zero.apply gathers every rank the others' slices)."""
         lr = self.lr if lr is None else lr
         self.step_count += 1
-        beta1, beta2 = self.betas
-        step_size = lr / (1 - beta1**self.step_count)
-        bias_correction2_sqrt = math.sqrt(1 - beta2**self.step_count)
-        decay_factor = 1 - lr * self.weight_decay
-        p = self.flat[self.lo : self.hi]
-        size = CHUNK if self.xp is np else self.flat.size  # a GPU takes each run whole
-        chunks = [(a + lo, min(b, a + lo + size), decay) for a, b, decay in self.runs for lo in range(0, b - a, size)]
-
-        def update(chunk):
-            lo, hi, decay = chunk
-            if decay and self.weight_decay:
-                p[lo:hi] *= decay_factor
-            _adam_chunk(p[lo:hi], grad_slice[lo:hi], self.exp_avg[lo:hi], self.exp_avg_sq[lo:hi], beta1, beta2,
-                        step_size, bias_correction2_sqrt, self.eps)
-
-        parallel_map(update, chunks, self.xp)
+        p, m, v = self.flat[self.lo : self.hi], self.exp_avg, self.exp_avg_sq
+        runs = [(p[a:b], grad_slice[a:b], m[a:b], v[a:b], decay) for a, b, decay in self.runs]
+        adamw_update(runs, self.step_count, lr, self.betas, self.eps, self.weight_decay)
 
     # ---- whole checkpoints from slices ---------------------------------------------------
 
@@ -104,7 +88,7 @@ class ShardedAdamW:
             self.betas = tuple(float(b) for b in state["betas"])
 
 
-def zero_step(model, optimizer, dist, accum, lr, grad_clip):
+def zero_step(model, optimizer, dist, accum, grad_clip):
     """After the micro-steps' backward (local gradient sums, no allreduce): the sum over
     ranks of this rank's slice, the mean, the global norm and clip -> (grad slice, norm).
     The caller decides from the norm whether to apply(...)."""
@@ -113,9 +97,8 @@ def zero_step(model, optimizer, dist, accum, lr, grad_clip):
     xp = array_module(grads)
     (sum_sq,) = dist.allreduce_scalars([float(xp.dot(grads, grads))], op="sum")
     norm = math.sqrt(sum_sq)
-    max_norm = grad_clip if grad_clip > 0 else float("inf")
-    clip_coef = min(1.0, max_norm / (norm + 1e-6))  # as optim.clip_grad_norm and torch compute it
-    if clip_coef < 1.0 and math.isfinite(norm):
+    clip_coef = clip_coefficient(norm, grad_clip if grad_clip > 0 else float("inf"))  # as clip_grad_norm
+    if clip_coef < 1.0:
         grads *= clip_coef
     return grads, norm
 
