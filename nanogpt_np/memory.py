@@ -29,6 +29,8 @@ import math
 import os
 from dataclasses import dataclass
 
+import numpy as np
+
 from .config import parameter_shapes
 
 GIB = 2**30
@@ -83,6 +85,18 @@ def plan(config, B, T, param_itemsize=4, compute_itemsize=4, mixed=False, zero_r
          + threads * OPTIMIZER_TEMPORARIES * OPTIMIZER_CHUNK_ELEMENTS * param_itemsize),
     ]
     return MemoryPlan(rows, int(available or 0), where)
+
+
+def training_plan(model_config, train_cfg, B, ranks, precision, available, threads=1):
+    """plan() for a run of train.py's TrainConfig at micro-batch B on `ranks` ranks:
+    precision "float32", "float64" or "bf16" (float32 parameters, bf16 activations
+    and weight copies); available is available_memory()'s (bytes, description)."""
+    mixed = precision == "bf16"
+    param_itemsize = 4 if mixed else np.dtype(precision).itemsize
+    return plan(model_config, B, train_cfg.block_size, param_itemsize=param_itemsize,
+                compute_itemsize=2 if mixed else param_itemsize, mixed=mixed,
+                zero_ranks=ranks if train_cfg.zero else 1, recompute=train_cfg.recompute, threads=threads,
+                available=available[0], where=available[1])
 
 
 def available_memory(xp=None, cap_gib=None):

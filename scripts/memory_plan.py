@@ -30,14 +30,10 @@ def main(argv=None):
     cfg = parse_args([a for a in argv if a != "--measure"])
     config = GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
                        n_head=cfg.n_head, n_embd=cfg.n_embd)
-    mixed = (cfg.dtype or "float32") == "bf16"
-    itemsize = 4 if mixed or cfg.dtype in (None, "float32") else 8
     available = memory.available_memory(None, cfg.memory_gib)
 
     def plan_for(B):
-        return memory.plan(config, B, cfg.block_size, param_itemsize=itemsize, compute_itemsize=2 if mixed else itemsize,
-                           mixed=mixed, zero_ranks=ranks if cfg.zero else 1, recompute=cfg.recompute,
-                           threads=num_threads(), available=available[0], where=available[1])
+        return memory.training_plan(config, cfg, B, ranks, cfg.dtype or "float32", available, threads=num_threads())
 
     B = cfg.batch_size
     if B == "auto":

@@ -13,16 +13,10 @@ class FittingMixin:
     """Reads self.cfg, self.model_config, self.precision, self.dist, self.xp."""
 
     def memory_plan(self, B, available=None):
-        cfg = self.cfg
-        mixed = self.precision == "bf16"
-        param_itemsize = 4 if mixed else np.dtype(self.precision).itemsize
         if available is None:
-            available = memory.available_memory(self.xp, cfg.memory_gib)
-        return memory.plan(self.model_config, B, cfg.block_size, param_itemsize=param_itemsize,
-                           compute_itemsize=2 if mixed else param_itemsize, mixed=mixed,
-                           zero_ranks=self.dist.world_size if cfg.zero else 1, recompute=cfg.recompute,
-                           threads=num_threads() if self.xp is np else 1, available=available[0],
-                           where=available[1])
+            available = memory.available_memory(self.xp, self.cfg.memory_gib)
+        return memory.training_plan(self.model_config, self.cfg, B, self.dist.world_size, self.precision,
+                                    available, threads=num_threads() if self.xp is np else 1)
 
     def resolve_batch_size(self):
         """--batch-size auto -> the largest B that divides the tokens per step and whose
