@@ -26,11 +26,9 @@ def torch_sync():
     twin().sync(settings.TORCH_DEVICE)
 
 
-def flops_per_token(n_params, cfg=None, T=None):
+def flops_per_token(n_params, cfg, T):
     """6 per parameter (forward 2, backward 4) plus attention's scores, causal half:
-    6N + 6 L C T, as llm.c counts it (default: the speed rows' 124M shape)."""
-    if cfg is None:
-        cfg, _, T = settings.SIZES["speed"]
+    6N + 6 L C T, as llm.c counts it."""
     return 6 * n_params + 6 * cfg.n_layer * cfg.n_embd * T
 
 
@@ -44,9 +42,11 @@ def peak_bf16():
 
 
 def throughput(step_ms, n_params, B, T, cfg=None):
+    """(tokens/s, MFU, a line) of a step; cfg: the model's shape (default: the speed rows')."""
     tok_s = B * T / (step_ms / 1e3)
     peak, card = peak_bf16()
-    mfu = flops_per_token(n_params, cfg, T if cfg is not None else None) * tok_s / peak if peak else None
+    cfg = cfg or settings.SIZES["speed"][0]
+    mfu = flops_per_token(n_params, cfg, T) * tok_s / peak if peak else None
     text = f"{step_ms:.1f} ms/step, {tok_s:,.0f} tok/s, MFU " + (
         f"{mfu * 100:.1f}% (of {card}'s {peak / 1e12:.0f} TFLOPS bf16)" if peak else f"n/a (unknown card {card})")
     return tok_s, mfu, text
