@@ -23,7 +23,6 @@ array by far).
 Examples are split across ranks (example i goes to rank i % world_size); each
 rank counts its own, and `reduce_sum` (e.g. an MPI allreduce) adds the counts up.
 """
-import json
 import os
 from pathlib import Path
 from typing import NamedTuple
@@ -31,6 +30,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .backend import to_host
+from .jsonio import BLANK, parse_json
 from .generate import hidden_states
 
 URLS = {
@@ -121,19 +121,10 @@ def read_examples(path, need_labels=False):
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise HellaSwagError(f"{where}: not UTF-8 text (byte {e.start} of the line)") from None
-            if not line.strip():
+            cut = "" if raw.endswith(b"\n") else " (the last line has no end: the file was cut short?)"
+            example = parse_json(raw, where, HellaSwagError, hint=cut, skip_blank=True)
+            if example is BLANK:
                 continue
-            try:
-                example = json.loads(line)
-            except json.JSONDecodeError as e:
-                cut = "" if raw.endswith(b"\n") else " (the last line has no end: the file was cut short?)"
-                raise HellaSwagError(f"{where}: not valid JSON ({e}){cut}") from None
-            except RecursionError:
-                raise HellaSwagError(f"{where}: JSON nested too deeply for a HellaSwag example") from None
             check_example(example, where, need_labels)
             yield example
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from . import safetensors_io
+from .jsonio import parse_json
 from .backend import to_host
 from .config import LM_HEAD, WPE, WTE, GPTConfig, parameter_shapes
 from .model import GPT
@@ -271,16 +272,7 @@ def download_file(url, target, chunk=1 << 22):
 
 def read_config_json(path):
     """config.json as a dict, or HFWeightsError naming the file and what is wrong."""
-    try:
-        text = Path(path).read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise HFWeightsError(f"{path}: not UTF-8 text (byte {e.start}); the file is corrupt") from None
-    try:
-        cfg = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise HFWeightsError(f"{path} is not valid JSON ({e})") from e
-    except RecursionError:
-        raise HFWeightsError(f"{path}: JSON nested too deeply to be a config") from None
+    cfg = parse_json(Path(path).read_bytes(), str(path), HFWeightsError)
     if not isinstance(cfg, dict):
         raise HFWeightsError(f"{path}: a config must be a JSON object, not a {type(cfg).__name__}")
     return cfg

@@ -19,6 +19,8 @@ import tempfile
 
 import numpy as np
 
+from .jsonio import parse_json
+
 # safetensors dtype -> NumPy dtype of the stored bytes (BF16 is read as raw uint16)
 DTYPES = {
     "F64": np.dtype("<f8"),
@@ -81,12 +83,8 @@ def _parse_header_json(path, raw):
             raise SafetensorsError(f"{path}: the header names {', '.join(map(repr, repeated))} more than once")
         return dict(pairs)
 
-    try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_repeats)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SafetensorsError(f"{path}: the header is not valid JSON ({e}); the file is corrupt") from e
-    except RecursionError:
-        raise SafetensorsError(f"{path}: the header's JSON is nested too deeply to be a safetensors header") from None
+    header = parse_json(raw, f"{path}: the header", SafetensorsError, object_pairs_hook=no_repeats,
+                        hint="; the file is corrupt")
     if not isinstance(header, dict):
         raise SafetensorsError(f"{path}: the header is not a JSON object")
     return header
