@@ -123,16 +123,20 @@ class CheckpointMixin:
         self.last_saved = self.step
         return path
 
+    def save_unless_saved(self):
+        """The checkpoint of this step: saved now, unless the loop saved it already."""
+        if self.last_saved != self.step:
+            return self.save()
+        return checkpoint.checkpoint_path(self.cfg.log_dir, self.step)
+
     def stop_for_bad_steps(self, step):
-        path = self.save() if self.last_saved != self.step else checkpoint.checkpoint_path(self.cfg.log_dir, self.step)
+        path = self.save_unless_saved()
         raise TrainingStopped(
             f"{self.guard.bad_in_row} non-finite steps in a row (the last: step {step}, "
             f"{self.history['skipped'][step]}); the weights of the last good step are in {path}. "
             f"Lower --max-lr or check the data, then --resume (or raise --max-bad-steps)", collective=True)
 
     def stop_for_signal(self):
-        if self.last_saved != self.step:
-            self.save()
-        path = checkpoint.checkpoint_path(self.cfg.log_dir, self.step)
+        path = self.save_unless_saved()
         self.history["stopped"] = {"signal": self.stop_request.signal_name or "a signal on another rank",
                                    "step": self.step, "checkpoint": path}

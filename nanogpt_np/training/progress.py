@@ -68,14 +68,15 @@ class ProgressMixin:
         import json
         import os
 
+        from ..safetensors_io import atomic_open
+
         info = {"model_config": self.model_config.to_dict(), "parameters": self.model.num_parameters(),
                 "dtype": self.precision, "ranks": self.dist.world_size,
                 "total_batch_size": self.cfg.total_batch_size, "preset": self.cfg.preset}
         path = os.path.join(self.cfg.log_dir, "run.json")
         try:
-            with open(path + ".tmp", "w") as f:
-                json.dump(info, f, indent=1)
-            os.replace(path + ".tmp", path)
+            with atomic_open(path) as f:  # a temporary file, fsynced, renamed; removed on failure
+                f.write(json.dumps(info, indent=1).encode())
         except OSError as e:
             raise TrainingStopped(f"cannot write {path}: {e.strerror or e}; make --log-dir writable") from e
 
