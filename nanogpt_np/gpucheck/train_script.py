@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from nanogpt_np.data import write_shard
+from nanogpt_np.logplot import read_log
 
 from . import settings
 from .curve import text_tokens
@@ -57,8 +58,8 @@ def run_train(args, launcher=(), env_extra=None, timeout=300):
 
 
 def train_losses(log_dir):
-    lines = (Path(log_dir) / "log.txt").read_text().split("\n")
-    return {int(p[0]): float(p[2]) for p in (line.split() for line in lines) if len(p) == 3 and p[1] == "train"}
+    steps, values = read_log(log_dir)["train"]  # logplot's reader of log.txt
+    return dict(zip(steps.tolist(), values.tolist()))
 
 
 def section_train_script(args):
