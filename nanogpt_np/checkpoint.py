@@ -33,6 +33,7 @@ import zipfile
 import numpy as np
 
 from .backend import to_device, to_host
+from .config import GPTConfig, parameter_shapes
 
 FORMAT, VERSION = "nanogpt_np-checkpoint", 2
 READABLE_VERSIONS = (1, 2)  # 1: before checksums
@@ -233,14 +234,12 @@ def _check_loader_states(states, bad):
 
 
 def _check_arrays(ckpt, config, dtype, bad):
-    from .config import parameter_shapes
-
     L = config["n_layer"]
     expected_count = 2 + 12 * L + 2  # wte, wpe, 12 per block, ln_f: counted before listing them
     if len(ckpt["params"]) != expected_count:
         bad(f"it holds {len(ckpt['params'])} parameter arrays, but model_config (n_layer {L}) needs {expected_count}")
     total = 0
-    for name, shape in parameter_shapes(_Config(config)):
+    for name, shape in parameter_shapes(GPTConfig(**{k: config[k] for k in CONFIG_FIELDS})):  # checked above
         a = ckpt["params"].get(name)
         if a is None:
             bad(f"parameter {name} is missing")
@@ -259,11 +258,6 @@ def _check_arrays(ckpt, config, dtype, bad):
         bad("optim/exp_avg_sq has negative values (a second moment is a mean of squares)")
 
 
-class _Config:
-    """The attributes parameter_shapes reads, from a checked model_config dict."""
-
-    def __init__(self, cfg):
-        self.__dict__.update({k: cfg[k] for k in CONFIG_FIELDS})
 
 
 def _verify_checksums(path, meta, arrays):

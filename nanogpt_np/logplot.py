@@ -99,7 +99,8 @@ def run_info(log_dir_or_file):
     import json
 
     from .checkpoint import list_checkpoints
-    from .config import GPTConfig, parameter_shapes
+    from .config import GPTConfig
+    from .memory import parameter_count
 
     folder = log_path(log_dir_or_file).parent
     try:
@@ -111,7 +112,7 @@ def run_info(log_dir_or_file):
         try:
             with np.load(ckpt, allow_pickle=False) as npz:
                 cfg = json.loads(str(npz["meta"]))["model_config"]
-            n = sum(int(np.prod(shape)) for _, shape in parameter_shapes(GPTConfig(**cfg)))
+            n = parameter_count(GPTConfig(**cfg))
             return {"model_config": cfg, "parameters": n}
         except (OSError, ValueError, KeyError, TypeError):
             continue

@@ -21,9 +21,8 @@ Two things make a model's backward more than its layers' backwards in reverse:
 
 tests/test_reference_model.py holds `backward` equal to GPT.backward in float64.
 """
+from .config import WPE, WTE
 from .layers import attention, cross_entropy, embedding, gelu, layernorm, linear
-
-WTE, WPE = "transformer.wte.weight", "transformer.wpe.weight"
 
 
 def block_forward(p, h, x, n_head):
