@@ -70,6 +70,13 @@ class Finding(NamedTuple):
     status: str
     worst: Row = None  # the worst measurement, when the gradient could be measured
     hint: str = ""  # what the mistake looks like, where it has a known shape
+    worst_element: Row = None  # the worst single element
+
+    @property
+    def shown(self):
+        """The row to show: the worst element when it is wrong too (it says where), else the worst."""
+        e = self.worst_element
+        return e if e is not None and self.status == "wrong" and e.error > DEFAULT_TOL else self.worst
 
 
 class Examination(NamedTuple):
@@ -203,11 +210,13 @@ def _measure_one(fwd, base, i, g, dout, name, rng, n_dirs, n_elements):
         step.flat[flat] = 1.0
         elements.append((flat, float(g.flat[flat]), _derivative(fwd, base, i, step, dout)))
     floor = FLOOR * max(float(np.abs(g).max(initial=0.0)), max(abs(e[2]) for e in elements), 1e-300)
+    checked = []
     for flat, analytic, numeric in elements:
         error = abs(numeric - analytic) / max(abs(numeric), abs(analytic), floor)
         index = tuple(int(j) for j in np.unravel_index(flat, x.shape))
         rows.append(Row(name, f"element {index}", analytic, numeric, error))
-    return rows, elements
+        checked.append((flat, analytic, numeric, error))
+    return rows, checked
 
 
 # ---- what the mistake looks like ----------------------------------------------------------------
@@ -224,8 +233,8 @@ def shape_hint(name, gshape, xshape):
         lead = tuple(range(extra))
         axes = f"axis {lead[0]}" if extra == 1 else f"axes {lead}"
         if gshape[extra:] == xshape:
-            return (f"{said}: a missing sum over a broadcast axis: the forward used {name} at every "
-                    f"position of {axes}, so its gradient is the sum over {axes}")
+            return (f"{said}: a missing sum over a broadcast axis: {name} was broadcast over {axes} of this "
+                    f"gradient, so {name}'s gradient is its sum over {axes}")
         return (f"{said}: a missing sum over a broadcast axis: the gradient has more axes than {name}; "
                 f"sum over the axes the forward broadcast it over")
     if extra == 0 and all(g == x or x == 1 for g, x in zip(gshape, xshape)):
@@ -239,13 +248,14 @@ def shape_hint(name, gshape, xshape):
 
 
 def value_hint(g, elements, tol):
-    """A sentence on wrong values whose pattern is known: a constant factor, a transpose."""
-    wrong = [(a, n) for _, a, n in elements if abs(a - n) > tol * max(abs(a), abs(n), 1e-300)]
+    """A sentence on wrong values whose pattern is known: a constant factor, a transpose.
+    elements: [(flat index, backward, finite differences, relative error)]."""
+    wrong = [(a, n) for _, a, n, error in elements if error > tol]
     if not wrong:
         return ""
     if g.ndim == 2 and g.shape[0] == g.shape[1]:
         gt = g.T.reshape(-1)
-        if all(abs(gt[flat] - n) <= 1e-6 * max(abs(n), 1e-12) for flat, _, n in elements):
+        if all(abs(gt[flat] - n) <= 1e-6 * max(abs(n), 1e-12) for flat, _, n, _ in elements):
             return "a transposed matrix: backward's value at [i, j] is the true one at [j, i]"
     ratios = [a / n for a, n in wrong if n != 0]
     if len(ratios) == len(wrong) and len(ratios) >= 2 and max(ratios) - min(ratios) <= 1e-3 * abs(ratios[0]):
@@ -293,8 +303,10 @@ def examine(forward, backward, *inputs, names=None, tol=DEFAULT_TOL, n_dirs=N_DI
             continue
         rows, elements = _measure_one(fwd, base, i, g, dout, names[i], rng, n_dirs, n_elements)
         worst = max(rows, key=lambda r: r.error)
+        worst_element = max((r for r in rows if r.where.startswith("element")), key=lambda r: r.error)
         status = "ok" if worst.error <= tol else "wrong"
-        findings.append(Finding(names[i], status, worst, "" if status == "ok" else value_hint(g, elements, tol)))
+        hint = "" if status == "ok" else value_hint(g, elements, tol)
+        findings.append(Finding(names[i], status, worst, hint, worst_element))
     return Examination(findings, notes)
 
 
@@ -308,6 +320,11 @@ def measure(forward, backward, *inputs, names=None, n_dirs=N_DIRECTIONS, n_eleme
             raise ValueError(f"{f.name}: {f.hint or f.status}")
         rows.append(f.worst)
     return rows
+
+
+def place(where):
+    """'at element (0, 3)', 'along the gradient', 'along random direction 2'."""
+    return f"at {where}" if where.startswith("element") else where if where.startswith("along") else f"along {where}"
 
 
 def describe(row):

@@ -205,7 +205,7 @@ def test_a_float32_output_is_flagged():
 
 @pytest.mark.parametrize("gshape,xshape,words", [
     ((8, 24), (24, 8), "a transposed matrix"),
-    ((2, 5, 8), (8,), "a missing sum over a broadcast axis: the forward used b at every position of axes (0, 1)"),
+    ((2, 5, 8), (8,), "a missing sum over a broadcast axis: b was broadcast over axes (0, 1) of this gradient"),
     ((5, 8), (8,), "a missing sum over a broadcast axis"),
     ((2, 5, 8), (7, 8), "a missing sum over a broadcast axis"),
     ((2, 5, 8), (2, 5, 1), "size 1 along (2,)"),
