@@ -1,4 +1,5 @@
 """nanogpt_np.gradcheck: passes the project's layers, catches a broken backward."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -273,3 +274,43 @@ def test_the_command_line_checks_a_learners_file(tmp_path):
 def test_the_command_line_refuses_an_unknown_layer():
     r = run_gradcheck("layernrom")
     assert r.returncode == 2 and "neither a layer" in r.stderr
+
+
+# ---- every command docs/backprop.md shows runs on the base install --------------------------
+
+
+def backprop_md_commands():
+    """The commands of docs/backprop.md: its bash blocks' lines and its inline `Check:` ones."""
+    import re
+
+    text = (ROOT / "docs" / "backprop.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        commands += [re.sub(r"\s+#.*$", "", line).strip() for line in block.splitlines() if line.strip()]
+    commands += re.findall(r"Check: `([^`]+)`", text)
+    return commands
+
+
+def test_every_backprop_md_command_runs_without_torch(tmp_path):
+    """As a reader runs them, with PyTorch hidden (an import of it fails, as on the base
+    install): LAYER, the learner's file and the exercise folder filled in."""
+    hidden = tmp_path / "hide_torch" / "torch"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ImportError('PyTorch is hidden: the base install has none')\n")
+    mine = tmp_path / "mylayer.py"
+    mine.write_text(MY_LAYER.format(mistake="", example=EXAMPLE))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(hidden.parent), str(ROOT)]))
+    commands = backprop_md_commands()
+    assert "python3 -m nanogpt_np.exercises start myexercises" in commands and len(commands) >= 12
+    for command in commands:
+        words = (command.replace("LAYER", "layernorm").replace("path/to/mylayer.py", str(mine))
+                 .replace("myexercises", str(tmp_path / "ex"))).split()
+        assert words[0] == "python3", command
+        r = subprocess.run([sys.executable, *words[1:]], capture_output=True, text=True, cwd=ROOT, env=env,
+                           timeout=300)
+        if words[1:3] == ["-m", "pytest"]:
+            assert r.returncode == 0 and " passed" in r.stdout, command + r.stdout[-2000:]
+        elif words[2:4] == ["nanogpt_np.exercises", "check"]:  # a fresh folder: nothing written yet
+            assert r.returncode == 1 and "not written" in r.stdout, command + r.stdout + r.stderr
+        else:
+            assert r.returncode == 0, command + r.stdout + r.stderr
