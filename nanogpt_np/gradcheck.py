@@ -14,12 +14,14 @@ How it checks. It draws a random dout of out's shape and takes the scalar
 L(inputs) = sum(forward(*inputs) * dout), whose gradient with respect to each input
 is exactly what backward returns. Each input's gradient g is then measured three ways,
 each against a fourth-order central difference of L in float64:
-  - along a few random directions u: <g, u>. A broad check, but a diluted one: in n
-    dimensions a random direction sees about |g| / sqrt(n) of the gradient, so a
-    wrong term is divided down at realistic sizes;
+  - along a few random unit directions u: <g, u>. In n dimensions a random direction
+    sees about |g| / sqrt(n) of the gradient, and of an error e in it |e| / sqrt(n):
+    so the difference is taken relative to |g| / sqrt(n) (not to |g|, which would
+    divide a wrong term down by sqrt(n)), and estimates |e| / |g| at any size;
   - along g itself: |g|. A wrong scale or a wrong matrix shows here at full size;
-  - element by element, at a sample of single elements (half at random, half where
-    |g| is largest), each relative to the larger of the two values. A missing term
+  - element by element, at a sample of single elements (at random, at random where g
+    is not zero, and where |g| is largest), each relative to the larger of the two
+    values, or of a thousandth of the largest gradient element (below that, rounding). A missing term
     shows here at its own size, however large the input.
 The report gives, per input, the worst of these: where it is, both values, their
 ratio and the relative error. A correct float64 layer stays near 1e-9 (rounding);
@@ -45,7 +47,8 @@ import numpy as np
 
 DEFAULT_TOL = 1e-6
 N_DIRECTIONS = 3  # random directions per input
-N_ELEMENTS = 16  # single elements per input: half at random, half where |g| is largest
+N_ELEMENTS = 24  # single elements per input: a third at random, a third at random where g is
+# not zero (the rows an embedding used), a third where |g| is largest
 STEP = 1e-3  # finite-difference step, relative to the input's typical element
 FLOOR = 1e-3  # an element is compared relative to at least FLOOR * the largest gradient element
 
@@ -175,13 +178,19 @@ def _derivative(fwd, base, i, step, dout):
 
 
 def _element_indices(g, rng, n_elements):
-    """Flat indices to check one by one: all of a small input, else half at random and half
-    where |g| is largest (a wrong term shows where the gradient is)."""
+    """Flat indices to check one by one: all of a small input, else a third at random, a
+    third at random among the elements where g is not zero (an embedding's gradient is
+    zero on every row no token used: a mistake hides in the used rows) and a third where
+    |g| is largest (a wrong term shows where the gradient is)."""
     if g.size <= n_elements:
         return np.arange(g.size)
-    random = rng.choice(g.size, n_elements // 2, replace=False)
-    largest = np.argsort(np.abs(g).reshape(-1))[::-1][: n_elements - n_elements // 2]
-    return np.unique(np.concatenate([random, largest]))
+    k = n_elements // 3
+    flat = np.abs(g).reshape(-1)
+    random = rng.choice(g.size, k, replace=False)
+    nonzero = np.flatnonzero(flat)
+    used = rng.choice(nonzero, min(k, nonzero.size), replace=False)
+    largest = np.argsort(flat)[::-1][: n_elements - 2 * k]
+    return np.unique(np.concatenate([random, used, largest]))
 
 
 def _measure_one(fwd, base, i, g, dout, name, rng, n_dirs, n_elements):
@@ -195,9 +204,9 @@ def _measure_one(fwd, base, i, g, dout, name, rng, n_dirs, n_elements):
         u /= np.linalg.norm(u)
         numeric = _derivative(fwd, base, i, u * np.sqrt(n), dout) / float(np.sqrt(n))  # elements of size ~1
         analytic = float(np.sum(g * u))
-        # relative to |g| too: a direction nearly orthogonal to g has a tiny derivative
-        # whose last digits are all rounding
-        error = abs(numeric - analytic) / max(abs(numeric), abs(analytic), gnorm, 1e-300)
+        # relative to |g| / sqrt(n), the size <g, u> has for a random unit u: so the error
+        # estimates |g - true gradient| / |g| instead of a 1/sqrt(n) share of it
+        error = abs(numeric - analytic) / max(abs(numeric), abs(analytic), gnorm / np.sqrt(n), 1e-300)
         rows.append(Row(name, f"random direction {k + 1}", analytic, numeric, error))
     if gnorm > 0:
         u = g / gnorm

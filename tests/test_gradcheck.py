@@ -94,6 +94,10 @@ def test_the_command_line_prints_a_table():
     assert "the worst shown" in lines[0] and "worst at" in lines[2]
     assert [line.split()[0] for line in lines[3:6]] == ["x", "weight", "bias"]
     assert lines[-1] == "ok: every gradient within 1e-06"
+    doc = (ROOT / "docs" / "backprop.md").read_text()
+    shown = doc.split("$ python3 -m nanogpt_np.gradcheck layernorm\n")[1].split("```")[0].splitlines()
+    assert shown[:3] == lines[:3] and len(shown) == len(lines)  # the docs show this table (rounding aside)
+    assert [line.split()[:3] for line in shown[3:]] == [line.split()[:3] for line in lines[3:]]
 
 
 def test_the_docs_worked_example_runs_as_written(capsys):
