@@ -275,6 +275,34 @@ def test_the_command_line_checks_a_learners_file(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def test_the_command_line_reads_a_reference_pair_and_a_cache_pair(tmp_path):
+    """A file with only reference_forward/backward is checked as such; with both pairs,
+    --reference picks the plain one."""
+    ref = tmp_path / "ref.py"
+    ref.write_text(MY_LAYER.format(mistake="", example=EXAMPLE).replace("def forward(", "def reference_forward(")
+                   .replace("def backward(", "def reference_backward("))
+    r = run_gradcheck(ref)
+    assert r.returncode == 0 and "reference_forward/reference_backward" in r.stdout.splitlines()[0], r.stdout
+    both = tmp_path / "both.py"
+    both.write_text(ref.read_text() + CACHE_PAIR)
+    r = run_gradcheck(both)
+    assert r.returncode == 1 and "backward is called as backward(dout, cache)" in r.stdout
+    assert "off by a constant factor: backward is 3 times" in r.stdout
+    r = run_gradcheck(both, "--reference")
+    assert r.returncode == 0 and "backward(dout, *inputs)" in r.stdout, r.stdout
+
+
+CACHE_PAIR = """
+def forward(x, weight):
+    out = np.tanh(x) * weight
+    return out, (x, weight)
+
+def backward(dout, cache):
+    x, weight = cache
+    return dout * weight * (1 - np.tanh(x) ** 2), (dout * np.tanh(x)).sum(axis=(0, 1)) * 3
+"""
+
+
 def test_the_command_line_refuses_an_unknown_layer():
     r = run_gradcheck("layernrom")
     assert r.returncode == 2 and "neither a layer" in r.stderr
