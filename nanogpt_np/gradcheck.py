@@ -73,13 +73,12 @@ class Finding(NamedTuple):
     status: str
     worst: Row = None  # the worst measurement, when the gradient could be measured
     hint: str = ""  # what the mistake looks like, where it has a known shape
-    worst_element: Row = None  # the worst single element
+    worst_element: Row = None  # the worst single element, when it is wrong too
 
     @property
     def shown(self):
-        """The row to show: the worst element when it is wrong too (it says where), else the worst."""
-        e = self.worst_element
-        return e if e is not None and self.status == "wrong" and e.error > DEFAULT_TOL else self.worst
+        """The row to show: the worst wrong element (it says where), else the worst row."""
+        return self.worst_element or self.worst
 
 
 class Examination(NamedTuple):
@@ -299,24 +298,26 @@ def examine(forward, backward, *inputs, names=None, tol=DEFAULT_TOL, n_dirs=N_DI
         grads = _match_gradients(bwd(dout if np.ndim(out) else float(dout), cache), base, names)
     except NotWritten:
         return Examination([Finding(names[i], "not written") for i, x in enumerate(base) if _checked(x)], notes)
-    findings = []
-    for i, (x, g) in enumerate(zip(base, grads)):
-        if not _checked(x) or g is None:  # None: an input without a gradient, as the contract allows
-            continue
-        if _is_todo(g):
-            findings.append(Finding(names[i], "not written"))
-            continue
-        g = np.asarray(g, dtype=np.float64)
-        if g.shape != x.shape:
-            findings.append(Finding(names[i], "shape", hint=shape_hint(names[i], g.shape, x.shape)))
-            continue
-        rows, elements = _measure_one(fwd, base, i, g, dout, names[i], rng, n_dirs, n_elements)
-        worst = max(rows, key=lambda r: r.error)
-        worst_element = max((r for r in rows if r.where.startswith("element")), key=lambda r: r.error)
-        status = "ok" if worst.error <= tol else "wrong"
-        hint = "" if status == "ok" else value_hint(g, elements, tol)
-        findings.append(Finding(names[i], status, worst, hint, worst_element))
+    findings = [_finding(fwd, base, i, g, dout, names[i], rng, tol, n_dirs, n_elements)
+                for i, (x, g) in enumerate(zip(base, grads))
+                if _checked(x) and g is not None]  # None: an input without a gradient, as the contract allows
     return Examination(findings, notes)
+
+
+def _finding(fwd, base, i, g, dout, name, rng, tol, n_dirs, n_elements):
+    """The Finding for input i, whose gradient backward gave as g."""
+    if _is_todo(g):
+        return Finding(name, "not written")
+    x = base[i]
+    g = np.asarray(g, dtype=np.float64)
+    if g.shape != x.shape:
+        return Finding(name, "shape", hint=shape_hint(name, g.shape, x.shape))
+    rows, elements = _measure_one(fwd, base, i, g, dout, name, rng, n_dirs, n_elements)
+    worst = max(rows, key=lambda r: r.error)
+    worst_element = max((r for r in rows if r.where.startswith("element")), key=lambda r: r.error)
+    if worst.error <= tol:
+        return Finding(name, "ok", worst)
+    return Finding(name, "wrong", worst, value_hint(g, elements, tol), worst_element if worst_element.error > tol else None)
 
 
 def measure(forward, backward, *inputs, names=None, n_dirs=N_DIRECTIONS, n_elements=N_ELEMENTS, seed=0):
