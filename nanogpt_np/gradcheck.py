@@ -21,12 +21,14 @@ each against a fourth-order central difference of L in float64:
   - along g itself: |g|. A wrong scale or a wrong matrix shows here at full size;
   - element by element, at a sample of single elements (at random, at random where g
     is not zero, and where |g| is largest), each relative to the larger of the two
-    values, or of a thousandth of the largest gradient element (below that, rounding). A missing term
-    shows here at its own size, however large the input.
+    values, or of a thousandth of the largest gradient element (below that, rounding).
+    A wrong term shows here at its own size, and where it is.
 The report gives, per input, the worst of these: where it is, both values, their
 ratio and the relative error. A correct float64 layer stays near 1e-9 (rounding);
 a wrong term is reported at its own relative size, 1e-2 or more for the mistakes
 learners make (a dropped term, a constant factor, a transposed matrix), at any size.
+A sample cannot promise more: a mistake confined to a handful of elements of a large
+input shows only when a direction or a sampled element falls on it.
 The forward runs in float64 (inputs are copied, so a layer may overwrite its inputs
 or its cache); an output in float32 is flagged, since its rounding (1e-7 relative,
 amplified by the differencing) looks like a wrong gradient.

@@ -346,3 +346,37 @@ def test_every_backprop_md_command_runs_without_torch(tmp_path):
             assert r.returncode == 1 and "not written" in r.stdout, command + r.stdout + r.stderr
         else:
             assert r.returncode == 0, command + r.stdout + r.stderr
+
+
+def test_a_missing_one_hot_and_a_missing_softmax_row_term_are_caught_at_realistic_sizes():
+    """Mistakes whose error is spread thin (one element per row of 391, or a row sum):
+    a random direction measured against |g| / sqrt(n) sees them at full size."""
+    from nanogpt_np.layers import attention, cross_entropy
+
+    rng = np.random.default_rng(4)
+    logits, targets = rng.standard_normal((4, 64, 391)) * 3, rng.integers(0, 391, (4, 64))
+
+    def without_the_one_hot(dloss, logits):
+        p = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        return dloss * p / p.sum(axis=-1, keepdims=True) / (4 * 64)
+
+    (row,) = gradcheck.measure(lambda logits: cross_entropy.reference_forward(logits, targets),
+                               without_the_one_hot, logits)
+    assert row.error > 1e-2
+
+    def without_the_row_term(dy, qkv):  # ds = p * dp: the softmax's -p p^T part dropped
+        q, k, v = attention._split_heads(qkv, 2)
+        s = q @ k.swapaxes(-1, -2) / np.sqrt(q.shape[-1]) + np.triu(np.full((64, 64), -np.inf), 1)
+        p = np.exp(s - s.max(axis=-1, keepdims=True))
+        p /= p.sum(axis=-1, keepdims=True)
+        dyh = attention._to_heads(dy, 2)
+        ds = p * (dyh @ v.swapaxes(-1, -2))
+        dq, dk = ds @ k / np.sqrt(q.shape[-1]), ds.swapaxes(-1, -2) @ q / np.sqrt(q.shape[-1])
+        return np.concatenate([attention._merge_heads(a) for a in (dq, dk, p.swapaxes(-1, -2) @ dyh)], axis=-1)
+
+    qkv = rng.standard_normal((2, 64, 3 * 64))
+    (row,) = gradcheck.measure(lambda qkv: attention.reference_forward(qkv, 2), without_the_row_term, qkv)
+    assert row.error > 1e-2
+    (row,) = gradcheck.measure(lambda qkv: attention.reference_forward(qkv, 2),
+                               lambda dy, qkv: attention.reference_backward(dy, qkv, 2), qkv)
+    assert row.error < 1e-6
