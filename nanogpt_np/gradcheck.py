@@ -406,14 +406,20 @@ def as_pair(reference_forward, reference_backward):
 
 
 def load_file(path, module_name=None):
-    """The module in a .py file, loaded by path (its folder need not be a package)."""
+    """The module in a .py file, loaded by path (its folder need not be a package; while it
+    loads, its folder is on sys.path, so it may import the files beside it)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file; give the path of a .py file defining forward and backward")
     name = module_name or f"gradcheck_user_{abs(hash(str(path.resolve())))}_{path.stem}"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    folder = str(path.resolve().parent)
+    sys.path.insert(0, folder)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(folder)
     return module
 
 

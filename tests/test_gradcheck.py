@@ -380,3 +380,11 @@ def test_a_missing_one_hot_and_a_missing_softmax_row_term_are_caught_at_realisti
     (row,) = gradcheck.measure(lambda qkv: attention.reference_forward(qkv, 2),
                                lambda dy, qkv: attention.reference_backward(dy, qkv, 2), qkv)
     assert row.error < 1e-6
+
+
+def test_the_readme_names_the_extra_its_gradient_checks_need():
+    readme = (ROOT / "README.md").read_text()
+    section = " ".join(readme.split("## The gradient checks", 1)[1].split("\n## ", 1)[0].split())
+    assert "python3 -m pytest -q tests/layers" in section
+    assert "need the test extra (`python3 -m pip install -e '.[test]'`)" in section
+    assert "the checker needs only the base install" in section
