@@ -323,9 +323,13 @@ def backprop_md_commands():
     return commands
 
 
-def test_every_backprop_md_command_runs_without_torch(tmp_path):
-    """As a reader runs them, with PyTorch hidden (an import of it fails, as on the base
-    install): LAYER, the learner's file and the exercise folder filled in."""
+def test_every_backprop_md_command_runs_without_torch(tmp_path, capsys):
+    """As a reader runs them, LAYER, the learner's file and the exercise folder filled in.
+    The pytest ones run with PyTorch hidden (an import of it fails, as on the base
+    install); the package's own commands run in this process, since the package never
+    imports torch (tests/test_structure.py)."""
+    from nanogpt_np import exercises
+
     hidden = tmp_path / "hide_torch" / "torch"
     hidden.mkdir(parents=True)
     (hidden / "__init__.py").write_text("raise ImportError('PyTorch is hidden: the base install has none')\n")
@@ -337,15 +341,19 @@ def test_every_backprop_md_command_runs_without_torch(tmp_path):
     for command in commands:
         words = (command.replace("LAYER", "layernorm").replace("path/to/mylayer.py", str(mine))
                  .replace("myexercises", str(tmp_path / "ex"))).split()
-        assert words[0] == "python3", command
-        r = subprocess.run([sys.executable, *words[1:]], capture_output=True, text=True, cwd=ROOT, env=env,
-                           timeout=300)
-        if words[1:3] == ["-m", "pytest"]:
+        assert words[:2] == ["python3", "-m"], command
+        if words[2] == "pytest":
+            r = subprocess.run([sys.executable, *words[1:]], capture_output=True, text=True, cwd=ROOT, env=env,
+                               timeout=300)
             assert r.returncode == 0 and " passed" in r.stdout, command + r.stdout[-2000:]
-        elif words[2:4] == ["nanogpt_np.exercises", "check"]:  # a fresh folder: nothing written yet
-            assert r.returncode == 1 and "not written" in r.stdout, command + r.stdout + r.stderr
+            continue
+        main = {"nanogpt_np.gradcheck": gradcheck.main, "nanogpt_np.exercises": exercises.main}[words[2]]
+        code = main(words[3:])
+        out = capsys.readouterr().out
+        if words[3] == "check":  # a fresh exercise folder: nothing written yet
+            assert code == 1 and "not written" in out, command + out
         else:
-            assert r.returncode == 0, command + r.stdout + r.stderr
+            assert code == 0, command + out
 
 
 def test_a_missing_one_hot_and_a_missing_softmax_row_term_are_caught_at_realistic_sizes():
