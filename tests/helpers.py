@@ -1,6 +1,9 @@
-"""Shared checks for the gradient suite: PyTorch autograd and finite differences."""
+"""Shared checks for the gradient suite: PyTorch autograd and finite differences.
+
+PyTorch is imported only by the comparisons with it, so a test that does not compare
+with PyTorch runs on the base install (pip install -e .), and one that does skips there."""
 import numpy as np
-import torch
+import pytest
 
 # Relative tolerances: float64 should agree to rounding, float32 to a few ulps of
 # the largest value after sums over a few hundred terms.
@@ -23,7 +26,13 @@ def assert_close(actual, expected, dtype, what="", factor=1.0):
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
 
 
+def needs_torch():
+    """PyTorch, or a clean skip where it is not installed (the test extra installs it)."""
+    return pytest.importorskip("torch", reason="PyTorch is in the test extra: pip install -e '.[test]'")
+
+
 def to_torch(a, requires_grad=False):
+    torch = needs_torch()
     t = torch.from_numpy(np.ascontiguousarray(a))
     if requires_grad:
         t.requires_grad_(True)
@@ -31,6 +40,7 @@ def to_torch(a, requires_grad=False):
 
 
 def torch_dtype(dtype):
+    torch = needs_torch()
     return torch.float64 if np.dtype(dtype) == np.float64 else torch.float32
 
 

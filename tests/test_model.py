@@ -2,12 +2,10 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from nanogpt_np import GPT, GPTConfig
 from nanogpt_np.model import LM_HEAD, WTE, parameter_shapes
-from tests.helpers import DTYPES, assert_close
-from tests.torch_gpt import torch_gpt_like, torch_grads
+from tests.helpers import DTYPES, assert_close, needs_torch
 
 CONFIGS = [  # (config, B, T)
     (GPTConfig(block_size=64, vocab_size=101, n_layer=2, n_head=4, n_embd=32), 2, 17),  # odd T, odd V
@@ -23,6 +21,8 @@ def batch(cfg, B, T, seed=0):
 
 
 def check_against_torch(cfg, B, T, dtype):
+    torch = needs_torch()
+    from tests.torch_gpt import torch_gpt_like, torch_grads
     model = GPT(cfg, dtype=dtype, seed=1)
     idx, targets = batch(cfg, B, T)
     ref = torch_gpt_like(model, torch.float64 if dtype == np.float64 else torch.float32)

@@ -2,14 +2,14 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from nanogpt_np import GPT, GPTConfig
 from nanogpt_np.optim import AdamW, clip_grad_norm, contiguous_base, cosine_lr
-from tests.torch_gpt import torch_gpt_like
+from tests.helpers import needs_torch
 
 
 def torch_adamw(named_tensors, lr, wd):
+    torch = needs_torch()
     decay = [t for t in named_tensors.values() if t.dim() >= 2]
     no_decay = [t for t in named_tensors.values() if t.dim() < 2]
     groups = [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
@@ -18,6 +18,7 @@ def torch_adamw(named_tensors, lr, wd):
 
 @pytest.mark.parametrize("flat", [True, False])
 def test_adamw_matches_torch(flat):
+    torch = needs_torch()
     rng = np.random.default_rng(0)
     shapes = {"w": (4, 3), "b": (3,), "e": (5, 2)}
     if flat:  # views of one buffer, as the model holds them
@@ -47,6 +48,7 @@ def test_adamw_matches_torch(flat):
 
 
 def test_clip_grad_norm_matches_torch():
+    torch = needs_torch()
     rng = np.random.default_rng(0)
     grads = {"a": rng.standard_normal((3, 4)), "b": rng.standard_normal(5)}
     tgrads = [torch.tensor(g.copy()) for g in grads.values()]
@@ -86,6 +88,8 @@ def test_cosine_lr_is_build_nanogpts(step):
 def test_ten_training_steps_match_pytorch():
     """Same init and batches, grad accumulation 2, clip 1.0, cosine lr, AdamW with
     two decay groups: the float64 losses agree with PyTorch step by step."""
+    torch = needs_torch()
+    from tests.torch_gpt import torch_gpt_like
     cfg = GPTConfig(block_size=16, vocab_size=67, n_layer=2, n_head=2, n_embd=16)
     model = GPT(cfg, dtype=np.float64, seed=0)
     ref = torch_gpt_like(model, torch.float64)

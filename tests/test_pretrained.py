@@ -6,8 +6,10 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
-import transformers  # test-only: setup.cfg's [test] extra installs it
+
+# test-only, both in setup.cfg's [test] extra: without them this file skips
+torch = pytest.importorskip("torch", reason="PyTorch is in the test extra: pip install -e '.[test]'")
+transformers = pytest.importorskip("transformers", reason="transformers is in the test extra: pip install -e '.[test]'")
 
 from nanogpt_np import GPT, GPTConfig, pretrained
 from nanogpt_np import safetensors_io as st

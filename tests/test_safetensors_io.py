@@ -3,9 +3,12 @@ import json
 
 import numpy as np
 import pytest
-import torch
-from safetensors.numpy import load_file, save_file
-from safetensors.torch import save_file as torch_save_file
+
+# the reference package and PyTorch (for bfloat16) are in the test extra: without them this file skips
+torch = pytest.importorskip("torch", reason="PyTorch is in the test extra: pip install -e '.[test]'")
+pytest.importorskip("safetensors", reason="safetensors is in the test extra: pip install -e '.[test]'")
+from safetensors.numpy import load_file, save_file  # noqa: E402
+from safetensors.torch import save_file as torch_save_file  # noqa: E402
 
 from nanogpt_np import safetensors_io as st
 

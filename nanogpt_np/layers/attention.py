@@ -6,41 +6,28 @@ the output y: (B, T, C) goes on to c_proj.
 
 Per head, with S the scores, P their row softmax and Y the output:
     S = q @ k.T / sqrt(hs)            (T, T), S[i, j] = -inf for j > i (causal)
-    P = softmax(S)  along each row
+    P = softmax(S)  along each row:   E = exp(S - rowmax(S)),  P = E / rowsum(E)
     Y = P @ v                         (T, hs)
-`reference_forward` and `reference_backward` below compute exactly this, all
-heads at once, with the full (T, T) matrices; `forward` and `backward` compute the
-same thing tile by tile, never holding P.
 
-Derivation (per head; i is a query row, j a key row):
-    dv = P.T @ dY
-    dP = dY @ v.T
+Derivation (per head; i is a query row, j a key row).
+    Y = P @ v is a matrix product:     dv = P.T @ dY,  dP = dY @ v.T
+    P = softmax(S), one row at a time: d P[i, a] / d S[i, b] = P[i, a] (delta_ab - P[i, b]),
+        the Jacobian diag(p) - p p^T of the row p = P[i]. Applied to the row dp = dP[i]:
+        dS[i] = (diag(p) - p p^T) dp = p * dp - p (p . dp), that is
     dS[i, j] = P[i, j] * (dP[i, j] - D[i]),  D[i] = sum_j P[i, j] dP[i, j]
+        so the T x T Jacobian of each row is never built: one dot product per row.
+    The row max gets no gradient: subtracting a constant c from a row multiplies E's
+        row and its sum by the same exp(-c), so P does not depend on c at all; the max
+        is there only so that exp() cannot overflow.
+    The mask adds a constant (0 or -inf): the gradient passes through, and where it is
+        -inf, P is 0 and so is dS.
+    S = q @ k.T / sqrt(hs) is a product again:
     dq = dS @ k / sqrt(hs)
     dk = dS.T @ q / sqrt(hs)
-The softmax backward's row term has a cheap form: D[i] = sum_j P[i,j] (dY[i] . v[j])
-= dY[i] . Y[i], an (B, NH, T) array from two arrays that already exist.
 
-Memory and work. The (B, NH, T, T) matrix P is never stored. Forward keeps the
-per-row logsumexp L = log(sum_j exp(S[i, j])) and backward recomputes
-P = exp(S - L) tile by tile, as flash attention does. The queries are taken in
-tiles of `TILE`; a tile [t0, t1) only looks at keys [0, t1), so the masked upper
-triangle is (almost all) skipped, and only the diagonal block needs a mask.
-Each tile holds every key a query may see, so its softmax is exact in one pass.
-(A GPU kernel tiles over keys too, with an online softmax; that tiling gets its
-own NumPy mirror beside the kernel.)
-
-Speed on the CPU. Each head is worked on separately, with 2-D matmuls on views
-of qkv: the head's q, k and v are (T, hs) column slices of qkv whose rows are 3C
-apart, a layout BLAS reads in place, so nothing is copied. A tile of scores is held
-*transposed*, St = S[t0:t1, :t1].T with the keys down the rows, (t1, tq): with
-hs = 64, BLAS multiplies k (t1, 64) @ q_tile.T (64, tq) about 30% faster than
-q_tile (tq, 64) @ k.T (64, t1), and every product of the backward comes out
-tall-and-thin the same way. The formulas above then read with the axes swapped:
-the softmax runs down each column (axis 0), and P.T @ dY is St @ dY.
-
-On the GPU (head size 64) this formula runs as the flash attention kernels in
-nanogpt_np/kernels/attention.cu, tested against this file.
+`reference_forward` and `reference_backward` below compute exactly this, all heads at
+once, with the full (B, NH, T, T) matrices. The faster `forward` and `backward` after
+them compute the same numbers tile by tile, never holding P (flash attention).
 """
 import math
 
@@ -99,7 +86,12 @@ def reference_backward(dy, qkv, n_head):
     # forward: yh = p @ v
     dp = dyh @ v.swapaxes(-1, -2)  # (B, NH, T, T)
     dv = p.swapaxes(-1, -2) @ dyh  # (B, NH, T, hs)
-    # forward: p = e / e.sum(...), i.e. p = softmax(s) along each row
+    # forward: p = e / e.sum(axis=-1, keepdims=True)
+    # forward: e = xp.exp(s - s.max(axis=-1, keepdims=True))
+    #   together p = softmax(s) along each row, whose Jacobian is diag(p) - p p^T:
+    #   ds = p * dp - p * sum(p * dp), one dot product per row instead of a T x T matrix.
+    #   The max gets no gradient: e and e.sum are scaled alike by exp(-max), so p does not
+    #   depend on it (it only keeps exp() <= 1).
     ds = p * (dp - (p * dp).sum(axis=-1, keepdims=True))  # (B, NH, T, T)
     # forward: s = s + mask            (p is 0 where masked, so ds is 0 there too)
     # forward: s = q @ k.swapaxes(-1, -2) / math.sqrt(hs)
@@ -116,6 +108,29 @@ def reference_backward(dy, qkv, n_head):
 # taken as dY . Y, each head's matmuls on in-place views of qkv, and score tiles held
 # transposed (St, keys down the rows) because BLAS runs that shape faster: below,
 # the softmax runs down columns and P.T @ dY is St @ dY.
+#
+# Memory and work. The (B, NH, T, T) matrix P is never stored. Forward keeps the
+# per-row logsumexp L = log(sum_j exp(S[i, j])) and backward recomputes
+# P = exp(S - L) tile by tile, as flash attention does. The softmax backward's row
+# term has a cheap form: D[i] = sum_j P[i,j] (dY[i] . v[j]) = dY[i] . Y[i], a
+# (B, NH, T) array from two arrays that already exist. The queries are taken in
+# tiles of `TILE`; a tile [t0, t1) only looks at keys [0, t1), so the masked upper
+# triangle is (almost all) skipped, and only the diagonal block needs a mask.
+# Each tile holds every key a query may see, so its softmax is exact in one pass.
+# (A GPU kernel tiles over keys too, with an online softmax; that tiling gets its
+# own NumPy mirror beside the kernel.)
+#
+# Speed on the CPU. Each head is worked on separately, with 2-D matmuls on views
+# of qkv: the head's q, k and v are (T, hs) column slices of qkv whose rows are 3C
+# apart, a layout BLAS reads in place, so nothing is copied. A tile of scores is held
+# *transposed*, St = S[t0:t1, :t1].T with the keys down the rows, (t1, tq): with
+# hs = 64, BLAS multiplies k (t1, 64) @ q_tile.T (64, tq) about 30% faster than
+# q_tile (tq, 64) @ k.T (64, t1), and every product of the backward comes out
+# tall-and-thin the same way. The formulas of the lesson then read with the axes
+# swapped: the softmax runs down each column (axis 0), and P.T @ dY is St @ dY.
+#
+# On the GPU (head size 64) this formula runs as the flash attention kernels in
+# nanogpt_np/kernels/attention.cu, tested against this file.
 
 TILE = 128  # queries per tile: the masked work skipped grows as tiles shrink, while
 # the matmuls get slower; a tile's scores (T x TILE floats) stay in the L2 cache

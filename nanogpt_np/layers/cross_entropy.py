@@ -12,27 +12,17 @@ Fusing the two layers is what makes this cheap: the softmax's own Jacobian is a
 V x V matrix per row, but composed with the log and the one-hot target it
 collapses to a subtraction.
 
-Memory. The logits are the largest array in GPT-2 (B*T x 50257). Two copies must
-never be alive at once, so
-  - forward walks the rows in chunks: exp() needs a temporary, and a chunk of rows
-    keeps that temporary small;
-  - forward keeps only the per-row logsumexp (a cheap statistic), not the softmax;
-  - backward writes dlogits *into the logits buffer*, recomputing softmax there.
-After backward the logits array holds dlogits; callers that want logits must copy
-them first.
-Speed: a chunk of CHUNK_ELEMENTS values stays in the cache, so of the passes each
-chunk needs (max, subtract, exp, sum; subtract, exp, scale) only the first reads main
-memory; the chunks are shared among the CPU threads (cpu.map_chunks).
 Stability: logsumexp subtracts the row max before exp(), so large logits cannot
-overflow; backward computes exp(logits - logsumexp) <= 1 for the same reason.
+overflow; backward computes exp(logits - logsumexp) <= 1 for the same reason. The
+max gets no gradient: it is subtracted inside the log and added back outside it, so
+the loss does not depend on it.
 
-On the GPU this formula runs as nanogpt_np/kernels/cross_entropy.cu, tested against this file.
+`reference_forward` and `reference_backward` below are this in NumPy; the faster
+`forward` and `backward` after them compute the same numbers. Note that `backward`
+writes dlogits into the logits array: callers that want the logits copy them first.
 """
 from ..backend import array_module, on_cpu
 from ..cpu import map_chunks
-
-CHUNK_ELEMENTS = 1 << 18  # values per chunk (1 MB in float32), at least one row
-
 
 # ---- the lesson: the formula and its derivative, plainly -------------------------------
 
@@ -78,6 +68,20 @@ def reference_backward(dloss, logits, targets):
 # only the logsumexp kept, and backward writing dlogits *into the logits buffer*
 # (softmax recomputed there, the scale applied while the chunk is in the cache), so
 # two (B, T, V) arrays never exist at once.
+#
+# Why. The logits are the largest array in GPT-2 (B*T x 50257). Two copies must
+# never be alive at once, so
+#   - forward walks the rows in chunks: exp() needs a temporary, and a chunk of rows
+#     keeps that temporary small;
+#   - forward keeps only the per-row logsumexp (a cheap statistic), not the softmax;
+#   - backward writes dlogits *into the logits buffer*, recomputing softmax there.
+# After backward the logits array holds dlogits. A chunk of CHUNK_ELEMENTS values
+# stays in the cache, so of the passes each chunk needs (max, subtract, exp, sum;
+# subtract, exp, scale) only the first reads main memory; the chunks are shared among
+# the CPU threads (cpu.map_chunks).
+# On the GPU this formula runs as nanogpt_np/kernels/cross_entropy.cu, tested against this file.
+
+CHUNK_ELEMENTS = 1 << 18  # values per chunk (1 MB in float32), at least one row
 
 
 def _rows_per_chunk(N, V, xp):

@@ -8,8 +8,12 @@ the gradient of each is dx routed back to the row it came from:
     dwte[v] = sum over (b, t) with idx[b, t] == v of dx[b, t]
     dwpe[t] = sum over b of dx[b, t]
 A token that appears twice gets both contributions, which is why dwte is a
-scatter-add rather than a plain assignment. There is no dx: idx is an integer
-input, not a learned value.
+scatter-add rather than a plain assignment. There is no gradient for idx: the token
+ids are integers that pick rows, not learned values, so backward returns only dwte
+and dwpe (dx, its input, is the gradient arriving at x).
+
+`reference_forward` and `reference_backward` below are this in NumPy; the faster
+`forward` and `backward` after them compute the same numbers.
 """
 from ..backend import array_module
 from ..cpu import scatter_add_rows

@@ -11,14 +11,8 @@ Derivation. With t = tanh(u) and d tanh(u)/du = 1 - t^2:
 The first term is the "gate" (how much of x passes); the second is how the gate
 itself moves with x.
 
-Speed. Written as NumPy expressions, each formula is about ten passes over its
-array, and for GPT-2 124M that array is (1024, 3072) floats, 12 MB, far larger than
-the CPU's cache. So the work is done in cache-sized chunks of the flattened array
-(see cpu.map_chunks): the first operation on a chunk reads it from memory, and
-the rest of the formula runs on data already in the cache. Each chunk function
-below is the plain formula, one operation per line, in place.
-
-On the GPU this formula runs as nanogpt_np/kernels/gelu.cu, tested against this file.
+`reference_forward` and `reference_backward` below are this, one NumPy line per
+step; the faster `forward` and `backward` after them compute the same numbers.
 """
 import math
 
@@ -62,6 +56,14 @@ def reference_backward(dout, x):
 # What differs from the lesson: cache-sized chunks, every operation in place on one or
 # two scratch buffers, and the constants folded (the 0.5 of out moves into du/dx),
 # so each chunk costs a few passes instead of a dozen temporaries.
+#
+# Why. Written as NumPy expressions, each formula is about ten passes over its
+# array, and for GPT-2 124M that array is (1024, 3072) floats, 12 MB, far larger than
+# the CPU's cache. So the work is done in cache-sized chunks of the flattened array
+# (see cpu.map_chunks): the first operation on a chunk reads it from memory, and
+# the rest of the formula runs on data already in the cache. Each chunk function
+# below is the plain formula, one operation per line, in place.
+# On the GPU this formula runs as nanogpt_np/kernels/gelu.cu, tested against this file.
 
 
 def _flat(a):

@@ -15,12 +15,8 @@ The two means are the whole cost of normalising: the gradient loses its componen
 along the all-ones direction (the mean was removed) and along xhat (the scale was
 removed).
 
-Speed. `reference_forward` is the formula as NumPy expressions: about eight passes
-over (B, T, C) and as many temporaries. forward and backward run the same lines on
-cache-sized blocks of rows (see cpu.map_chunks), so only the first pass over a
-block reads main memory, and build the result in the output array itself.
-
-On the GPU this formula runs as nanogpt_np/kernels/layernorm.cu, tested against this file.
+`reference_forward` and `reference_backward` below are this, one NumPy line per
+step; the faster `forward` and `backward` after them compute the same numbers.
 """
 from ..backend import array_module
 from ..cpu import chunk_rows, column_sums, map_chunks
@@ -76,6 +72,12 @@ def reference_backward(dout, x, weight, bias, eps=1e-5):
 # What differs from the lesson: blocks of rows that stay in the cache, the output
 # built in place, and backward using the closed form (two row means instead of the
 # chain above), with g and then dx held in the dx buffer and xhat scaled in place.
+#
+# Why. `reference_forward` is the formula as NumPy expressions: about eight passes
+# over (B, T, C) and as many temporaries. forward and backward run the same lines on
+# cache-sized blocks of rows (see cpu.map_chunks), so only the first pass over a
+# block reads main memory, and build the result in the output array itself.
+# On the GPU this formula runs as nanogpt_np/kernels/layernorm.cu, tested against this file.
 
 
 def forward(x, weight, bias, eps=1e-5):

@@ -5,7 +5,7 @@ and the token embedding as its weight, for lm_head.
 
 Key: N rows (every position of every sequence, B*T flattened), C input channels,
 OC output channels. The weight is (OC, C), PyTorch's layout, so GPT-2 checkpoints
-load without transposes; BLAS reads `weight.T` as a flag, not as a copy.
+load without transposes.
 
 Derivation, one element at a time:
     out[n, o] = sum_c x[n, c] * weight[o, c] + bias[o]
@@ -14,7 +14,11 @@ so
     dweight[o, c] = sum_n dout[n, o] * x[n, c]        ->  dweight = dout.T @ x
     dbias[o]      = sum_n dout[n, o]
 Each gradient is one matrix product, as big as the forward one: a linear layer's
-backward costs twice its forward.
+backward costs twice its forward. A matrix product's gradient with respect to one
+factor is the incoming gradient times the other factor, transposed to fit.
+
+`reference_forward` and `reference_backward` below are this in NumPy; the faster
+`forward` and `backward` after them compute the same numbers.
 """
 from ..cpu import column_sums, matmul
 
@@ -45,7 +49,8 @@ def reference_backward(dout, x, weight, bias=None):
 # ---- the same arithmetic, scheduled for speed ----------------------------------------------
 # What differs from the lesson: one 2-D GEMM over all rows, the bias added inside the
 # matmul call, and the gradients written into buffers the caller passes (out=), so
-# the model's gradients land in place with no temporary.
+# the model's gradients land in place with no temporary. BLAS reads `weight.T` as a
+# flag, not as a copy, so the (OC, C) layout costs nothing.
 
 
 def forward(x, weight, bias=None, out=None):

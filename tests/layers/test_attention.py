@@ -2,10 +2,9 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from nanogpt_np.layers import attention
-from tests.helpers import DTYPES, assert_close, directional_fd_check, randn, to_torch
+from tests.helpers import DTYPES, assert_close, directional_fd_check, needs_torch, randn, to_torch
 
 SHAPES = [  # B, T, NH, hs
     (2, 5, 2, 4),
@@ -18,6 +17,7 @@ TILES = [attention.TILE, 4, 3]  # one tile, and several with a ragged last one
 
 
 def torch_attention(qkv, n_head):
+    torch = needs_torch()
     B, T, C3 = qkv.shape
     C = C3 // 3
     q, k, v = qkv.split(C, dim=2)

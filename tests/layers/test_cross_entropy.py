@@ -1,14 +1,14 @@
 import numpy as np
 import pytest
-import torch
 
 from nanogpt_np.layers import cross_entropy
-from tests.helpers import DTYPES, assert_close, directional_fd_check, randn, to_torch
+from tests.helpers import DTYPES, assert_close, directional_fd_check, needs_torch, randn, to_torch
 
 SHAPES = [(2, 5, 11), (1, 1, 3), (3, 7, 101), (2, 3, 50)]  # B, T, V
 
 
 def torch_ce(logits, targets):
+    torch = needs_torch()
     V = logits.shape[-1]
     return torch.nn.functional.cross_entropy(logits.view(-1, V), targets.view(-1))
 
@@ -17,6 +17,7 @@ def torch_ce(logits, targets):
 @pytest.mark.parametrize("B,T,V", SHAPES)
 @pytest.mark.parametrize("chunk_elements", [cross_entropy.CHUNK_ELEMENTS, 7])
 def test_cross_entropy_matches_torch(B, T, V, dtype, chunk_elements, monkeypatch):
+    torch = needs_torch()
     monkeypatch.setattr(cross_entropy, "CHUNK_ELEMENTS", chunk_elements)
     rng = np.random.default_rng(0)
     logits = randn(rng, (B, T, V), dtype, 3.0)

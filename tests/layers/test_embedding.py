@@ -1,9 +1,8 @@
 import numpy as np
 import pytest
-import torch
 
 from nanogpt_np.layers import embedding
-from tests.helpers import DTYPES, assert_close, directional_fd_check, randn, to_torch
+from tests.helpers import DTYPES, assert_close, directional_fd_check, needs_torch, randn, to_torch
 
 SHAPES = [(2, 5, 8, 11, 16), (1, 1, 4, 3, 1), (3, 7, 6, 101, 9)]  # B, T, C, V, block_size
 
@@ -11,6 +10,7 @@ SHAPES = [(2, 5, 8, 11, 16), (1, 1, 4, 3, 1), (3, 7, 6, 101, 9)]  # B, T, C, V, 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,T,C,V,block", SHAPES)
 def test_embedding_matches_torch(B, T, C, V, block, dtype):
+    torch = needs_torch()
     rng = np.random.default_rng(0)
     idx = rng.integers(0, V, (B, T))
     idx[0, 0] = idx[-1, -1]  # make sure some token repeats, so the scatter must add

@@ -1,9 +1,8 @@
 import numpy as np
 import pytest
-import torch
 
 from nanogpt_np.layers import gelu
-from tests.helpers import DTYPES, assert_close, directional_fd_check, randn, to_torch
+from tests.helpers import DTYPES, assert_close, directional_fd_check, needs_torch, randn, to_torch
 
 SHAPES = [(2, 5, 8), (1, 1, 4), (3, 7, 12)]
 
@@ -11,6 +10,7 @@ SHAPES = [(2, 5, 8), (1, 1, 4), (3, 7, 12)]
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_gelu_matches_torch(shape, dtype):
+    torch = needs_torch()
     rng = np.random.default_rng(0)
     x = randn(rng, shape, dtype, 3.0)  # wide enough to reach both tails of tanh
     dout = randn(rng, shape, dtype)

@@ -1,9 +1,8 @@
 import numpy as np
 import pytest
-import torch
 
 from nanogpt_np.layers import layernorm
-from tests.helpers import DTYPES, assert_close, directional_fd_check, randn, to_torch
+from tests.helpers import DTYPES, assert_close, directional_fd_check, needs_torch, randn, to_torch
 
 SHAPES = [(2, 5, 8), (1, 1, 4), (3, 7, 13), (1, 9, 64)]  # B, T, C
 
@@ -11,6 +10,7 @@ SHAPES = [(2, 5, 8), (1, 1, 4), (3, 7, 13), (1, 9, 64)]  # B, T, C
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,T,C", SHAPES)
 def test_layernorm_matches_torch(B, T, C, dtype):
+    torch = needs_torch()
     rng = np.random.default_rng(0)
     # an offset and a spread per row, so the mean and variance both matter
     x = randn(rng, (B, T, C), dtype, 2.0) + randn(rng, (B, T, 1), dtype, 3.0)

@@ -1,9 +1,8 @@
 import numpy as np
 import pytest
-import torch
 
 from nanogpt_np.layers import linear
-from tests.helpers import DTYPES, assert_close, directional_fd_check, randn, to_torch
+from tests.helpers import DTYPES, assert_close, directional_fd_check, needs_torch, randn, to_torch
 
 SHAPES = [  # (B, T, C, OC)
     (2, 5, 8, 12),
@@ -17,6 +16,7 @@ SHAPES = [  # (B, T, C, OC)
 @pytest.mark.parametrize("B,T,C,OC", SHAPES)
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_linear_matches_torch(B, T, C, OC, dtype, with_bias):
+    torch = needs_torch()
     rng = np.random.default_rng(0)
     x = randn(rng, (B, T, C), dtype)
     w = randn(rng, (OC, C), dtype, 0.3)
