@@ -38,5 +38,5 @@ def accumulate_gradients(model, loader, accum, dist, bucket_bytes=DEFAULT_BUCKET
     if sum_over_ranks and accum * dist.world_size > 1:
         model.flat_grads /= accum * dist.world_size  # the gradient of the mean over all of them
     vote = stop_vote() if callable(stop_vote) else stop_vote
-    loss, votes = dist.allreduce_scalars([loss_sum / accum, float(vote)], op="mean")
+    loss, votes = dist.allreduce_scalars([loss_sum / accum, float(vote)], op="mean", name="loss allreduce")
     return loss, votes
