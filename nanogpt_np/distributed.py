@@ -388,6 +388,8 @@ class GradientBuckets:
             self._send(0)
         self.transport.wait_all(self.handles)
         self.handles = []
+        # NCCL: an event after backward's last kernel, before the wait for the sums (stragglers)
+        self.compute_done = getattr(self.transport, "compute_done", None)
         return self.flat
 
 
@@ -536,6 +538,7 @@ class NCCLTransport:
         self.comm = self.nccl.NcclCommunicator(comm.Get_size(), self._id_from_numbers(uid), comm.Get_rank())
         self._comm_stream = None  # the side stream of overlapped buckets, made on first use
         self._last_stream = None  # where the last collective was queued (for completion())
+        self.compute_done = None  # the event wait_all recorded after backward
 
     @staticmethod
     def _id_to_numbers(unique_id):
@@ -596,7 +599,9 @@ class NCCLTransport:
 
     def wait_all(self, handles):
         if self._comm_stream is not None:
-            self.cupy.cuda.get_current_stream().wait_event(self._comm_stream.record())
+            compute = self.cupy.cuda.get_current_stream()
+            self.compute_done = compute.record()  # this rank's own work ends here; then it waits for the others
+            compute.wait_event(self._comm_stream.record())
 
     def broadcast_(self, buf, root):
         stream = self._stream()

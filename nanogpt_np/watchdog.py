@@ -73,6 +73,8 @@ class CollectiveWatch:
         self.left = 0  # seq of the last collective known complete
         self.pending = deque()  # GPU collectives enqueued, not yet known complete: (seq, name, step, phase, t, done)
         self.blocked = 0.0  # seconds the host spent inside collectives
+        self.gpu_work = None  # GPU: (event, event) around this step's forward/backward (stragglers)
+        self.watched = False  # a watchdog thread polls `pending` (else asynchronous ones count as done)
         self.halted = threading.Event()  # set by the watchdog: the main thread must not go on
 
     def at(self, step, phase):
@@ -92,7 +94,7 @@ class CollectiveWatch:
         return self.seq
 
     def _leave(self, seq, done=None):
-        if done is None:
+        if done is None or not self.watched:
             self.left = seq
         else:
             self.pending.append((*self.current, done))
@@ -126,7 +128,8 @@ class _Collective:
 
     def __exit__(self, exc_type, exc, tb):
         self.watch.blocked += time.perf_counter() - self.t0
-        done = self.completion() if self.completion is not None and exc_type is None else None
+        watched = self.completion is not None and self.watch.watched and exc_type is None
+        done = self.completion() if watched else None
         self.watch._leave(self.seq, done)
         return False
 
@@ -267,6 +270,7 @@ class CollectiveWatchdog:
         write_record(self.path, rank, watch, time.time())
 
     def start(self):
+        self.watch.watched = True
         self._thread.start()
         return self
 
@@ -275,6 +279,8 @@ class CollectiveWatchdog:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
+        self.watch.watched = False
+        self.watch.pending.clear()
         for remove, path in ((os.remove, self.path), (os.rmdir, self.folder)):
             try:
                 remove(path)

@@ -85,7 +85,12 @@ class WatchingMixin:
         self.completed = {"step": self.step, "loader": self.train_loader.state(),
                           "rng": self.rng.bit_generator.state, "guard": self.guard.state()}
         watch, (t0, blocked0, phase) = self.dist.watch, self._mark
-        if watch is not None and phase == "training step":
+        if watch is None or phase != "training step":
+            return
+        gpu, watch.gpu_work = watch.gpu_work, None
+        if gpu is not None:  # NCCL: the GPU time of forward and backward, before the wait for the sums
+            self.busy.append(self.xp.cuda.get_elapsed_time(*gpu) / 1000)
+        else:  # the host waits inside the collectives: the step's time less that
             self.busy.append((time.perf_counter() - t0) - (watch.blocked - blocked0))
 
     def save_after_stall(self, stall):
