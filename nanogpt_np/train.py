@@ -35,7 +35,11 @@ steps). SIGTERM or Ctrl-C finishes the current step on every rank, checkpoints
 and exits 0 (a second one exits at once). --resume verifies the checkpoint's
 checksums and falls back to the previous checkpoint when the newest is damaged;
 --keep-last K keeps the newest K. A run may resume on another number of ranks:
-the tokens per step stay the same (see data.py for what else holds).
+the tokens per step stay the same (see data.py for what else holds). Several
+ranks: a collective that has not completed after --collective-timeout seconds (a
+rank stopped or stuck) ends the job, naming that rank, after another rank has
+checkpointed the last completed step; the ranks' own step times are compared every
+--straggler-every steps (watchdog.py, training/watching.py).
 
 MFU. A training token costs 6N + 6*L*C*T FLOPs: 6N for the matmuls of the N
 weights it passes through (2 forward, 4 backward; wpe is a lookup and is left out

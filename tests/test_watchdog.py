@@ -134,6 +134,34 @@ def test_straggler_report(busy, expect):
         assert expect in message and "+24%" in message
 
 
+@pytest.mark.parametrize("gpu", [False, True])
+def test_a_ranks_own_step_time(gpu):
+    """CPU: the step's time less the time inside collectives; NCCL: the GPU time between
+    the events around forward and backward (the host never waits inside NCCL calls)."""
+    from types import SimpleNamespace
+
+    from nanogpt_np.resilience import StepGuard
+    from nanogpt_np.training.watching import WatchingMixin
+
+    trainer = WatchingMixin()
+    trainer.dist, trainer.step = SimpleNamespace(watch=CollectiveWatch()), 1
+    trainer.xp = SimpleNamespace(cuda=SimpleNamespace(get_elapsed_time=lambda start, end: end - start))  # ms
+    trainer.train_loader, trainer.guard = SimpleNamespace(state=dict), StepGuard()
+    trainer.rng = np.random.default_rng(0)
+    trainer.busy = []
+    trainer.watch_at(0, "training step")
+    if gpu:
+        trainer.dist.watch.gpu_work = (10.0, 35.0)
+    else:
+        time.sleep(0.05)
+        with trainer.dist.watch.collective("gradient allreduce"):
+            time.sleep(0.2)
+    trainer.remember_completed_step()
+    (busy,) = trainer.busy
+    assert busy == 0.025 if gpu else 0.04 < busy < 0.15
+    assert trainer.dist.watch.gpu_work is None and trainer.completed["step"] == 1
+
+
 def test_plot_log_ignores_the_ranks_lines(tmp_path):
     from nanogpt_np.logplot import read_log
 
