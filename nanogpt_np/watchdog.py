@@ -32,6 +32,7 @@ that is the rank's own work, which `straggler_report` compares across ranks.
 import os
 import statistics
 import struct
+import sys
 import threading
 import time
 from collections import deque
@@ -63,7 +64,8 @@ def record_path(folder, rank):
 
 class CollectiveWatch:
     """What this rank is doing, as far as collectives go. Lives on MPIDistributed; the
-    watchdog thread (if any) reads it. Only the main thread writes the fields."""
+    watchdog thread (if any) reads it. The main thread writes the fields; the thread
+    only drains `pending` of the GPU collectives that have completed."""
 
     def __init__(self):
         self.seq = 0  # collectives entered so far
@@ -296,12 +298,16 @@ class CollectiveWatchdog:
         return False
 
     def _run(self):
-        while not self._stop.wait(self.period):
-            write_record(self.path, self.rank, self.watch, time.time())
-            open_collective = self.watch.oldest_open()
-            if open_collective and time.time() - open_collective[4] > self.timeout:
-                self._fire(open_collective)
-                return
+        try:
+            while not self._stop.wait(self.period):
+                write_record(self.path, self.rank, self.watch, time.time())
+                open_collective = self.watch.oldest_open()
+                if open_collective and time.time() - open_collective[4] > self.timeout:
+                    self._fire(open_collective)
+                    return
+        except Exception as e:  # a full disk, a CUDA error: say so rather than vanish
+            print(f"warning: rank {self.rank}: the collective watchdog stopped ({type(e).__name__}: {e}); "
+                  "a stalled collective will not be noticed", file=sys.stderr, flush=True)
 
     def _fire(self, open_collective):
         """Name the missing ranks (waiting a little longer while none can be named yet:
