@@ -70,10 +70,11 @@ class CollectiveWatch:
     def __init__(self):
         self.seq = 0  # collectives entered so far
         self.step, self.phase = -1, "start-up"
-        self.current = None  # (seq, name, step, phase, wall time entered), while one is open on the host
+        # (seq, name, step, phase, wall time entered, monotonic time entered), while one is open on the host
+        self.current = None
         self.last = None  # the same of the last collective entered
         self.left = 0  # seq of the last collective known complete
-        self.pending = deque()  # GPU collectives enqueued, not yet known complete: (seq, name, step, phase, t, done)
+        self.pending = deque()  # GPU collectives queued, not yet known complete: (*current, done)
         self.blocked = 0.0  # seconds the host spent inside collectives
         self.gpu_work = None  # GPU: (event, event) around this step's forward/backward (stragglers)
         self.watched = False  # a watchdog thread polls `pending` (else asynchronous ones count as done)
@@ -92,7 +93,7 @@ class CollectiveWatch:
         if self.halted.is_set():
             self._freeze()
         self.seq += 1
-        self.current = self.last = (self.seq, name, self.step, self.phase, time.time())
+        self.current = self.last = (self.seq, name, self.step, self.phase, time.time(), time.monotonic())
         return self.seq
 
     def _leave(self, seq, done=None):
@@ -109,11 +110,11 @@ class CollectiveWatch:
             time.sleep(3600)
 
     def oldest_open(self):
-        """(seq, name, step, phase, entered) of the oldest collective not yet complete, or None."""
-        while self.pending and self.pending[0][5]():  # completed GPU collectives
+        """`current`'s tuple of the oldest collective not yet complete, or None."""
+        while self.pending and self.pending[0][6]():  # completed GPU collectives
             self.left = max(self.left, self.pending.popleft()[0])
         if self.pending:
-            return self.pending[0][:5]
+            return self.pending[0][:6]
         return self.current
 
 
@@ -158,7 +159,7 @@ def _text(raw, size):
 
 def write_record(path, rank, watch, heartbeat):
     """This rank's state, written whole (one pwrite of a fixed-size record)."""
-    seq, name, step, phase, entered = watch.last or (0, "", watch.step, watch.phase, 0.0)
+    seq, name, step, phase, entered = (watch.last or (0, "", watch.step, watch.phase, 0.0))[:5]
     data = RECORD.pack(MAGIC, os.getpid(), seq, step, entered, watch.left, heartbeat,
                        _text(name, 48), _text(phase, 24), seq)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
@@ -233,7 +234,7 @@ class Stall:
 def diagnose(open_collective, records, my_rank, timeout, now=None):
     """Stall from this rank's open collective and every rank's Record."""
     now = time.time() if now is None else now
-    seq, name, step, phase, entered = open_collective
+    seq, name, step, phase, entered = open_collective[:5]
     stall = Stall(my_rank, len(records), seq, name, step, phase, now - entered, timeout)
     for r, rec in records.items():
         if r == my_rank:
@@ -302,7 +303,7 @@ class CollectiveWatchdog:
             while not self._stop.wait(self.period):
                 write_record(self.path, self.rank, self.watch, time.time())
                 open_collective = self.watch.oldest_open()
-                if open_collective and time.time() - open_collective[4] > self.timeout:
+                if open_collective and time.monotonic() - open_collective[5] > self.timeout:  # no clock jumps
                     self._fire(open_collective)
                     return
         except Exception as e:  # a full disk, a CUDA error: say so rather than vanish
