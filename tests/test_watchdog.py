@@ -238,7 +238,8 @@ def check_stalled_job(proc, stalled_at, n, rank, why, log_dir, straight=None, sh
     lines = [line for line in err.splitlines() if line.startswith("error")]
     assert len(lines) == 1, err
     line = lines[0]
-    assert TIMEOUT <= elapsed < TIMEOUT + 6, f"{elapsed:.1f} s from the stall to the end of the job"
+    # (a rank may have been waiting a moment for the stopped one already when it stopped)
+    assert TIMEOUT - 1 <= elapsed < TIMEOUT + 6, f"{elapsed:.1f} s from the stall to the end of the job"
     assert "collective timeout: the " in line and f"rank {rank} {why}" in line, line
     for other in set(range(n)) - {rank}:  # only the stalled rank is named
         assert f"rank {other} never arrived" not in line and f"rank {other} is not responding" not in line, line
