@@ -25,6 +25,11 @@ sends each stretch of the flat buffer as soon as backward has finished it (see
 GradientBuckets), on a second CUDA stream under NCCL, so communication runs under
 the remaining backward. The other transports, NumPy's included, send one
 allreduce after backward (see OneReduceAfterBackward and HostMPITransport).
+
+Watched. Every collective below goes through `self.watch.collective(name)`
+(watchdog.CollectiveWatch), so that a watchdog thread can end the job when one
+does not complete within --collective-timeout, naming the ranks that never came
+(watchdog.py); the same note times what each rank spends waiting in collectives.
 """
 import ctypes
 import importlib
@@ -37,6 +42,7 @@ import traceback
 import numpy as np
 
 from .backend import array_module, data_pointer, to_host, use_gpu
+from .watchdog import CollectiveWatch
 
 # variables MPI launchers set to the world size: MPICH/Hydra and Intel MPI, Open MPI, MVAPICH
 LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "PMIX_SIZE")
@@ -78,6 +84,7 @@ class Single:
     """One process: every collective is the identity."""
 
     rank, world_size, local_rank, local_size = 0, 1, 0, 1
+    watch = None  # no collectives, nothing to watch
 
     @property
     def is_master(self):
@@ -93,8 +100,9 @@ class Single:
         """Average a contiguous buffer (the flat gradients) over ranks, in place."""
         return buf
 
-    def allreduce_scalars(self, values, op="sum"):
-        """[float] -> [float] summed (or averaged with op='mean') over ranks."""
+    def allreduce_scalars(self, values, op="sum", name=None):
+        """[float] -> [float] summed (or averaged with op='mean') over ranks. name: what
+        the numbers are, for the watchdog's message."""
         return [float(v) for v in values]
 
     def gradient_buckets(self, flat, bucket_bytes=DEFAULT_BUCKET_BYTES):
@@ -142,13 +150,24 @@ class MPIDistributed(Single):
         local.Free()
         self.env = os.environ if env is None else env
         self._gpu_transport = None
+        self.watch = CollectiveWatch()
         install_abort_on_error(comm, self.rank)
 
+    def _watched(self, name, buf=None):
+        """The watch's context for one collective; an asynchronous (NCCL) one on `buf`
+        stays open until the GPU has run it (the transport's completion event)."""
+        completion = None
+        if buf is not None and array_module(buf) is not np:
+            completion = getattr(self.gpu_transport(array_module(buf)), "completion", None)
+        return self.watch.collective(name, completion)
+
     def barrier(self):
-        self.comm.Barrier()
+        with self._watched("barrier"):
+            self.comm.Barrier()
 
     def allreduce_sum_(self, buf):
-        self.transport_for(buf).allreduce_sum_(buf)
+        with self._watched("allreduce", buf):
+            self.transport_for(buf).allreduce_sum_(buf)
         return buf
 
     def allreduce_mean_(self, buf):
@@ -165,20 +184,22 @@ class MPIDistributed(Single):
         transport = self.transport_for(flat)
         if not transport.overlaps:
             bucket_bytes = 0  # one allreduce after backward: see the transport for why
-        return GradientBuckets(flat, bucket_bytes, transport)
+        return GradientBuckets(flat, bucket_bytes, transport, self.watch)
 
-    def allreduce_scalars(self, values, op="sum"):
+    def allreduce_scalars(self, values, op="sum", name=None):
         buf = np.array(values, dtype=np.float64)
-        self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
+        with self._watched(name or f"allreduce of {buf.size} number(s)"):
+            self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
         if op == "mean":
             buf /= self.world_size
         return [float(v) for v in buf]
 
     def broadcast_(self, buf, root=0):
-        if array_module(buf) is np:
-            self.comm.Bcast(buf, root=root)
-        else:
-            self.gpu_transport(array_module(buf)).broadcast_(buf, root)
+        with self._watched(f"broadcast from rank {root}", buf):
+            if array_module(buf) is np:
+                self.comm.Bcast(buf, root=root)
+            else:
+                self.gpu_transport(array_module(buf)).broadcast_(buf, root)
         return buf
 
     def _gpu_path(self, buf):
@@ -190,21 +211,29 @@ class MPIDistributed(Single):
         return xp, transport if isinstance(transport, NCCLTransport) else None
 
     def reduce_scatter_sum(self, flat, counts):
+        with self._watched("gradient reduce-scatter", flat):
+            return self._reduce_scatter_sum(flat, counts)
+
+    def _reduce_scatter_sum(self, flat, counts):
         xp, nccl = self._gpu_path(flat)
         if nccl is not None:
             return nccl.reduce_scatter_sum(flat, counts, self.rank)
         if xp is not np:  # another GPU transport: through the host
-            return xp.asarray(self.reduce_scatter_sum(to_host(flat), counts))
+            return xp.asarray(self._reduce_scatter_sum(to_host(flat), counts))
         mine = np.empty(counts[self.rank], dtype=flat.dtype)
         self.comm.Reduce_scatter(flat, mine, recvcounts=list(counts), op=self.MPI.SUM)
         return mine
 
     def allgather_slices_(self, flat, counts):
+        with self._watched("parameter allgather", flat):
+            return self._allgather_slices_(flat, counts)
+
+    def _allgather_slices_(self, flat, counts):
         xp, nccl = self._gpu_path(flat)
         if nccl is not None:
             return nccl.allgather_slices_(flat, counts, self.rank)
         if xp is not np:  # another GPU transport: through the host
-            flat[...] = xp.asarray(self.allgather_slices_(to_host(flat), counts))
+            flat[...] = xp.asarray(self._allgather_slices_(to_host(flat), counts))
             return flat
         self.comm.Allgatherv(self.MPI.IN_PLACE, [flat, (list(counts), slice_offsets(counts))])
         return flat
@@ -212,16 +241,19 @@ class MPIDistributed(Single):
     def gather_slices(self, local, counts):
         local = to_host(local)  # checkpoints only: through the host, whatever the transport
         whole = np.empty(sum(counts), dtype=local.dtype) if self.is_master else None
-        self.comm.Gatherv(local, [whole, (list(counts), slice_offsets(counts))] if self.is_master else None, root=0)
+        with self._watched("gather to rank 0"):
+            self.comm.Gatherv(local, [whole, (list(counts), slice_offsets(counts))] if self.is_master else None,
+                              root=0)
         return whole
 
     def allgather_json(self, obj):
         """Pickle-free gather of small objects: JSON bytes through Allgatherv."""
         data = np.frombuffer(json.dumps(obj).encode(), dtype=np.uint8)
         sizes = np.zeros(self.world_size, dtype=np.int64)
-        self.comm.Allgather(np.array([data.size], dtype=np.int64), sizes)
-        gathered = np.empty(int(sizes.sum()), dtype=np.uint8)
-        self.comm.Allgatherv(data, [gathered, sizes.tolist()])
+        with self._watched("allgather"):
+            self.comm.Allgather(np.array([data.size], dtype=np.int64), sizes)
+            gathered = np.empty(int(sizes.sum()), dtype=np.uint8)
+            self.comm.Allgatherv(data, [gathered, sizes.tolist()])
         offsets = np.concatenate([[0], np.cumsum(sizes)])
         return [json.loads(gathered[a:b].tobytes()) for a, b in zip(offsets[:-1], offsets[1:])]
 
@@ -262,7 +294,7 @@ def unpad_slices_(flat, padded, counts):
     return flat
 
 
-def report_failure(dist, message, everywhere=False):
+def report_failure(dist, message, everywhere=False, speaker=False):
     """One `error:` line for the job, then exit status 1 on every rank.
 
     everywhere: every rank has this same error (decided together, e.g. after an
@@ -270,14 +302,16 @@ def report_failure(dist, message, everywhere=False):
     often fail alike (the same flags, the same files), but one may fail alone while
     the others wait in a collective: rank 0 prints and aborts the job at once;
     another rank waits a moment first, so it speaks only when rank 0 did not fail.
+    speaker: this rank was chosen to speak for the job (the watchdog's): it prints
+    `error:` and aborts at once, whatever its rank.
     Returns 1 (when it returns at all)."""
     if dist.world_size == 1 or everywhere:
         if dist.is_master:
             print(f"error: {message}", file=sys.stderr, flush=True)
         return 1
-    if not dist.is_master:
+    if not (dist.is_master or speaker):
         time.sleep(4 * ABORT_GRACE_SECONDS)  # rank 0's abort, if it failed too, ends this rank first
-    dist.abort(1, f"error: {message}" if dist.is_master else f"error on rank {dist.rank}: {message}")
+    dist.abort(1, f"error: {message}" if dist.is_master or speaker else f"error on rank {dist.rank}: {message}")
     return 1
 
 
@@ -323,11 +357,14 @@ class GradientBuckets:
     whole buffer in finish(), the no-overlap baseline.
 
     The transport provides start_allreduce_sum_(view) -> handle (which must not
-    block when the transport says it overlaps) and wait_all(handles).
+    block when the transport says it overlaps) and wait_all(handles); an
+    overlapping one also completion() -> done(), for the watchdog (see
+    NCCLTransport).
     """
 
-    def __init__(self, flat, bucket_bytes, transport):
+    def __init__(self, flat, bucket_bytes, transport, watch=None):
         self.flat, self.transport = flat, transport
+        self.watch = watch or CollectiveWatch()
         self.bucket_elems = bucket_bytes // flat.dtype.itemsize if bucket_bytes > 0 else None
         self.sent_from = flat.size  # flat[sent_from:] has been sent
         self.handles, self.spans = [], []  # spans: (start, stop) of each allreduce, for tests
@@ -340,7 +377,8 @@ class GradientBuckets:
     def _send(self, offset):
         whole = offset == 0 and self.sent_from == self.flat.size
         view = self.flat if whole else self.flat[offset:self.sent_from]
-        self.handles.append(self.transport.start_allreduce_sum_(view))
+        with self.watch.collective("gradient allreduce", getattr(self.transport, "completion", None)):
+            self.handles.append(self.transport.start_allreduce_sum_(view))
         self.spans.append((offset, self.sent_from))
         self.sent_from = offset
 
@@ -350,6 +388,8 @@ class GradientBuckets:
             self._send(0)
         self.transport.wait_all(self.handles)
         self.handles = []
+        # NCCL: an event after backward's last kernel, before the wait for the sums (stragglers)
+        self.compute_done = getattr(self.transport, "compute_done", None)
         return self.flat
 
 
@@ -497,6 +537,8 @@ class NCCLTransport:
         comm.Bcast(uid, root=0)
         self.comm = self.nccl.NcclCommunicator(comm.Get_size(), self._id_from_numbers(uid), comm.Get_rank())
         self._comm_stream = None  # the side stream of overlapped buckets, made on first use
+        self._last_stream = None  # where the last collective was queued (for completion())
+        self.compute_done = None  # the event wait_all recorded after backward
 
     @staticmethod
     def _id_to_numbers(unique_id):
@@ -522,8 +564,20 @@ class NCCLTransport:
             raise TypeError(f"NCCL transport cannot reduce dtype {buf.dtype}")
         return getattr(self.nccl, name)
 
+    def _stream(self):
+        """The current stream's pointer, remembered as where the next collective runs."""
+        self._last_stream = self.cupy.cuda.get_current_stream()
+        return self._last_stream.ptr
+
+    def completion(self):
+        """done() -> whether the GPU has run the collective just queued: an event
+        recorded behind it on its stream, which the watchdog thread polls (NCCL
+        calls return at once; a rank that never joins leaves the kernel spinning)."""
+        event = self._last_stream.record()
+        return lambda: event.done
+
     def allreduce_sum_(self, buf):
-        stream = self.cupy.cuda.get_current_stream().ptr
+        stream = self._stream()
         self.comm.allReduce(data_pointer(buf), data_pointer(buf), buf.size, self._dtype(buf), self.nccl.NCCL_SUM, stream)
 
     # Overlapped buckets. The compute stream goes on with backward while a second
@@ -539,16 +593,18 @@ class NCCLTransport:
         return self._comm_stream
 
     def start_allreduce_sum_(self, buf):
-        side = self._side_stream()
+        side = self._last_stream = self._side_stream()
         side.wait_event(self.cupy.cuda.get_current_stream().record())
         self.comm.allReduce(data_pointer(buf), data_pointer(buf), buf.size, self._dtype(buf), self.nccl.NCCL_SUM, side.ptr)
 
     def wait_all(self, handles):
         if self._comm_stream is not None:
-            self.cupy.cuda.get_current_stream().wait_event(self._comm_stream.record())
+            compute = self.cupy.cuda.get_current_stream()
+            self.compute_done = compute.record()  # this rank's own work ends here; then it waits for the others
+            compute.wait_event(self._comm_stream.record())
 
     def broadcast_(self, buf, root):
-        stream = self.cupy.cuda.get_current_stream().ptr
+        stream = self._stream()
         self.comm.bcast(data_pointer(buf), buf.size, self._dtype(buf), root, stream)
 
     # ZeRO-1 (zero.py): equal counts per rank, so uneven slices travel padded
@@ -557,7 +613,7 @@ class NCCLTransport:
         S = max(counts)
         padded = pad_slices(flat, counts, self.cupy)
         mine = self.cupy.empty(S, dtype=flat.dtype)
-        stream = self.cupy.cuda.get_current_stream().ptr
+        stream = self._stream()
         self.comm.reduceScatter(data_pointer(padded), data_pointer(mine), S, self._dtype(flat), self.nccl.NCCL_SUM,
                                 stream)
         return mine[: counts[rank]]
@@ -567,6 +623,6 @@ class NCCLTransport:
         mine = self.cupy.zeros(S, dtype=flat.dtype)
         mine[: counts[rank]] = flat[offset : offset + counts[rank]]
         gathered = self.cupy.empty(S * len(counts), dtype=flat.dtype)
-        stream = self.cupy.cuda.get_current_stream().ptr
+        stream = self._stream()
         self.comm.allGather(data_pointer(mine), data_pointer(gathered), S, self._dtype(flat), stream)
         return unpad_slices_(flat, gathered, counts)

@@ -48,8 +48,8 @@ def read_log(log_dir_or_file):
         if not line.strip():
             continue
         parts = line.split()
-        if parts[1:2] == ["skipped"]:
-            continue  # `{step} skipped <why>`: the trainer's note of a step it did not apply
+        if parts[1:2] in (["skipped"], ["ranks"]):
+            continue  # `{step} skipped <why>`, `{step} ranks <step times>`: the trainer's notes, not series
         try:
             if len(parts) != 3:
                 raise ValueError

@@ -35,7 +35,11 @@ steps). SIGTERM or Ctrl-C finishes the current step on every rank, checkpoints
 and exits 0 (a second one exits at once). --resume verifies the checkpoint's
 checksums and falls back to the previous checkpoint when the newest is damaged;
 --keep-last K keeps the newest K. A run may resume on another number of ranks:
-the tokens per step stay the same (see data.py for what else holds).
+the tokens per step stay the same (see data.py for what else holds). Several
+ranks: a collective that has not completed after --collective-timeout seconds (a
+rank stopped or stuck) ends the job, naming that rank, after another rank has
+checkpointed the last completed step; the ranks' own step times are compared every
+--straggler-every steps (watchdog.py, training/watching.py).
 
 MFU. A training token costs 6N + 6*L*C*T FLOPs: 6N for the matmuls of the N
 weights it passes through (2 forward, 4 backward; wpe is a lookup and is left out
@@ -73,9 +77,10 @@ from .training.evaluation import EvaluationMixin, evaluate, generate_samples  # 
 from .training.progress import (ProgressMixin, flops_per_token, format_seconds, measure_peak_flops,  # noqa: F401
                                 say, synchronize)
 from .training.step import accumulate_gradients, train_step  # noqa: F401
+from .training.watching import WatchingMixin
 
 
-class Trainer(CheckpointMixin, EvaluationMixin, ProgressMixin, FittingMixin):
+class Trainer(CheckpointMixin, EvaluationMixin, ProgressMixin, FittingMixin, WatchingMixin):
     """Builds the model, optimizer and loaders from a TrainConfig and runs the loop.
     The pieces: nanogpt_np/training/ (checkpoints, evaluation, progress, fitting)."""
 
@@ -135,7 +140,8 @@ class Trainer(CheckpointMixin, EvaluationMixin, ProgressMixin, FittingMixin):
             if getattr(cfg, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
         for name in ("val_every", "sample_every", "ckpt_every", "warmup_steps", "sample_tokens",
-                     "hellaswag_every", "bucket_mb", "max_bad_steps", "skip_zscore", "keep_last"):
+                     "hellaswag_every", "bucket_mb", "max_bad_steps", "skip_zscore", "keep_last",
+                     "collective_timeout", "straggler_every"):
             if getattr(cfg, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0 (0 turns it off)")
 
@@ -158,8 +164,14 @@ class Trainer(CheckpointMixin, EvaluationMixin, ProgressMixin, FittingMixin):
     def run(self, stop_at=None):
         """Train until --max-steps (or until step `stop_at`, to stand in for a killed run).
         Returns self.history: {"train": {step: loss}, "val": {step: loss}, "samples": {step: [text]}}."""
+        with self.watching():  # several ranks: the collective watchdog, start()'s collectives included
+            return self._run(stop_at)
+
+    def _run(self, stop_at):
         cfg = self.cfg
         self.start()
+        self.started_at = self.step
+        self.remember_completed_step()
         self.announce()
         stop = cfg.max_steps if stop_at is None else min(stop_at, cfg.max_steps)
         if self.step >= cfg.max_steps:
@@ -168,8 +180,12 @@ class Trainer(CheckpointMixin, EvaluationMixin, ProgressMixin, FittingMixin):
         self.last_saved = None
         with self.stop_request:
             for step in range(self.step, stop):
+                self.watch_at(step, "evaluation")
                 self.evaluate_before(step)
+                self.watch_at(step, "training step")
                 signalled = self.train_one_step(step)
+                self.watch_at(step, "after the step")
+                self.report_stragglers(step)
                 last = step == cfg.max_steps - 1
                 if cfg.ckpt_every and (self.step % cfg.ckpt_every == 0 or last):
                     self.save()
@@ -199,6 +215,7 @@ class Trainer(CheckpointMixin, EvaluationMixin, ProgressMixin, FittingMixin):
             self.optimizer.step(self.model.grads, lr=lr)
         synchronize(self.xp)
         self.step = step + 1
+        self.remember_completed_step()  # what a checkpoint after a stalled collective needs
         self.report(step, loss, lr, norm, time.perf_counter() - t0)
         if skipped is not None:
             self.history["skipped"][step] = skipped
@@ -226,6 +243,7 @@ def main(argv=None):
     dist = distributed.init()
     try:
         trainer = Trainer(cfg, dist=dist)
+        trainer.continue_with = resume_command(argv, dist.world_size)  # printed if a rank stalls
         history = trainer.run()
     except (ConfigError, DataError, CheckpointError, TrainingStopped) as e:
         return distributed.report_failure(dist, e, everywhere=getattr(e, "collective", False))

@@ -316,10 +316,12 @@ def test_nccl_buckets_run_on_a_side_stream_ordered_by_events(monkeypatch, no_exc
     assert side != 42 and not syncs  # a second stream, and the host never waits
     assert [c[2] for c in transport.comm.calls] == [4, 4] and {c[5] for c in transport.comm.calls} == {side}
     assert views == [(4, 8), (0, 4)] and transport.comm.calls[0][0] == 0xDEAD0000 + 16  # its own pointer
-    # each allreduce waits (on the GPU) for the compute stream's work so far; at the
-    # end the compute stream waits for the side stream before clip and AdamW read
+    # each allreduce waits (on the GPU) for the compute stream's work so far, and is
+    # followed by an event on the side stream that the watchdog polls (its completion);
+    # at the end the compute stream waits for the side stream before clip and AdamW read
     assert cupy.events == [("record", 42), ("wait", side, 42), ("record", 42), ("wait", side, 42),
-                           ("record", side), ("wait", 42, side)]
+                           ("record", 42), ("record", side), ("wait", 42, side)]
+    assert buckets.compute_done.stream_ptr == 42  # after backward, before the wait: the rank's own GPU time
 
 
 @pytest.mark.parametrize("override", ["host", "cuda-aware-mpi"])

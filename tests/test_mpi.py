@@ -165,7 +165,12 @@ def test_sigterm_to_a_two_rank_job_checkpoints_and_resumes_exactly(shards, tmp_p
     assert checkpoint.list_checkpoints(log_dir) == [str(log_dir / f"model_{done:05d}.npz")]
     resumed = run_mpi(script, args=(*flags, "--log-dir", str(log_dir), "--resume"))
     assert resumed.returncode == 0, resumed.stderr
-    assert log.read_text() == (tmp_path / "a" / "log.txt").read_text()
+    assert without_step_times(log) == without_step_times(tmp_path / "a" / "log.txt")
+
+
+def without_step_times(log):
+    """log.txt less its `{step} ranks ...` lines: the ranks' step times differ from run to run."""
+    return [line for line in Path(log).read_text().splitlines() if line.split()[1:2] != ["ranks"]]
 
 
 def test_an_error_every_rank_hits_is_printed_once(tmp_path):

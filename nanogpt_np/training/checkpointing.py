@@ -109,9 +109,8 @@ class CheckpointMixin:
         problem = None
         if self.dist.is_master:
             try:
-                checkpoint.save_checkpoint(path, self.model, self.optimizer, self.step, states,
-                                           self.rng.bit_generator.state, dataclasses.asdict(self.cfg),
-                                           extra={"guard": self.guard.state()}, optimizer_state=optimizer_state)
+                self.write_checkpoint(path, self.step, states, self.rng.bit_generator.state, self.guard.state(),
+                                      optimizer_state)
                 self.log(f"saved checkpoint {path}")
                 for old in checkpoint.prune_checkpoints(self.cfg.log_dir, self.cfg.keep_last, keep=[path]):
                     self.log(f"deleted old checkpoint {old} (--keep-last {self.cfg.keep_last})")
@@ -122,6 +121,13 @@ class CheckpointMixin:
             raise checkpoint.CheckpointError(problem)
         self.last_saved = self.step
         return path
+
+    def write_checkpoint(self, path, step, loader_states, rng_state, guard_state, optimizer_state=None):
+        """This rank writes the checkpoint after `step` steps (save() on rank 0; after a
+        stalled collective, watching.save_after_stall on the rank the watchdog picks)."""
+        checkpoint.save_checkpoint(path, self.model, self.optimizer, step, loader_states, rng_state,
+                                   dataclasses.asdict(self.cfg), extra={"guard": guard_state},
+                                   optimizer_state=optimizer_state)
 
     def save_unless_saved(self):
         """The checkpoint of this step: saved now, unless the loop saved it already."""

@@ -53,6 +53,8 @@ class TrainConfig:
     memory_gib: Optional[float] = None  # memory to plan for (None: the device's free memory)
     recompute: bool = False  # backward recomputes the LayerNorm and GELU outputs
     zero: int = 0  # 1: ZeRO-1, AdamW's moments sharded over the ranks
+    collective_timeout: float = 600.0  # seconds a collective may take before the job ends (0: no watchdog)
+    straggler_every: int = 100  # compare the ranks' step times every N steps (0: off)
 
 
 PRESETS = {
@@ -123,6 +125,11 @@ FLAG_HELP = {
     "recompute": "keep fewer activations: backward recomputes the LayerNorm and GELU outputs (llm.c's -r)",
     "zero": "1: ZeRO-1, each rank keeps 1/ranks of AdamW's moments (gradients reduce-scattered, "
             "parameters all-gathered); 0: every rank keeps all",
+    "collective_timeout": "several ranks: end the job when a collective (allreduce, broadcast, ...) has not "
+                          "completed in this many seconds, naming the ranks that never arrived, after "
+                          "checkpointing the last completed step (0: wait forever)",
+    "straggler_every": "several ranks: every N steps, print the slowest rank's step time when it is >20%% above "
+                       "the median, and log the ranks' times to log.txt (0: off)",
 }
 
 

@@ -1,4 +1,6 @@
 """One optimizer step: the micro-steps, the sum over ranks, clipping and AdamW."""
+import numpy as np
+
 from ..backend import to_device
 from ..distributed import DEFAULT_BUCKET_BYTES
 from ..optim import clip_grad_norm
@@ -26,6 +28,7 @@ def accumulate_gradients(model, loader, accum, dist, bucket_bytes=DEFAULT_BUCKET
     undivided (ZeRO-1 reduce-scatters it instead, zero.zero_step)."""
     model.zero_grad()
     buckets = dist.gradient_buckets(model.flat_grads, bucket_bytes) if sum_over_ranks else None  # None: one rank
+    started = gpu_event(model.xp) if buckets else None
     loss_sum = 0.0
     for micro in range(accum):
         x, y = loader.next_batch()
@@ -35,8 +38,17 @@ def accumulate_gradients(model, loader, accum, dist, bucket_bytes=DEFAULT_BUCKET
         loss_sum += loss
     if buckets:
         buckets.finish()  # flat_grads now holds the sum over ranks and micro-steps
+        if started is not None and buckets.compute_done is not None:  # this rank's GPU time, for stragglers
+            dist.watch.gpu_work = (started, buckets.compute_done)
     if sum_over_ranks and accum * dist.world_size > 1:
         model.flat_grads /= accum * dist.world_size  # the gradient of the mean over all of them
     vote = stop_vote() if callable(stop_vote) else stop_vote
-    loss, votes = dist.allreduce_scalars([loss_sum / accum, float(vote)], op="mean")
+    loss, votes = dist.allreduce_scalars([loss_sum / accum, float(vote)], op="mean", name="loss allreduce")
     return loss, votes
+
+
+def gpu_event(xp):
+    """An event on the current CUDA stream (None on the CPU): where this step's GPU work
+    starts, so that the NCCL path can time a rank's own work (the host does not wait in
+    NCCL calls, so the host's time in collectives says nothing there)."""
+    return None if xp is np else xp.cuda.get_current_stream().record()

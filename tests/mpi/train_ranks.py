@@ -49,7 +49,10 @@ elif mode == "resume":
     for s in range(4, 8):
         assert h_resumed["train"][s] == h_straight["train"][s], (s, h_resumed["train"][s], h_straight["train"][s])
     if dist.is_master:
-        assert (out / "a" / "log.txt").read_text() == (out / "b" / "log.txt").read_text()
+        # the same lines, but for the ranks' step times (`{step} ranks ...`), which differ from run to run
+        a, b = ([line for line in (out / d / "log.txt").read_text().splitlines() if " ranks " not in line]
+                for d in ("a", "b"))
+        assert a == b
         (out / "resume_ok").write_text("ok")
 
 elif mode == "fail":
