@@ -58,7 +58,7 @@ from . import distributed
 from .backend import default_precision, get_xp, resolve_precision, set_tf32
 from .checkpoint import CheckpointError
 from .config import GPTConfig
-from .data import DataError, DataLoader
+from .data import DataError, DataLoader, check_token_ids
 from .model import GPT
 from .optim import AdamW, clip_grad_norm, cosine_lr
 from .resilience import StepGuard, StopRequest
@@ -66,7 +66,7 @@ from .tokenizer import N_VOCAB
 from .zero import ShardedAdamW, apply as zero_apply, zero_step
 from .training.checkpointing import CheckpointMixin, truncate_log  # noqa: F401 (re-exported)
 from .training.config import (FLAG_HELP, PRESETS, RESUME_SENSITIVE, TrainConfig, build_parser,  # noqa: F401
-                              grad_accum_steps, parse_args)
+                              grad_accum_steps, parse_args, validate_config)
 from .training.errors import ConfigError, TrainingStopped
 from .training.fitting import FittingMixin
 from .training.evaluation import EvaluationMixin, evaluate, generate_samples  # noqa: F401
@@ -80,6 +80,9 @@ class Trainer(CheckpointMixin, EvaluationMixin, ProgressMixin, FittingMixin):
     The pieces: nanogpt_np/training/ (checkpoints, evaluation, progress, fitting)."""
 
     def __init__(self, cfg, dist=None, log=None):
+        """Every check before any work: the flags, --log-dir (find_resume_point), the
+        memory plan, the data (headers, then every token id); then the model. Nothing
+        is written until run() starts (and claims --log-dir)."""
         self.cfg, self.dist = cfg, dist or distributed.Single()
         self.log = (log or say) if self.dist.is_master else (lambda *a, **k: None)
         self._check_config()
@@ -92,12 +95,25 @@ class Trainer(CheckpointMixin, EvaluationMixin, ProgressMixin, FittingMixin):
             if cfg.backend != "cupy":
                 raise ConfigError("--tf32 applies to --backend cupy only")
             set_tf32(True)
-        self.model_config = GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size,
-                                      n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
+        try:
+            self.model_config = GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size,
+                                          n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        self.run_id = None
+        self.find_resume_point()  # may take the checkpoint's tokens per step
+        cfg = self.cfg
         if cfg.total_batch_size is None and cfg.batch_size != "auto":  # one micro-step per rank
             self.cfg = dataclasses.replace(
                 cfg, total_batch_size=cfg.batch_size * cfg.block_size * self.dist.world_size)
         self.resolve_batch_size()  # --batch-size auto: from the memory plan
+        self.check_memory_plan()  # over the memory there is: refused, unless --force
+        cfg = self.cfg
+        self.accum = grad_accum_steps(cfg.total_batch_size, cfg.batch_size, cfg.block_size,
+                                      self.dist.world_size)
+        self.data_dir = cfg.data_dir or self._builtin_corpus()
+        self.train_loader, self.val_loader = self._make_loaders()
+        self.hellaswag_examples = self._load_hellaswag() if cfg.hellaswag_every else None
         self.model = GPT(self.model_config, dtype=self.precision, seed=cfg.seed, backend=cfg.backend)
         self.model.recompute = cfg.recompute
         self.confirm_batch_on_gpu()  # --batch-size auto on a GPU: one trial step
@@ -108,9 +124,6 @@ class Trainer(CheckpointMixin, EvaluationMixin, ProgressMixin, FittingMixin):
         extra = dict(dist=self.dist) if cfg.zero else {}
         self.optimizer = optimizer(self.model.parameters(), lr=cfg.max_lr, betas=(0.9, 0.95), eps=1e-8,
                                    weight_decay=cfg.weight_decay, **extra)
-        self.data_dir = cfg.data_dir or self._builtin_corpus()
-        self.train_loader, self.val_loader = self._make_loaders()
-        self.hellaswag_examples = self._load_hellaswag() if cfg.hellaswag_every else None
         self.rng = np.random.default_rng([cfg.seed, 1])  # draws each sampling's seed
         self.guard = StepGuard(cfg.max_bad_steps, cfg.skip_zscore)
         self.stop_request = StopRequest(say=self.log)
@@ -120,24 +133,29 @@ class Trainer(CheckpointMixin, EvaluationMixin, ProgressMixin, FittingMixin):
 
     def _check_config(self):
         cfg = self.cfg
+        validate_config(cfg, N_VOCAB)
         self.precision = cfg.dtype or default_precision(cfg.backend)  # bf16 on a GPU, else float32
         try:
             resolve_precision(self.precision, cfg.backend)  # bf16 on numpy: refused, saying why
         except (ValueError, RuntimeError) as e:
             raise ConfigError(str(e)) from e
-        if cfg.vocab_size < N_VOCAB:
-            raise ConfigError(f"--vocab-size {cfg.vocab_size} is smaller than GPT-2's {N_VOCAB} tokens")
-        if cfg.zero not in (0, 1):
-            raise ConfigError(f"--zero {cfg.zero}: 0 (every rank keeps all of AdamW) or 1 (ZeRO-1) only")
-        if cfg.batch_size != "auto" and not (isinstance(cfg.batch_size, int) and cfg.batch_size > 0):
-            raise ConfigError(f"--batch-size must be a positive number of sequences or auto, got {cfg.batch_size!r}")
-        for name in ("max_steps", "val_steps", "num_samples"):
-            if getattr(cfg, name) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive")
-        for name in ("val_every", "sample_every", "ckpt_every", "warmup_steps", "sample_tokens",
-                     "hellaswag_every", "bucket_mb", "max_bad_steps", "skip_zscore", "keep_last"):
-            if getattr(cfg, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0 (0 turns it off)")
+
+    def collectively(self, work):
+        """work() on rank 0 -> its JSON-able result on every rank; or its error raised on
+        every rank alike (marked collective, so the job stops without an abort)."""
+        kinds = {"ConfigError": ConfigError, "DataError": DataError, "CheckpointError": CheckpointError}
+        result, problem = None, None
+        if self.dist.is_master:
+            try:
+                result = work()
+            except tuple(kinds.values()) as e:
+                problem = [type(e).__name__, str(e)]
+        result, problem = self.dist.allgather_json([result, problem])[0]
+        if problem:
+            error = kinds[problem[0]](problem[1])
+            error.collective = True
+            raise error
+        return result
 
     def _builtin_corpus(self):
         from .corpus import builtin_corpus
@@ -151,6 +169,8 @@ class Trainer(CheckpointMixin, EvaluationMixin, ProgressMixin, FittingMixin):
         common = dict(B=cfg.batch_size, T=cfg.block_size, rank=d.rank, world_size=d.world_size)
         train = DataLoader(self.data_dir, split="train", shuffle=cfg.shuffle, seed=cfg.seed, **common)
         val = DataLoader(self.data_dir, split="val", **common) if cfg.val_every else None
+        shards = train.shards + (val.shards if val else [])  # every token id, before any step
+        self.collectively(lambda: check_token_ids(shards, cfg.vocab_size, log=self.log))
         return train, val
 
     # ---- the loop ----------------------------------------------------------------------------
@@ -210,28 +230,57 @@ class Trainer(CheckpointMixin, EvaluationMixin, ProgressMixin, FittingMixin):
 
 
 def resume_command(argv=None, world_size=1):
-    """The command line that continues this run: the same one plus --resume."""
+    """The command line that continues this run: the same one plus --resume (and the
+    thread settings the ranks ran with, which the shell line carried)."""
     import shlex
 
-    args = list(sys.argv[1:] if argv is None else argv)
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--overwrite"]
     if "--resume" not in args:
         args.append("--resume")
+    threads = [f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS") if k in os.environ]
     launcher = ["mpiexec", "-n", str(world_size)] if world_size > 1 else []
-    return " ".join(shlex.quote(a) for a in [*launcher, "python3", "scripts/train.py", *args])
+    words = [shlex.quote(a) for a in [*launcher, "python3", "scripts/train.py", *args]]
+    return " ".join(threads + words)
+
+
+def interrupted_message(cfg, ours):
+    """What a Ctrl-C outside the loop (at start-up, or a second one) leaves to do.
+    ours: --log-dir is this run's (resumed, or claimed before the interrupt)."""
+    from .checkpoint import latest_checkpoint
+    from .training.rundir import describe
+
+    ckpt = latest_checkpoint(cfg.log_dir) if ours else None
+    if ckpt:
+        return f"interrupted; continue with the same flags plus --resume (from {ckpt})"
+    if ours and describe(cfg.log_dir):
+        return (f"interrupted before the first checkpoint; {cfg.log_dir} has nothing to resume: run the same "
+                "command again with --overwrite")
+    return f"interrupted before the run began; nothing was written to {cfg.log_dir}: run the same command again"
+
+
+def next_steps(log_dir):
+    """The commands that use what the run left: sampling its last checkpoint, the plot."""
+    from .checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(log_dir)
+    sample = f"sample from it: python3 scripts/sample.py --ckpt {ckpt}; " if ckpt else ""
+    return f"{sample}plot it: python3 scripts/plot_log.py {log_dir}"
 
 
 def main(argv=None):
     cfg = parse_args(argv)
     t0 = time.perf_counter()
     dist = distributed.init()
+    trainer = None
     try:
         trainer = Trainer(cfg, dist=dist)
         history = trainer.run()
-    except (ConfigError, DataError, CheckpointError, TrainingStopped) as e:
+    except (ValueError, TrainingStopped) as e:  # ConfigError, DataError, CheckpointError: one line
         return distributed.report_failure(dist, e, everywhere=getattr(e, "collective", False))
     except KeyboardInterrupt:
-        print(f"\ninterrupted; continue with the same flags plus --resume "
-              f"(from the latest checkpoint in {cfg.log_dir})", file=sys.stderr)
+        if dist.is_master:
+            ours = cfg.resume or (trainer is not None and trainer.run_id is not None)
+            print("\n" + interrupted_message(cfg, ours), file=sys.stderr)
         return 130
     if not dist.is_master:
         return 0
@@ -244,4 +293,5 @@ def main(argv=None):
         step = max(history["val"])
         say(f"final val loss {history['val'][step]:.4f} (step {step})")
     say(f"done in {format_seconds(time.perf_counter() - t0)}; log: {trainer.log_path}")
+    say(next_steps(cfg.log_dir))
     return 0
