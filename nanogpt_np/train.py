@@ -184,6 +184,7 @@ class Trainer(CheckpointMixin, EvaluationMixin, ProgressMixin, FittingMixin):
         stop = cfg.max_steps if stop_at is None else min(stop_at, cfg.max_steps)
         if self.step >= cfg.max_steps:
             self.log(f"nothing to do: the run is at step {self.step}, --max-steps is {cfg.max_steps}")
+        self.say_what_takes_long()
         self.clock = None  # (time, step) at the end of this process's first step
         self.last_saved = None
         with self.stop_request:
@@ -197,6 +198,19 @@ class Trainer(CheckpointMixin, EvaluationMixin, ProgressMixin, FittingMixin):
                     self.stop_for_signal()
                     break
         return self.history
+
+    def say_what_takes_long(self, seconds=5.0):
+        """Before a first step that will take a while: its time at the measured peak,
+        so a silent minute is not taken for a hang."""
+        cfg, ranks = self.cfg, self.dist.world_size
+        step_s = self.flops_per_step / (self.peak * ranks)
+        val_s = step_s / 3 * cfg.val_steps * cfg.batch_size * cfg.block_size * ranks / cfg.total_batch_size
+        if max(step_s, val_s if cfg.val_every else 0) < seconds:
+            return
+        val = f", each validation ({cfg.val_steps} batches) {format_seconds(val_s)}" if cfg.val_every else ""
+        warm = "compiles the GPU kernels" if self.xp is not np else "warms up"
+        self.log(f"at the measured peak each step takes at least {format_seconds(step_s)}{val}; the first step "
+                 f"also {warm}")
 
     def train_one_step(self, step):
         """Gradients, then AdamW unless the guard skips the step. -> whether some rank

@@ -97,6 +97,7 @@ class FittingMixin:
         candidates = [b for b in memory.batch_candidates(cfg.total_batch_size, cfg.block_size, self.dist.world_size)
                       if b <= cfg.batch_size]
         for B in candidates:
+            self.log(f"--batch-size auto: a trial step at B={B} on the GPU")
             try:
                 tokens = xp.zeros((B, cfg.block_size), dtype=xp.int64)
                 self.model.zero_grad()
