@@ -5,8 +5,9 @@ Two shard formats, both a flat run of uint16 GPT-2 token ids:
   - `.bin`, as llm.c writes them: a header of 256 int32 (magic 20240520, version 1,
     token count, then zeros), then the tokens.
 A split is picked by name: `edufineweb_train_000001.npy`, `tiny_shakespeare_val.bin`.
-Every shard is checked before training starts (header, size, dtype), so a bad file
-fails now, naming the file and the problem, not hours into a run. Nothing is ever
+Every shard is checked before training starts (header, size, dtype, and with
+check_token_ids every token id against the vocabulary), so a bad file fails now,
+naming the file and the problem, not hours into a run. Nothing is ever
 unpickled: `.npy` headers are parsed with allow_pickle off, and the tokens are
 memory-mapped, so a 100M-token shard costs no RAM until it is read.
 

@@ -27,6 +27,11 @@ schedule). `--resume` restores all of it, so the continued run computes the same
 floating-point operations in the same order: same losses, same weights, bit for
 bit (on the same machine, backend and thread count).
 
+One run per log directory (training/rundir.py). Every check comes first (flags,
+--log-dir, memory plan, data, checkpoint); the run's first write is run.json. A
+fresh run refuses a folder that holds another run, --resume a checkpoint of
+another run or one trained with other flags; --overwrite and --force say otherwise.
+
 Surviving a long run (resilience.py). A step whose loss or gradient norm is NaN
 or Inf is skipped (no AdamW update); after --max-bad-steps of them in a row the
 run checkpoints its last good weights and stops with an error. --skip-zscore Z
@@ -109,8 +114,7 @@ class Trainer(CheckpointMixin, EvaluationMixin, ProgressMixin, FittingMixin):
         self.resolve_batch_size()  # --batch-size auto: from the memory plan
         self.check_memory_plan()  # over the memory there is: refused, unless --force
         cfg = self.cfg
-        self.accum = grad_accum_steps(cfg.total_batch_size, cfg.batch_size, cfg.block_size,
-                                      self.dist.world_size)
+        grad_accum_steps(cfg.total_batch_size, cfg.batch_size, cfg.block_size, self.dist.world_size)  # divides?
         self.data_dir = cfg.data_dir or self._builtin_corpus()
         self.train_loader, self.val_loader = self._make_loaders()
         self.hellaswag_examples = self._load_hellaswag() if cfg.hellaswag_every else None
