@@ -169,13 +169,24 @@ class Trainer(CheckpointMixin, EvaluationMixin, ProgressMixin, FittingMixin):
         return path or builtin_corpus(log=self.log)
 
     def _make_loaders(self):
+        """(train, val) loaders of this rank. Rank 0 first checks every shard (header,
+        size, then every token id) for all ranks, so a bad file stops the job with one
+        line; then the other ranks open theirs."""
         cfg, d = self.cfg, self.dist
         common = dict(B=cfg.batch_size, T=cfg.block_size, rank=d.rank, world_size=d.world_size)
-        train = DataLoader(self.data_dir, split="train", shuffle=cfg.shuffle, seed=cfg.seed, **common)
-        val = DataLoader(self.data_dir, split="val", **common) if cfg.val_every else None
-        shards = train.shards + (val.shards if val else [])  # every token id, before any step
-        self.collectively(lambda: check_token_ids(shards, cfg.vocab_size, log=self.log))
-        return train, val
+
+        def make():
+            train = DataLoader(self.data_dir, split="train", shuffle=cfg.shuffle, seed=cfg.seed, **common)
+            val = DataLoader(self.data_dir, split="val", **common) if cfg.val_every else None
+            return train, val
+
+        def check():
+            self._loaders = make()
+            shards = [s for loader in self._loaders if loader for s in loader.shards]
+            check_token_ids(shards, cfg.vocab_size, log=self.log)
+
+        self.collectively(check)
+        return self.__dict__.pop("_loaders", None) or make()
 
     # ---- the loop ----------------------------------------------------------------------------
 

@@ -60,6 +60,7 @@ def world(tmp_path_factory):
     with contextlib.redirect_stdout(out):
         assert train.main([*SMALL, "--data-dir", data, "--log-dir", str(root / "log")]) == 0
     bad_ids = shards(root / "bad_ids", low=50400, high=65536)
+    shards(root / "data2", high=1000)
     wide = root / "wide"
     wide.mkdir()
     np.save(wide / "w_train_000000.npy", np.arange(600, dtype=np.int64))
@@ -120,6 +121,8 @@ def test_train_refusals_leave_every_file_as_it_was(world):
         "resume and overwrite": ([*SMALL, "--data-dir", data, "--log-dir", log, "--resume", "--overwrite"],
                                  "train.py"),
         "resume, bad data": ([*SMALL, "--data-dir", world["bad_ids"], "--log-dir", log, "--resume"], "train.py"),
+        "resume, other data": ([*SMALL, "--data-dir", str(root / "data2"), "--log-dir", log, "--resume"],
+                               "train.py"),
         "resume, no checkpoint": ([*SMALL, "--data-dir", data, "--log-dir", only_log, "--resume"], "train.py"),
         "resume, another run's checkpoint": ([*SMALL, "--data-dir", data, "--log-dir", other, "--resume"],
                                              "train.py"),
@@ -152,6 +155,9 @@ def test_train_refusals_leave_every_file_as_it_was(world):
         "resume, other model": ["n_embd: checkpoint 16, this run 32"],
         "resume and overwrite": ["give one of them"],
         "resume, bad data": ["t_train_000000.npy: token 0 is id", "outside the vocabulary [0, 50304)"],
+        "resume, other data": ([*SMALL, "--data-dir", str(root / "data2"), "--log-dir", log, "--resume"],
+                               "train.py"),
+        "resume, other data": [f"trained on {data}, but this one would read {root / 'data2'}", "--force"],
         "resume, no checkpoint": ["holds no checkpoint to continue, only log.txt with 2 line(s)", "--overwrite"],
         "resume, another run's checkpoint": ["model_00002.npz belongs to run", "run.json is run 0123456789ab"],
         "log dir is a file": ["is a file; give a folder"],

@@ -76,6 +76,7 @@ class CheckpointMixin:
         ranks' weights one, then claim --log-dir: the run's first write."""
         path = self.resume_path
         if path is not None:
+            self.collectively(self._check_same_data)
             self.resume_from(path, self._resume_ckpt)
             self._resume_ckpt = None  # the arrays are in the model now
         # every rank starts from rank 0's weights (they agree already, by seed or by
@@ -83,6 +84,15 @@ class CheckpointMixin:
         self.dist.broadcast_(self.model.flat_params, root=0)
         if self.dist.is_master:
             self.claim_log_dir(resume_step=None if path is None else self.step)
+
+    def _check_same_data(self):
+        """--resume reads the data the run trained on (run.json's data_dir), unless --force."""
+        trained_on = (rundir.read_run(self.cfg.log_dir) or {}).get("data_dir")
+        here = os.path.abspath(self.data_dir)
+        if trained_on and trained_on != here and not self.cfg.force:
+            raise ConfigError(f"--resume: the run in {self.cfg.log_dir} trained on {trained_on}, but this one would "
+                              f"read {here}; give --data-dir {trained_on} (for the built-in corpus: the same "
+                              "NANOGPT_NP_CACHE and NANOGPT_NP_STDLIB_CHARS), or add --force to go on with this data")
 
     def claim_log_dir(self, resume_step):
         cfg = self.cfg
