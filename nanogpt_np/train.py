@@ -284,6 +284,8 @@ def interrupted_message(cfg, ours):
     if ours and describe(cfg.log_dir):
         return (f"interrupted before the first checkpoint; {cfg.log_dir} has nothing to resume: run the same "
                 "command again with --overwrite")
+    if ours:
+        return "interrupted before the first step; run the same command again"
     return f"interrupted before the run began; nothing was written to {cfg.log_dir}: run the same command again"
 
 
