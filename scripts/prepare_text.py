@@ -38,7 +38,8 @@ def main(argv=None):
         p.error(f"no such file: {', '.join(missing)}")
     try:
         val, train = prepare_text_files(args.files, args.out, args.val_fraction, args.shard_size,
-                                        args.prefix, args.workers, log=print, errors=args.errors)
+                                        args.prefix, args.workers, log=lambda *a: print(*a, flush=True),
+                                        errors=args.errors)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -263,7 +263,8 @@ def test_ctrl_c_during_prepare_text_is_one_line_and_no_files(tmp_path, workers):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "prepare_text.py"), str(big), str(big),
                              "--out", str(out), "--workers", workers],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"})
     assert proc.stdout.readline().startswith("tokenizing 2 file(s)")  # the long part has begun
     time.sleep(0.2)
     t0 = time.monotonic()
