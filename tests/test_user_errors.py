@@ -373,3 +373,17 @@ def test_sample_says_when_the_prompt_is_cut_and_model_source_has_help(world, tmp
                                  "first 1 tokens are not seen" in r.stderr, r.stderr
     r = results["help"]
     assert r.returncode == 0 and "--ckpt PATH" in r.stdout and "not a command" in r.stdout
+
+
+def test_long_phases_say_so_before_they_start(world, tmp_path):  # 3
+    from nanogpt_np.data import check_token_ids, find_shards
+    from nanogpt_np.train import Trainer, parse_args
+
+    lines = []
+    trainer = Trainer(parse_args([*SMALL, "--data-dir", world["data"], "--log-dir", str(tmp_path)]),
+                      log=lines.append)
+    trainer.flops_per_step, trainer.peak = 1e12, 1e10  # 100 s a step at this peak
+    trainer.say_what_takes_long()
+    assert lines[-1].startswith("at the measured peak each step takes at least 1m40s, each validation")
+    check_token_ids(find_shards(world["data"], "train"), 50304, log=lines.append, every_seconds=0)
+    assert "checking token ids: shard 1 of 2 (0s)" in lines and lines[-1].startswith("checked the token ids of 2 shard(s)")
