@@ -5,8 +5,9 @@ Two shard formats, both a flat run of uint16 GPT-2 token ids:
   - `.bin`, as llm.c writes them: a header of 256 int32 (magic 20240520, version 1,
     token count, then zeros), then the tokens.
 A split is picked by name: `edufineweb_train_000001.npy`, `tiny_shakespeare_val.bin`.
-Every shard is checked before training starts (header, size, dtype), so a bad file
-fails now, naming the file and the problem, not hours into a run. Nothing is ever
+Every shard is checked before training starts (header, size, dtype, and with
+check_token_ids every token id against the vocabulary), so a bad file fails now,
+naming the file and the problem, not hours into a run. Nothing is ever
 unpickled: `.npy` headers are parsed with allow_pickle off, and the tokens are
 memory-mapped, so a 100M-token shard costs no RAM until it is read.
 
@@ -35,6 +36,7 @@ kept its rank count.
 """
 import os
 import re
+import time
 
 import numpy as np
 
@@ -79,8 +81,9 @@ def _read_npy(path):
         offset = f.tell()
     if dtype != TOKEN_DTYPE:
         raise DataError(
-            f"{path}: tokens have dtype {dtype}, but shards hold uint16 ids; "
-            "write them with `np.save(path, tokens.astype(np.uint16))` or scripts/prepare_text.py"
+            f"{path}: tokens have dtype {dtype}, but shards hold uint16 ids; rewrite it with "
+            "nanogpt_np.data.write_shard(path, tokens), which refuses ids that do not fit in uint16, "
+            "or with scripts/prepare_text.py"
         )
     if len(shape) != 1:
         raise DataError(f"{path}: shape {shape}, but a shard is a 1-D array of tokens")
@@ -139,20 +142,25 @@ def write_shard(path, tokens):
     if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
         raise ValueError(f"{path}: token ids must fit in uint16, got range [{tokens.min()}, {tokens.max()}]")
     tokens = tokens.astype(TOKEN_DTYPE, copy=False).reshape(-1)
+    if not path.endswith(SHARD_SUFFIXES):
+        raise ValueError(f"{path}: a shard name must end in .npy or .bin")
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        if path.endswith(".npy"):
-            np.save(f, tokens, allow_pickle=False)
-        elif path.endswith(".bin"):
-            header = np.zeros(BIN_HEADER_INTS, dtype="<i4")
-            header[:3] = BIN_MAGIC, BIN_VERSION, tokens.size
-            f.write(header.tobytes())
-            f.write(tokens.tobytes())
-        else:
-            raise ValueError(f"{path}: a shard name must end in .npy or .bin")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            if path.endswith(".npy"):
+                np.save(f, tokens, allow_pickle=False)
+            else:
+                header = np.zeros(BIN_HEADER_INTS, dtype="<i4")
+                header[:3] = BIN_MAGIC, BIN_VERSION, tokens.size
+                f.write(header.tobytes())
+                f.write(tokens.tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk or a Ctrl-C: no half shard left behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     return path
 
 
@@ -163,6 +171,9 @@ def find_shards(data_dir, split):
     """Sorted paths of the shards in data_dir whose name has `split` as a word
     (`x_train_000001.npy`, `x_val.bin`)."""
     data_dir = os.fspath(data_dir)
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise DataError(f"data directory {data_dir} is a file, not a folder of shards; give the folder "
+                        "scripts/prepare_text.py --out wrote, or omit --data-dir")
     if not os.path.isdir(data_dir):
         raise DataError(f"data directory {data_dir} does not exist; prepare shards with "
                         "scripts/prepare_text.py or scripts/prepare_fineweb.py, or omit --data-dir")
@@ -177,6 +188,36 @@ def find_shards(data_dir, split):
             f"*_{split}*.bin; prepare them with scripts/prepare_text.py or scripts/prepare_fineweb.py"
         )
     return [os.path.join(data_dir, n) for n in names]
+
+
+# ---- every token id checked before training ------------------------------------------
+
+SCAN_CHUNK = 1 << 24  # tokens per piece of a shard's scan (32 MiB of uint16)
+
+
+def check_token_ids(paths, vocab_size, log=None, every_seconds=5.0):
+    """Raise DataError naming the first shard holding an id outside [0, vocab_size)
+    (uint16 ids are never negative, so the maximum decides). Reads each shard once,
+    in pieces; says how far it is every `every_seconds` when it takes that long."""
+    t0 = last = time.perf_counter()
+    total = len(paths)
+    for done, path in enumerate(paths):
+        tokens = read_shard(path)
+        for start in range(0, tokens.size, SCAN_CHUNK):
+            piece = np.asarray(tokens[start : start + SCAN_CHUNK])
+            top = int(piece.max())
+            if top >= vocab_size:
+                at = start + int(np.argmax(piece >= vocab_size))
+                raise DataError(
+                    f"{path}: token {at:,} is id {int(piece[at - start])}, outside the vocabulary [0, {vocab_size}) "
+                    f"(the shard's largest id is {int(tokens.max())}); it was made for another tokenizer or is "
+                    "corrupt: re-create it with scripts/prepare_text.py, or raise --vocab-size if the model "
+                    "is meant to have more tokens")
+            if log and time.perf_counter() - last > every_seconds:
+                last = time.perf_counter()
+                log(f"checking token ids: shard {done + 1} of {total} ({time.perf_counter() - t0:.0f}s)")
+    if log and last != t0:
+        log(f"checked the token ids of {total} shard(s) in {time.perf_counter() - t0:.1f}s")
 
 
 # ---- the loader -----------------------------------------------------------------------

@@ -184,8 +184,9 @@ def _loss_panel(ax, series, label, baselines, loss_ymax):
     if baselines:
         ax.axhline(GPT2_124M_VAL_LOSS, color="r", linestyle="--", label="OpenAI GPT-2 (124M) checkpoint val loss")
         shown.append(np.array([GPT2_124M_VAL_LOSS]))
-    if shown:
-        values = np.concatenate(shown)
+    values = np.concatenate(shown) if shown else np.zeros(0)
+    values = values[np.isfinite(values)]  # a NaN val loss (a diverged run) has no place on the axis
+    if values.size:
         lo, hi = float(values.min()), float(values.max())
         hi = min(hi, loss_ymax) if loss_ymax is not None else hi
         margin = 0.05 * max(hi - lo, 1e-3)

@@ -56,8 +56,14 @@ class MemoryPlan:
         lines = [f"memory plan, per rank ({self.where}):"]
         lines += [f"  {what:<28} {b / GIB:9.3f} GiB" for what, b in self.rows]
         share = f"{100 * self.total / self.available:.0f}%" if self.available else "n/a"
-        lines.append(f"  {'total':<28} {self.total / GIB:9.3f} GiB of {self.available / GIB:.1f} GiB ({share})")
+        lines.append(f"  {'total':<28} {self.total / GIB:9.3f} GiB of {gib(self.available)} ({share})")
         return "\n".join(lines)
+
+
+def gib(n_bytes):
+    """Bytes as GiB, small amounts not rounded to zero: 22.6 GiB, 52.1 GiB, 0.01 GiB."""
+    value = n_bytes / GIB
+    return f"{value:.1f} GiB" if value >= 10 else f"{value:.3g} GiB"
 
 
 def parameter_count(config):
@@ -128,7 +134,13 @@ def batch_candidates(tokens_per_step, T, ranks):
 def auto_batch_size(config, T, tokens_per_step, ranks, plan_for):
     """The largest B of batch_candidates whose plan_for(B) fits -> (B, that plan), or
     (None, the plan of B=1) when not even B=1 fits."""
-    candidates = batch_candidates(tokens_per_step, T, ranks)
+    return largest_fitting(batch_candidates(tokens_per_step, T, ranks), plan_for)
+
+
+def largest_fitting(candidates, plan_for):
+    """The first B of `candidates` (largest first) whose plan_for(B) fits -> (B, plan),
+    or (None, the plan of the last candidate, else of B=1)."""
+    candidates = list(candidates)
     for B in candidates:
         p = plan_for(B)
         if p.fits():

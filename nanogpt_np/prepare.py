@@ -13,10 +13,15 @@ The index counts on across the splits, as fineweb.py numbers them.
 """
 import multiprocessing as mp
 import os
+import shutil
+import signal
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .data import write_shard
+from .data import read_shard, write_shard
 from .tokenizer import EOT_TOKEN, get_encoding
 
 
@@ -98,6 +103,12 @@ def write_token_stream(token_arrays, out_dir, prefix, shard_size, val_tokens, lo
     return val_paths, train.close()
 
 
+def _ignore_interrupts():
+    """Worker processes leave Ctrl-C to the parent, which stops the pool: one message,
+    not one traceback per worker."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def tokenize_in_parallel(docs, workers, chunksize=16):
     """Yield tokenize_document(doc) for each doc, in order, from `workers` processes
     (in this process when workers <= 1)."""
@@ -105,7 +116,7 @@ def tokenize_in_parallel(docs, workers, chunksize=16):
         for doc in docs:
             yield tokenize_document(doc)
         return
-    with mp.get_context("spawn").Pool(workers) as pool:
+    with mp.get_context("spawn").Pool(workers, initializer=_ignore_interrupts) as pool:
         yield from pool.imap(tokenize_document, docs, chunksize=chunksize)
 
 
@@ -116,22 +127,95 @@ def shard_documents(docs, out_dir, prefix, shard_size, val_tokens, workers=1, ch
     return write_token_stream(stream, out_dir, prefix, shard_size, val_tokens, log=log)
 
 
+def tokenize_on_threads(texts, workers):
+    """tokenize_document of each text on `workers` threads: the tokenizer releases the
+    GIL, so threads run in parallel (and, unlike worker processes, need no pipe to
+    drain when Ctrl-C stops them)."""
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        return list(pool.map(tokenize_document, texts))
+
+
+def interruptible(fn, *args):
+    """fn(*args) in a daemon thread, waited for in short joins. The tokenizer releases
+    the GIL, but a signal is handled only between bytecodes of the main thread: called
+    there, a file of 100 MB would take its whole tokenization to notice a Ctrl-C."""
+    box = {}
+
+    def work():
+        try:
+            box["value"] = fn(*args)
+        except BaseException as e:  # handed to the caller, who raises it
+            box["error"] = e
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.1)
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+class PrepareError(ValueError):
+    """Input prepare_text_files cannot make shards of; the message names the file and the fix."""
+
+
+def read_text_file(path, errors="strict"):
+    """A file's text. Empty files and bytes that are not UTF-8 are refused (naming the
+    byte offset) unless errors="replace", which turns undecodable bytes into U+FFFD."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data.strip():
+        raise PrepareError(f"{path} is empty{'' if not data else ' (only whitespace)'}; leave it out or give it text")
+    try:
+        return data.decode("utf-8", errors=errors)
+    except UnicodeDecodeError as e:
+        raise PrepareError(f"{path} is not UTF-8 text: byte 0x{data[e.start]:02x} at offset {e.start:,} cannot be "
+                           "decoded; convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8), or pass --errors replace "
+                           "to read undecodable bytes as U+FFFD") from None
+
+
 def prepare_text_files(paths, out_dir, val_fraction=0.1, shard_size=10**8, prefix="text",
-                       workers=1, log=None):
+                       workers=1, log=None, errors="strict"):
     """Each text file is one document; the first `val_fraction` of all tokens is val.
-    Returns (val_paths, train_paths), and removes older `{prefix}_*` shards in out_dir."""
-    if not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    texts = []
-    for path in paths:
-        with open(path, encoding="utf-8", errors="replace") as f:  # undecodable bytes -> U+FFFD
-            texts.append(f.read())
-    docs = list(tokenize_in_parallel(texts, workers))
+    Returns (val_paths, train_paths), and removes older `{prefix}_*` shards in out_dir.
+    Every check comes before any write; the shards are written into a temporary folder
+    inside out_dir and moved into place at the end, so an error or a Ctrl-C leaves
+    out_dir as it was."""
+    out_dir = os.fspath(out_dir)
+    if not 0 < val_fraction < 1:
+        raise PrepareError(f"--val-fraction {val_fraction:g}: the share of tokens for the val split must be "
+                           "a number in (0, 1), e.g. 0.1")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise PrepareError(f"--out {out_dir} is a file; give a folder for the shards (it is created if missing)")
+    texts = [read_text_file(path, errors) for path in paths]
+    if log:
+        log(f"tokenizing {len(texts)} file(s), {sum(len(t) for t in texts):,} characters")
+    docs = interruptible(tokenize_on_threads, texts, workers)  # Ctrl-C stops the wait at once
     total = sum(d.size for d in docs)
     val_tokens = int(round(total * val_fraction))
-    val_paths, train_paths = write_token_stream(docs, out_dir, prefix, shard_size, val_tokens, log=log)
-    remove_stale_shards(out_dir, prefix, val_paths + train_paths)
-    return val_paths, train_paths
+    if val_tokens < 2 or total - val_tokens < 2:
+        empty = "val" if val_tokens < 2 else "train"
+        raise PrepareError(f"--val-fraction {val_fraction:g} of {total} tokens leaves the {empty} split with "
+                           f"{val_tokens if empty == 'val' else total - val_tokens} token(s) (each needs at least "
+                           "2: an input and its target); give more text or another --val-fraction")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=f".{prefix}_partial", dir=out_dir)
+    except OSError as e:
+        raise PrepareError(f"cannot write to --out {out_dir}: {e.strerror or e}") from None
+    try:
+        val_paths, train_paths = write_token_stream(docs, staging, prefix, shard_size, val_tokens)
+        final = []
+        for path in val_paths + train_paths:
+            final.append(os.path.join(out_dir, os.path.basename(path)))
+            os.replace(path, final[-1])
+            if log:
+                log(f"wrote {final[-1]} ({read_shard(final[-1]).size:,} tokens)")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    remove_stale_shards(out_dir, prefix, final)
+    return final[: len(val_paths)], final[len(val_paths):]
 
 
 def remove_stale_shards(out_dir, prefix, keep):

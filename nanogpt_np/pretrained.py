@@ -548,8 +548,14 @@ def read_llmc_header(path):
 def load_llmc(path, dtype=np.float32, backend="numpy", keep_padding=True):
     """A GPT from an llm.c model file.
 
-    keep_padding: the model gets all padded_vocab_size rows of wte (a model that
-    trains on exactly as llm.c does); False cuts it to the header's vocab_size.
+    keep_padding=True: the model gets all padded_vocab_size rows of wte, llm.c's
+    tensor shapes (what save_llmc writes back). It is then a padded_vocab_size-way
+    model: the padding columns take part in its softmax and AdamW updates their rows,
+    whereas llm.c's softmax stops at vocab_size and never touches them, so its loss
+    is higher than llm.c's by log(1 + sum of exp(padding logits) / sum of exp(real
+    logits)) (8-9e-5 relative at GPT-2 124M). keep_padding=False cuts wte to the
+    header's vocab_size rows: the same softmax, loss and updates as llm.c's
+    train_gpt2.c (tests/test_pretrained.py holds both statements).
     """
     h = read_llmc_header(path)
     vocab = h["padded_vocab_size"] if keep_padding else h["vocab_size"]

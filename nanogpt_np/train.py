@@ -27,6 +27,11 @@ schedule). `--resume` restores all of it, so the continued run computes the same
 floating-point operations in the same order: same losses, same weights, bit for
 bit (on the same machine, backend and thread count).
 
+One run per log directory (training/rundir.py). Every check comes first (flags,
+--log-dir, memory plan, data, checkpoint); the run's first write is run.json. A
+fresh run refuses a folder that holds another run, --resume a checkpoint of
+another run or one trained with other flags; --overwrite and --force say otherwise.
+
 Surviving a long run (resilience.py). A step whose loss or gradient norm is NaN
 or Inf is skipped (no AdamW update); after --max-bad-steps of them in a row the
 run checkpoints its last good weights and stops with an error. --skip-zscore Z
@@ -62,7 +67,7 @@ from . import distributed
 from .backend import default_precision, get_xp, resolve_precision, set_tf32
 from .checkpoint import CheckpointError
 from .config import GPTConfig
-from .data import DataError, DataLoader
+from .data import DataError, DataLoader, check_token_ids
 from .model import GPT
 from .optim import AdamW, clip_grad_norm, cosine_lr
 from .resilience import StepGuard, StopRequest
@@ -70,7 +75,7 @@ from .tokenizer import N_VOCAB
 from .zero import ShardedAdamW, apply as zero_apply, zero_step
 from .training.checkpointing import CheckpointMixin, truncate_log  # noqa: F401 (re-exported)
 from .training.config import (FLAG_HELP, PRESETS, RESUME_SENSITIVE, TrainConfig, build_parser,  # noqa: F401
-                              grad_accum_steps, parse_args)
+                              grad_accum_steps, parse_args, validate_config)
 from .training.errors import ConfigError, TrainingStopped
 from .training.fitting import FittingMixin
 from .training.evaluation import EvaluationMixin, evaluate, generate_samples  # noqa: F401
@@ -85,6 +90,9 @@ class Trainer(CheckpointMixin, EvaluationMixin, ProgressMixin, FittingMixin, Wat
     The pieces: nanogpt_np/training/ (checkpoints, evaluation, progress, fitting)."""
 
     def __init__(self, cfg, dist=None, log=None):
+        """Every check before any work: the flags, --log-dir (find_resume_point), the
+        memory plan, the data (headers, then every token id); then the model. Nothing
+        is written until run() starts (and claims --log-dir)."""
         self.cfg, self.dist = cfg, dist or distributed.Single()
         self.log = (log or say) if self.dist.is_master else (lambda *a, **k: None)
         self._check_config()
@@ -97,12 +105,24 @@ class Trainer(CheckpointMixin, EvaluationMixin, ProgressMixin, FittingMixin, Wat
             if cfg.backend != "cupy":
                 raise ConfigError("--tf32 applies to --backend cupy only")
             set_tf32(True)
-        self.model_config = GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size,
-                                      n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
+        try:
+            self.model_config = GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size,
+                                          n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        self.run_id = None
+        self.find_resume_point()  # may take the checkpoint's tokens per step
+        cfg = self.cfg
         if cfg.total_batch_size is None and cfg.batch_size != "auto":  # one micro-step per rank
             self.cfg = dataclasses.replace(
                 cfg, total_batch_size=cfg.batch_size * cfg.block_size * self.dist.world_size)
         self.resolve_batch_size()  # --batch-size auto: from the memory plan
+        self.check_memory_plan()  # over the memory there is: refused, unless --force
+        cfg = self.cfg
+        grad_accum_steps(cfg.total_batch_size, cfg.batch_size, cfg.block_size, self.dist.world_size)  # divides?
+        self.data_dir = cfg.data_dir or self._builtin_corpus()
+        self.train_loader, self.val_loader = self._make_loaders()
+        self.hellaswag_examples = self._load_hellaswag() if cfg.hellaswag_every else None
         self.model = GPT(self.model_config, dtype=self.precision, seed=cfg.seed, backend=cfg.backend)
         self.model.recompute = cfg.recompute
         self.confirm_batch_on_gpu()  # --batch-size auto on a GPU: one trial step
@@ -113,9 +133,6 @@ class Trainer(CheckpointMixin, EvaluationMixin, ProgressMixin, FittingMixin, Wat
         extra = dict(dist=self.dist) if cfg.zero else {}
         self.optimizer = optimizer(self.model.parameters(), lr=cfg.max_lr, betas=(0.9, 0.95), eps=1e-8,
                                    weight_decay=cfg.weight_decay, **extra)
-        self.data_dir = cfg.data_dir or self._builtin_corpus()
-        self.train_loader, self.val_loader = self._make_loaders()
-        self.hellaswag_examples = self._load_hellaswag() if cfg.hellaswag_every else None
         self.rng = np.random.default_rng([cfg.seed, 1])  # draws each sampling's seed
         self.guard = StepGuard(cfg.max_bad_steps, cfg.skip_zscore)
         self.stop_request = StopRequest(say=self.log)
@@ -125,25 +142,29 @@ class Trainer(CheckpointMixin, EvaluationMixin, ProgressMixin, FittingMixin, Wat
 
     def _check_config(self):
         cfg = self.cfg
+        validate_config(cfg, N_VOCAB)
         self.precision = cfg.dtype or default_precision(cfg.backend)  # bf16 on a GPU, else float32
         try:
             resolve_precision(self.precision, cfg.backend)  # bf16 on numpy: refused, saying why
         except (ValueError, RuntimeError) as e:
             raise ConfigError(str(e)) from e
-        if cfg.vocab_size < N_VOCAB:
-            raise ConfigError(f"--vocab-size {cfg.vocab_size} is smaller than GPT-2's {N_VOCAB} tokens")
-        if cfg.zero not in (0, 1):
-            raise ConfigError(f"--zero {cfg.zero}: 0 (every rank keeps all of AdamW) or 1 (ZeRO-1) only")
-        if cfg.batch_size != "auto" and not (isinstance(cfg.batch_size, int) and cfg.batch_size > 0):
-            raise ConfigError(f"--batch-size must be a positive number of sequences or auto, got {cfg.batch_size!r}")
-        for name in ("max_steps", "val_steps", "num_samples"):
-            if getattr(cfg, name) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive")
-        for name in ("val_every", "sample_every", "ckpt_every", "warmup_steps", "sample_tokens",
-                     "hellaswag_every", "bucket_mb", "max_bad_steps", "skip_zscore", "keep_last",
-                     "collective_timeout", "straggler_every"):
-            if getattr(cfg, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0 (0 turns it off)")
+
+    def collectively(self, work):
+        """work() on rank 0 -> its JSON-able result on every rank; or its error raised on
+        every rank alike (marked collective, so the job stops without an abort)."""
+        kinds = {"ConfigError": ConfigError, "DataError": DataError, "CheckpointError": CheckpointError}
+        result, problem = None, None
+        if self.dist.is_master:
+            try:
+                result = work()
+            except tuple(kinds.values()) as e:
+                problem = [type(e).__name__, str(e)]
+        result, problem = self.dist.allgather_json([result, problem])[0]
+        if problem:
+            error = kinds[problem[0]](problem[1])
+            error.collective = True
+            raise error
+        return result
 
     def _builtin_corpus(self):
         from .corpus import builtin_corpus
@@ -153,11 +174,24 @@ class Trainer(CheckpointMixin, EvaluationMixin, ProgressMixin, FittingMixin, Wat
         return path or builtin_corpus(log=self.log)
 
     def _make_loaders(self):
+        """(train, val) loaders of this rank. Rank 0 first checks every shard (header,
+        size, then every token id) for all ranks, so a bad file stops the job with one
+        line; then the other ranks open theirs."""
         cfg, d = self.cfg, self.dist
         common = dict(B=cfg.batch_size, T=cfg.block_size, rank=d.rank, world_size=d.world_size)
-        train = DataLoader(self.data_dir, split="train", shuffle=cfg.shuffle, seed=cfg.seed, **common)
-        val = DataLoader(self.data_dir, split="val", **common) if cfg.val_every else None
-        return train, val
+
+        def make():
+            train = DataLoader(self.data_dir, split="train", shuffle=cfg.shuffle, seed=cfg.seed, **common)
+            val = DataLoader(self.data_dir, split="val", **common) if cfg.val_every else None
+            return train, val
+
+        def check():
+            self._loaders = make()
+            shards = [s for loader in self._loaders if loader for s in loader.shards]
+            check_token_ids(shards, cfg.vocab_size, log=self.log)
+
+        self.collectively(check)
+        return self.__dict__.pop("_loaders", None) or make()
 
     # ---- the loop ----------------------------------------------------------------------------
 
@@ -176,6 +210,7 @@ class Trainer(CheckpointMixin, EvaluationMixin, ProgressMixin, FittingMixin, Wat
         stop = cfg.max_steps if stop_at is None else min(stop_at, cfg.max_steps)
         if self.step >= cfg.max_steps:
             self.log(f"nothing to do: the run is at step {self.step}, --max-steps is {cfg.max_steps}")
+        self.say_what_takes_long()
         self.clock = None  # (time, step) at the end of this process's first step
         self.last_saved = None
         with self.stop_request:
@@ -193,6 +228,19 @@ class Trainer(CheckpointMixin, EvaluationMixin, ProgressMixin, FittingMixin, Wat
                     self.stop_for_signal()
                     break
         return self.history
+
+    def say_what_takes_long(self, seconds=5.0):
+        """Before a first step that will take a while: its time at the measured peak,
+        so a silent minute is not taken for a hang."""
+        cfg, ranks = self.cfg, self.dist.world_size
+        step_s = self.flops_per_step / (self.peak * ranks)
+        val_s = step_s / 3 * cfg.val_steps * cfg.batch_size * cfg.block_size * ranks / cfg.total_batch_size
+        if max(step_s, val_s if cfg.val_every else 0) < seconds:
+            return
+        val = f", each validation ({cfg.val_steps} batches) {format_seconds(val_s)}" if cfg.val_every else ""
+        warm = "compiles the GPU kernels" if self.xp is not np else "warms up"
+        self.log(f"at the measured peak each step takes at least {format_seconds(step_s)}{val}; the first step "
+                 f"also {warm}")
 
     def train_one_step(self, step):
         """Gradients, then AdamW unless the guard skips the step. -> whether some rank
@@ -227,29 +275,60 @@ class Trainer(CheckpointMixin, EvaluationMixin, ProgressMixin, FittingMixin, Wat
 
 
 def resume_command(argv=None, world_size=1):
-    """The command line that continues this run: the same one plus --resume."""
+    """The command line that continues this run: the same one plus --resume (and the
+    thread settings the ranks ran with, which the shell line carried)."""
     import shlex
 
-    args = list(sys.argv[1:] if argv is None else argv)
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--overwrite"]
     if "--resume" not in args:
         args.append("--resume")
+    threads = [f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS") if k in os.environ]
     launcher = ["mpiexec", "-n", str(world_size)] if world_size > 1 else []
-    return " ".join(shlex.quote(a) for a in [*launcher, "python3", "scripts/train.py", *args])
+    words = [shlex.quote(a) for a in [*launcher, "python3", "scripts/train.py", *args]]
+    return " ".join(threads + words)
+
+
+def interrupted_message(cfg, ours):
+    """What a Ctrl-C outside the loop (at start-up, or a second one) leaves to do.
+    ours: --log-dir is this run's (resumed, or claimed before the interrupt)."""
+    from .checkpoint import latest_checkpoint
+    from .training.rundir import describe
+
+    ckpt = latest_checkpoint(cfg.log_dir) if ours else None
+    if ckpt:
+        return f"interrupted; continue with the same flags plus --resume (from {ckpt})"
+    if ours and describe(cfg.log_dir):
+        return (f"interrupted before the first checkpoint; {cfg.log_dir} has nothing to resume: run the same "
+                "command again with --overwrite")
+    if ours:
+        return "interrupted before the first step; run the same command again"
+    return f"interrupted before the run began; nothing was written to {cfg.log_dir}: run the same command again"
+
+
+def next_steps(log_dir):
+    """The commands that use what the run left: sampling its last checkpoint, the plot."""
+    from .checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(log_dir)
+    sample = f"sample from it: python3 scripts/sample.py --ckpt {ckpt}; " if ckpt else ""
+    return f"{sample}plot it: python3 scripts/plot_log.py {log_dir}"
 
 
 def main(argv=None):
     cfg = parse_args(argv)
     t0 = time.perf_counter()
     dist = distributed.init()
+    trainer = None
     try:
         trainer = Trainer(cfg, dist=dist)
         trainer.continue_with = resume_command(argv, dist.world_size)  # printed if a rank stalls
         history = trainer.run()
-    except (ConfigError, DataError, CheckpointError, TrainingStopped) as e:
+    except (ValueError, TrainingStopped) as e:  # ConfigError, DataError, CheckpointError: one line
         return distributed.report_failure(dist, e, everywhere=getattr(e, "collective", False))
     except KeyboardInterrupt:
-        print(f"\ninterrupted; continue with the same flags plus --resume "
-              f"(from the latest checkpoint in {cfg.log_dir})", file=sys.stderr)
+        if dist.is_master:
+            ours = cfg.resume or (trainer is not None and trainer.run_id is not None)
+            print("\n" + interrupted_message(cfg, ours), file=sys.stderr)
         return 130
     if not dist.is_master:
         return 0
@@ -262,4 +341,5 @@ def main(argv=None):
         step = max(history["val"])
         say(f"final val loss {history['val'][step]:.4f} (step {step})")
     say(f"done in {format_seconds(time.perf_counter() - t0)}; log: {trainer.log_path}")
+    say(next_steps(cfg.log_dir))
     return 0

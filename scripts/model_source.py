@@ -44,3 +44,18 @@ def load_training_checkpoint(path, dtype, backend):
     model = GPT(GPTConfig(**ckpt["meta"]["model_config"]), dtype=dtype, backend=backend, init_weights=False)
     model.load_state_dict(ckpt["params"])
     return model
+
+
+if __name__ == "__main__":  # not a command of its own: say whose options these are
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="model_source.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__ + "\nThis file is not a command: run scripts/sample.py or scripts/hellaswag.py "
+                              "with these options.")
+    add_model_args(parser)
+    if not {"-h", "--help"} & set(sys.argv[1:]):
+        parser.print_help(sys.stderr)
+        sys.exit(2)
+    parser.parse_args()

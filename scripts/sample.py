@@ -39,6 +39,11 @@ def main(argv=None):
             # padding rows are no token: drop them so they can never be sampled
             model = resize_vocab(model, GPT2_VOCAB)
         prompt = enc.encode(args.prompt) if args.prompt else [EOT_TOKEN]
+        T = model.config.block_size
+        if len(prompt) > T:  # generate crops its context to the window; say so, not silently
+            print(f"note: the prompt is {len(prompt)} tokens, longer than the model's context of {T}: its first "
+                  f"{len(prompt) - T} tokens are not seen (the samples still print the whole prompt)",
+                  file=sys.stderr)
         idx = np.tile(np.array(prompt, dtype=np.int64), (args.num_samples, 1))  # (B, T)
         t0 = time.perf_counter()
         out = model.generate(idx, args.max_new_tokens, temperature=args.temperature,

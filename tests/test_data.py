@@ -264,3 +264,107 @@ def test_short_shards_are_skipped_or_refused(tmp_path, capsys):
     np.testing.assert_array_equal(loader.next_batch()[0].ravel(), shards[1][:8])
     with pytest.raises(DataError, match="too short.*needs B\\*T\\*ranks\\+1 = 81"):
         DataLoader(tmp_path, 4, 10, world_size=2)
+
+
+# ---- edge cases, against an independent restatement of the loader ---------------------
+
+
+def restated_batches(shards, B, T, rank=0, world_size=1, shuffle=False, seed=0):
+    """The batches rank `rank` reads, written out from the loader's contract (module
+    docstring of data.py), not from its code: epoch after epoch, the shards in order
+    (shuffled per epoch: permutation of default_rng([seed, epoch])), each shard's
+    documents shuffled by default_rng([seed, epoch, shard]); in a shard, round r
+    gives rank k the B*T+1 tokens at r*B*T*R + k*B*T, for every round that fits whole
+    (B*T*R + 1 tokens from its start). Shards too short for one round are skipped."""
+    step = B * T * world_size
+    usable = [i for i, s in enumerate(shards) if len(s) >= step + 1]
+    epoch = 0
+    while True:
+        order = (np.random.default_rng([seed, epoch]).permutation(len(usable)) if shuffle
+                 else range(len(usable)))
+        for k in order:
+            tokens = np.asarray(shards[usable[k]])
+            if shuffle:
+                starts = list(np.flatnonzero(tokens == EOT_TOKEN))
+                starts = starts if starts and starts[0] == 0 else [0] + starts
+                docs = [tokens[a:b] for a, b in zip(starts, starts[1:] + [len(tokens)])]
+                perm = np.random.default_rng([seed, epoch, int(k)]).permutation(len(docs))
+                tokens = np.concatenate([docs[i] for i in perm])
+            rounds = (len(tokens) - 1) // step  # whole rounds, each with its one target past the end
+            for r in range(rounds):
+                start = r * step + rank * B * T
+                buf = tokens[start : start + B * T + 1].astype(np.int64)
+                yield buf[:-1].reshape(B, T), buf[1:].reshape(B, T), epoch
+        epoch += 1
+
+
+def documents_shards(folder, lengths, seed=0):
+    """Train shards of the given lengths, with <|endoftext|> every few tokens."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    arrays = []
+    for i, n in enumerate(lengths):
+        tokens = rng.integers(0, 50000, n).astype(np.uint16)
+        tokens[rng.random(n) < 0.15] = EOT_TOKEN
+        write_shard(os.path.join(folder, f"d_train_{i:06d}.npy"), tokens)
+        arrays.append(tokens)
+    return arrays
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_shards_of_exactly_whole_rounds_are_read_to_the_last_token(tmp_path, world_size):
+    """Lengths k*B*T*R + 1 fit their last round exactly: it is read, then the next
+    shard starts (an off-by-one `>=` for `>` would skip that last round)."""
+    B, T = 2, 3
+    step = B * T * world_size
+    lengths = [step + 1, 3 * step + 1, 2 * step + 1, 2 * step, step + 2]  # exact, exact, exact, one short, one over
+    shards = make_shards(tmp_path, lengths)
+    for rank in range(world_size):
+        loader = DataLoader(tmp_path, B, T, rank=rank, world_size=world_size)
+        expected = restated_batches(shards, B, T, rank, world_size)
+        rounds = sum((n - 1) // step for n in lengths)
+        for _ in range(2 * rounds + 1):  # two epochs and a bit
+            x, y = loader.next_batch()
+            ex, ey, epoch = next(expected)
+            np.testing.assert_array_equal(x, ex)
+            np.testing.assert_array_equal(y, ey)
+        assert loader.epoch == 2
+
+
+def test_a_shuffled_loader_draws_a_new_order_every_epoch(tmp_path):
+    """Carried across epoch boundaries (and through a state round trip mid-epoch), the
+    shuffled loader reads what the restatement reads: each epoch its own shard order
+    and document shuffle, so an epoch counter that never moved would fail here."""
+    B, T = 2, 8
+    shards = documents_shards(tmp_path, [97, 61, 150, 17, 80])
+    loader = DataLoader(tmp_path, B, T, shuffle=True, seed=5)
+    expected = restated_batches(shards, B, T, shuffle=True, seed=5)
+    per_epoch = sum((len(s) - 1) // (B * T) for s in shards if len(s) > B * T)
+    epochs_seen = []
+    for i in range(3 * per_epoch + 2):
+        if i == per_epoch + 3:  # resume mid-epoch 1 in a new loader
+            state = loader.state()
+            loader = DataLoader(tmp_path, B, T, shuffle=True, seed=5)
+            loader.load_state(state)
+        x, y = loader.next_batch()
+        ex, ey, epoch = next(expected)
+        np.testing.assert_array_equal(x, ex, err_msg=f"batch {i} (epoch {epoch})")
+        np.testing.assert_array_equal(y, ey)
+        epochs_seen.append(epoch)
+    assert loader.epoch == 3 and sorted(set(epochs_seen)) == [0, 1, 2, 3]
+    orders = [list(np.random.default_rng([5, e]).permutation(4)) for e in range(3)]
+    assert len({tuple(o) for o in orders}) > 1  # the seed gives epochs different orders: the test can tell
+
+
+def test_token_ids_outside_the_vocabulary_are_named(tmp_path):
+    from nanogpt_np.data import check_token_ids
+
+    good = make_shards(tmp_path, [100])
+    bad = np.full(50, 7, dtype=np.uint16)
+    bad[31] = 65514
+    path = write_shard(tmp_path / "x_train_000009.npy", bad)
+    check_token_ids([tmp_path / "x_train_000000.npy"], 50304)
+    with pytest.raises(DataError, match=r"x_train_000009.npy: token 31 is id 65514, outside the vocabulary \[0, 50304\)"):
+        check_token_ids([tmp_path / "x_train_000000.npy", path], 50304)
+    assert good[0].max() < 50257
+    check_token_ids([path], 65536)  # a model with that many tokens reads it

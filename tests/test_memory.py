@@ -93,5 +93,5 @@ def test_batch_size_auto_fits_the_cap_and_trains_as_that_b_by_hand(shards, tmp_p
 def test_batch_size_auto_says_when_nothing_fits(shards, tmp_path):
     from nanogpt_np.train import ConfigError, Trainer
 
-    with pytest.raises(ConfigError, match="not even B=1 fits in 0.0 GiB"):
+    with pytest.raises(ConfigError, match="not even B=1 fits in 0.01 GiB"):
         Trainer(small_run(shards, tmp_path, batch_size="auto", memory_gib=0.01), log=lambda *a, **k: None)

@@ -161,7 +161,8 @@ def test_sigterm_to_a_two_rank_job_checkpoints_and_resumes_exactly(shards, tmp_p
     done = log.read_text().count(" train ")
     assert 5 <= done < 150
     assert out.count("stopped by SIGTERM") == 1  # rank 0 speaks for the job
-    assert f"({done} steps done)" in out and "Continue with: mpiexec -n 2 python3 scripts/train.py" in out
+    assert f"({done} steps done)" in out  # the command that continues it, with the ranks' thread settings:
+    assert "Continue with: OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 mpiexec -n 2 python3 scripts/train.py" in out
     assert checkpoint.list_checkpoints(log_dir) == [str(log_dir / f"model_{done:05d}.npz")]
     resumed = run_mpi(script, args=(*flags, "--log-dir", str(log_dir), "--resume"))
     assert resumed.returncode == 0, resumed.stderr

@@ -88,7 +88,7 @@ def test_prepare_text_files(tmp_path):
     np.testing.assert_array_equal(read_all(val + train), tokens)
     assert read_all(val).size == round(0.25 * tokens.size)
     assert sorted(os.listdir(out)) == sorted(os.path.basename(p) for p in val + train)
-    with pytest.raises(ValueError, match="val_fraction"):
+    with pytest.raises(ValueError, match=r"--val-fraction 1: .* in \(0, 1\)"):
         prepare_text_files(files, out, val_fraction=1.0)
 
 

@@ -389,3 +389,29 @@ def test_llmc_bad_files_are_named(tmp_path):
         pretrained.load_llmc(variant("tiny.bin", raw[:12]))
     with pytest.raises(ValueError, match="llm.c files hold"):
         pretrained.save_llmc(model, tmp_path / "x.bin", dtype="float16")
+
+
+def test_llmc_keep_padding_is_a_padded_softmax_and_without_it_llmcs_own(tmp_path):
+    """load_llmc's docstring: keep_padding=True is a padded_vocab_size-way softmax (the
+    padding columns count), keep_padding=False is llm.c's softmax over vocab_size."""
+    cfg = GPTConfig(block_size=16, vocab_size=99, n_layer=1, n_head=2, n_embd=8)
+    path = tmp_path / "model.bin"
+    pretrained.save_llmc(GPT(cfg, seed=4), path)  # header vocab 99, padded to 128
+    padded = pretrained.load_llmc(path, dtype=np.float64)
+    cut = pretrained.load_llmc(path, dtype=np.float64, keep_padding=False)
+    assert (padded.config.vocab_size, cut.config.vocab_size) == (128, 99)
+    idx = np.random.default_rng(0).integers(0, 99, (2, 16))
+    targets = np.roll(idx, -1, axis=1)
+    logits, padded_loss = padded.forward(idx, targets)
+    logits = np.array(logits)  # (B, T, 128)
+    picked = np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+
+    def mean_nll(columns):
+        z = logits[..., :columns]
+        lse = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
+        return float((lse - picked).mean())
+
+    _, cut_loss = cut.forward(idx, targets)
+    np.testing.assert_allclose(padded_loss, mean_nll(128), rtol=1e-12)
+    np.testing.assert_allclose(cut_loss, mean_nll(99), rtol=1e-12)
+    assert padded_loss > cut_loss  # the padding columns add to the normaliser

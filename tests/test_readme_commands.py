@@ -94,11 +94,19 @@ def train_tiny(cwd):
 
 
 def train_tiny_on_two_ranks(cwd):
-    r = run("OMP_NUM_THREADS=1 mpiexec -n 2 python3 scripts/train.py --preset tiny", cwd,
-            TRAIN_STEPS + ["--log-dir", "log2"])
+    """Run after the quickstart's run, into its own --log-dir: log/ stays the first run's."""
+    log_before = (cwd / "log" / "log.txt").read_text()
+    r = run("OMP_NUM_THREADS=1 mpiexec -n 2 python3 scripts/train.py --preset tiny --log-dir log_2ranks", cwd,
+            TRAIN_STEPS)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "2 rank(s) x B=8 x T=128 x 1 micro-steps = 2,048 tokens per step" in r.stdout
     assert r.stdout.count("final val loss") == 1  # rank 0 speaks for the job
+    assert (cwd / "log" / "log.txt").read_text() == log_before and (cwd / "log_2ranks" / "run.json").exists()
+    # the quickstart's command again, as the Training section shows it: refused, saying the ways on
+    r = run("python3 scripts/train.py --preset tiny", cwd, TRAIN_STEPS)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "--log-dir log holds another run" in r.stderr and "--resume" in r.stderr and "--overwrite" in r.stderr
+    assert (cwd / "log" / "log.txt").read_text() == log_before
 
 
 def sample_checkpoint(cwd):
@@ -130,7 +138,8 @@ def gradcheck_layernorm(cwd):
 # in the order they run (sampling and the plot read the tiny run's log/)
 RUNS = {
     "python3 scripts/train.py --preset tiny": train_tiny,
-    "OMP_NUM_THREADS=1 mpiexec -n 2 python3 scripts/train.py --preset tiny": train_tiny_on_two_ranks,
+    "OMP_NUM_THREADS=1 mpiexec -n 2 python3 scripts/train.py --preset tiny --log-dir log_2ranks":
+        train_tiny_on_two_ranks,
     "python3 scripts/sample.py --ckpt log/model_00200.npz": sample_checkpoint,
     "python3 scripts/plot_log.py log/": plot,
     "python3 -m nanogpt_np.gradcheck all": gradcheck_all,

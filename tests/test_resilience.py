@@ -388,7 +388,9 @@ def test_a_signal_checkpoints_and_the_resumed_run_equals_one_never_stopped(data_
     stopped = len(train_lines(log_dir))
     assert 5 <= stopped < 80
     assert f"stopped by {sig.name} after step {stopped - 1} ({stopped} steps done)" in out
-    assert "Continue with: python3 scripts/train.py" in out and out.rstrip().endswith("--resume")
+    # the thread settings the run had are part of the command that continues it bit for bit
+    assert ("Continue with: OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 python3 scripts/train.py" in out
+            and out.rstrip().endswith("--resume"))
     assert checkpoint.list_checkpoints(log_dir) == [str(log_dir / f"model_{stopped:05d}.npz")]
     resumed = train_script([*common, "--log-dir", str(log_dir), "--resume"])
     assert resumed.returncode == 0, resumed.stderr

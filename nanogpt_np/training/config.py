@@ -1,6 +1,7 @@
 """Every flag of scripts/train.py: TrainConfig, the presets, the parser, and the
 gradient accumulation they imply."""
 import argparse
+import math
 import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -35,6 +36,8 @@ class TrainConfig:
     sample_every: int = 250
     ckpt_every: int = 5000
     resume: bool = False
+    overwrite: bool = False  # replace the run already in --log-dir
+    force: bool = False  # start even over the memory plan, or --resume with changed flags
     backend: str = "numpy"
     dtype: Optional[str] = None  # None: bf16 on cupy, float32 on numpy (backend.default_precision)
     tf32: bool = False  # cupy: float32 matmuls on TF32 tensor cores
@@ -102,6 +105,9 @@ FLAG_HELP = {
     "val_steps": "batches per validation", "sample_every": "print samples every N steps (0: off)",
     "ckpt_every": "checkpoint every N steps (0: off)",
     "resume": "continue from the latest checkpoint in --log-dir",
+    "overwrite": "replace the run already in --log-dir (its log.txt, run.json, log.png and checkpoints)",
+    "force": "start even when the memory plan is over the memory available, or when --resume finds the "
+             "checkpoint trained with other flags",
     "backend": "numpy (CPU) or cupy (GPU)",
     "dtype": "float32, float64, or bf16 (cupy only: bf16 activations and matmuls, float32 parameters; "
              "default bf16 on cupy, float32 on numpy)",
@@ -177,3 +183,61 @@ def grad_accum_steps(total_batch_size, B, T, world_size=1):
             f"{B}*{T}*{world_size} = {tokens_per_micro}; pick a multiple of {tokens_per_micro}"
         )
     return total_batch_size // tokens_per_micro
+
+
+# ---- every value checked before any work ------------------------------------------------
+
+POSITIVE = ("n_layer", "n_head", "n_embd", "block_size", "max_steps", "val_steps", "num_samples")
+COUNTS = ("val_every", "sample_every", "ckpt_every", "warmup_steps", "sample_tokens", "hellaswag_every",
+          "max_bad_steps", "keep_last", "straggler_every", "seed")  # 0 turns the first ones off
+RATES = {  # flag: (lowest, whether the lowest is allowed, what it is)
+    "max_lr": (0.0, False, "the peak learning rate"),
+    "weight_decay": (0.0, True, "AdamW's decoupled weight decay"),
+    "grad_clip": (0.0, True, "the gradient norm clip (0: off)"),
+    "skip_zscore": (0.0, True, "the spike z-score (0: off)"),
+    "bucket_mb": (0.0, True, "MiB per gradient bucket (0: one allreduce)"),
+    "collective_timeout": (0.0, True, "seconds a collective may take (0: no watchdog)"),
+    "memory_gib": (0.0, False, "GiB of memory per rank"),
+    "peak_tflops": (0.0, False, "the peak TFLOPS MFU divides by"),
+}
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def validate_config(cfg, n_vocab):
+    """Raise ConfigError on the first value no run can use, saying the allowed range.
+    Whole-number flags must be integers in range; float flags finite and in range."""
+    for name in POSITIVE:
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"{flag(name)} {getattr(cfg, name)}: must be a whole number >= 1")
+    for name in COUNTS:
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{flag(name)} {getattr(cfg, name)}: must be a whole number >= 0"
+                              + ("" if name == "seed" else " (0 turns it off)" if name.endswith("every") else ""))
+    for name, (low, inclusive, what) in RATES.items():
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        bound = f">= {low:g}" if inclusive else f"> {low:g}"
+        if not math.isfinite(value) or value < low or (value == low and not inclusive):
+            raise ConfigError(f"{flag(name)} {value:g}: {what} must be a finite number {bound}")
+    if not (math.isfinite(cfg.min_lr) and 0 <= cfg.min_lr <= cfg.max_lr):
+        raise ConfigError(f"--min-lr {cfg.min_lr:g}: the final learning rate must be a finite number in "
+                          f"[0, --max-lr {cfg.max_lr:g}]")
+    if cfg.n_embd % cfg.n_head:
+        heads = [h for h in range(1, cfg.n_embd + 1) if cfg.n_embd % h == 0 and h <= 64]
+        raise ConfigError(f"--n-embd {cfg.n_embd} is not divisible by --n-head {cfg.n_head}: each head takes "
+                          f"n_embd/n_head channels; pick a head count that divides it ({', '.join(map(str, heads[-6:]))})")
+    if cfg.vocab_size < n_vocab:
+        raise ConfigError(f"--vocab-size {cfg.vocab_size} is smaller than GPT-2's {n_vocab} tokens")
+    if cfg.zero not in (0, 1):
+        raise ConfigError(f"--zero {cfg.zero}: 0 (every rank keeps all of AdamW) or 1 (ZeRO-1) only")
+    if cfg.batch_size != "auto" and not (isinstance(cfg.batch_size, int) and cfg.batch_size > 0):
+        raise ConfigError(f"--batch-size {cfg.batch_size!r}: must be a whole number >= 1, or auto")
+    if cfg.total_batch_size is not None and cfg.total_batch_size <= 0:
+        raise ConfigError(f"--total-batch-size {cfg.total_batch_size}: must be a whole number >= 1 "
+                          "(tokens per optimizer step)")
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("--resume continues the run in --log-dir and --overwrite replaces it: give one of them")

@@ -62,24 +62,6 @@ def format_seconds(s):
 class ProgressMixin:
     """Trainer's output: only rank 0 prints and writes log.txt."""
 
-    def write_run_info(self):
-        """log_dir/run.json: the model and batch of this run, for scripts/plot_log.py's
-        legend (log.txt keeps build-nanogpt's plain lines). Written whole or not at all."""
-        import json
-        import os
-
-        from ..safetensors_io import atomic_open
-
-        info = {"model_config": self.model_config.to_dict(), "parameters": self.model.num_parameters(),
-                "dtype": self.precision, "ranks": self.dist.world_size,
-                "total_batch_size": self.cfg.total_batch_size, "preset": self.cfg.preset}
-        path = os.path.join(self.cfg.log_dir, "run.json")
-        try:
-            with atomic_open(path) as f:  # a temporary file, fsynced, renamed; removed on failure
-                f.write(json.dumps(info, indent=1).encode())
-        except OSError as e:
-            raise TrainingStopped(f"cannot write {path}: {e.strerror or e}; make --log-dir writable") from e
-
     def append_log(self, line):
         if self.dist.is_master:
             try:
@@ -132,4 +114,4 @@ class ProgressMixin:
         eta = per_step * (cfg.max_steps - self.step)
         self.log(f"step {step:5d}/{cfg.max_steps} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | "
                  f"{dt * 1000:.1f} ms | {cfg.total_batch_size / dt:,.0f} tok/s | MFU {100 * mfu:.2f}% | "
-                 f"{100 * self.step / cfg.max_steps:.0f}% ETA {format_seconds(eta)}")
+                 f"{100 * self.step // cfg.max_steps}% ETA {format_seconds(eta)}")
