@@ -206,8 +206,9 @@ const std::map<std::string, EmuEntry>& emu_registry() {
 
 
 def test_emulator_catches_deadlocks_and_stray_writes(tmp_path):
-    """The emulator's own checks work, so a passing emulated test means the
-    barriers are placed right and no kernel writes outside its arrays."""
+    """The emulator's own checks work: deadlocks, writes past an array, and a
+    barrier in a kernel run thread after thread. (Races between warps over
+    shared memory: test_a_missing_barrier_is_a_race_naming_both_lines.)"""
     import shutil
     import subprocess
     from pathlib import Path
@@ -234,3 +235,48 @@ def test_emulator_catches_deadlocks_and_stray_writes(tmp_path):
     runner.launch(None, "syncs_if<float>", (2,), (32,), (x, np.int32(0)), 0)
     with pytest.raises(RuntimeError, match="barrier was reached by a kernel whose first launch reached none"):
         runner.launch(None, "syncs_if<float>", (2,), (32,), (x, np.int32(1)), 0)
+
+
+def _mma_attention_call():
+    from nanogpt_np.backend import bfloat16
+
+    qkv = np.random.default_rng(0).standard_normal((1, 130, 3 * 64)).astype(np.float32).astype(bfloat16())
+    kernels.attention.forward(qkv, 1)
+
+
+def _cross_entropy_call():
+    x = np.random.default_rng(0).standard_normal((2, 3, 1000)).astype(np.float32)
+    kernels.cross_entropy.forward(x, np.zeros((2, 3), np.int64))
+
+
+MISSING_BARRIERS = {  # kernel file, the text whose __syncthreads is removed, a call that runs it
+    "block_logsumexp: warp 0 reads partial sums not yet written": (
+        "common.cuh", "cross_entropy.cu", "        shared_s[warp] = s;\n    }\n    __syncthreads();\n",
+        "__syncthreads();\n", _cross_entropy_call, r"block_logsumexp.*common\.cuh:\d+.*common\.cuh:\d+"),
+    "attention_mma forward: a warp overwrites the K/V tile another warp still reads": (
+        "attention_mma.cu", "attention_mma.cu", "        __syncthreads();  // everyone is done with the previous tile\n",
+        "__syncthreads();", _mma_attention_call,
+        r"flash_attention_mma_forward.*_tile.*attention_mma\.cu:\d+.*attention_mma\.cu:\d+"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MISSING_BARRIERS))
+def test_a_missing_barrier_is_a_race_naming_both_lines(case, tmp_path):
+    """Each __syncthreads listed, removed from a copy of the source, makes the
+    emulator fail the launch with a race naming the kernel, the shared array and
+    both source lines; so a passing emulated test means no barrier is missing,
+    even where the numbers would come out right."""
+    from nanogpt_np.kernels import loader
+    from tests.kernels import emulator
+
+    filename, built, text, barrier, call, message = MISSING_BARRIERS[case]
+    source = (loader.KERNEL_DIR / filename).read_text()
+    assert source.count(text) == 1 and barrier in text
+    broken = source.replace(text, text.replace(barrier, ""))
+    lib = emulator.build(tmp_path, replace={filename: broken}, files=(built,))
+    previous = loader.use_runner(emulator.EmulatedRunner(lib))
+    try:
+        with pytest.raises(RuntimeError, match="race on shared memory in .*" + message):
+            call()
+    finally:
+        loader.use_runner(previous)
