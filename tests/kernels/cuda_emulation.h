@@ -119,6 +119,7 @@ struct EmuFiber {
     EmuState state = EmuState::ready;
     std::vector<std::vector<EmuCopy>> copy_groups;  // committed cp.async groups, oldest first
     std::vector<EmuCopy> open_copies;               // issued since the last commit_group
+    unsigned warp_ops = 0;  // warp-wide operations so far (every lane of a warp makes the same ones)
 };
 
 struct EmuBlock {
@@ -127,7 +128,7 @@ struct EmuBlock {
     int at_syncthreads = 0;
     std::vector<int> warp_arrived;  // lanes of each warp waiting in a shuffle
     std::vector<int> warp_size;
-    alignas(8) unsigned char slots[1024][8];  // shuffle values, by linear thread index
+    alignas(8) unsigned char slots[2][1024][8];  // shuffle values, by parity and linear thread index
     ucontext_t scheduler;
     std::string error;
     bool direct = false;          // threads run as plain calls: no barrier may be reached
@@ -300,7 +301,10 @@ EMU_RUNTIME inline void __syncthreads() {
 }
 
 // One warp-wide meeting point: returns once every lane of this thread's warp has
-// arrived (the barrier a shuffle's phases, and mma's, are made of).
+// arrived. A warp-wide operation posts its operands, meets, and reads the
+// others': one meeting suffices, because consecutive operations post into
+// alternate slot sets (emu_slot_set), and a lane can only post into a set again
+// after every lane has met at the operation in between, done reading it.
 EMU_RUNTIME inline void emu_warp_phase(EmuBlock& b, int warp) {
     if (++b.warp_arrived[warp] == b.warp_size[warp]) {
         b.warp_arrived[warp] = 0;
@@ -311,6 +315,9 @@ EMU_RUNTIME inline void emu_warp_phase(EmuBlock& b, int warp) {
     }
 }
 
+// Which of two slot sets this thread's next warp-wide operation uses.
+EMU_RUNTIME inline int emu_slot_set(EmuBlock& b) { return b.fibers[b.current].warp_ops++ & 1; }
+
 template <typename V>
 EMU_RUNTIME V __shfl_xor_sync(unsigned mask, V value, int lane_mask, int width = 32) {
     static_assert(sizeof(V) <= 8, "shuffle of a value wider than 8 bytes");
@@ -319,11 +326,11 @@ EMU_RUNTIME V __shfl_xor_sync(unsigned mask, V value, int lane_mask, int width =
     emu_barrier_reached(b);
     const int tid = b.current, warp = tid / 32, lane = tid % 32, source = lane ^ lane_mask;
     if (source >= b.warp_size[warp]) throw EmuError("__shfl_xor_sync reads a lane past the end of a partial warp");
-    std::memcpy(b.slots[tid], &value, sizeof(V));
-    emu_warp_phase(b, warp);  // phase 1: every lane has written its value
+    const int set = emu_slot_set(b);
+    std::memcpy(b.slots[set][tid], &value, sizeof(V));
+    emu_warp_phase(b, warp);  // every lane has written its value
     V result;
-    std::memcpy(&result, b.slots[warp * 32 + source], sizeof(V));
-    emu_warp_phase(b, warp);  // phase 2: every lane has read, so the slots may be reused
+    std::memcpy(&result, b.slots[set][warp * 32 + source], sizeof(V));
     return result;
 }
 
@@ -345,12 +352,13 @@ EMU_RUNTIME inline void emu_mma_bf16_16816(float (&d)[4], const unsigned (&a)[4]
     emu_barrier_reached(b);
     const int tid = b.current, warp = tid / 32, lane = tid % 32;
     if (b.warp_size[warp] != 32) throw EmuError("mma.sync needs a full warp of 32 lanes");
-    static EmuMmaSlot slots[1024];
-    EmuMmaSlot& mine = slots[tid];
+    static EmuMmaSlot slots[2][1024];
+    const int set = emu_slot_set(b);
+    EmuMmaSlot& mine = slots[set][tid];
     for (int i = 0; i < 4; ++i) mine.a[i] = a[i], mine.d[i] = d[i];
     mine.b[0] = bv[0], mine.b[1] = bv[1];
     emu_warp_phase(b, warp);  // every lane has posted its fragments
-    const EmuMmaSlot* w = slots + warp * 32;
+    const EmuMmaSlot* w = slots[set] + warp * 32;
     auto A = [&](int row, int k) {  // a[(row >= 8) + 2 (k >= 8)] of lane 4 (row % 8) + (k % 8) / 2
         return emu_bf16_half(w[(row % 8) * 4 + (k % 8) / 2].a[(row >= 8) + 2 * (k >= 8)], k % 2);
     };
@@ -365,7 +373,6 @@ EMU_RUNTIME inline void emu_mma_bf16_16816(float (&d)[4], const unsigned (&a)[4]
         for (int k = 0; k < 16; ++k) acc += A(row, k) * B(k, col);
         out[i] = w[lane].d[i] + acc;
     }
-    emu_warp_phase(b, warp);  // every lane has read: the slots may be reused
     for (int i = 0; i < 4; ++i) d[i] = out[i];
 }
 
@@ -380,13 +387,14 @@ EMU_RUNTIME inline void emu_ldmatrix(unsigned* regs, int count, bool trans, cons
     const int tid = b.current, warp = tid / 32, lane = tid % 32;
     if (b.warp_size[warp] != 32) throw EmuError("ldmatrix needs a full warp of 32 lanes");
     emu_check_aligned(row, 16);
-    static const void* rows[1024];
-    rows[tid] = row;
+    static const void* rows[2][1024];
+    const int set = emu_slot_set(b);
+    rows[set][tid] = row;
     emu_warp_phase(b, warp);  // every lane has posted its row address
     const void* pc = __builtin_return_address(0);
     for (int i = 0; i < count; ++i) {
         auto element = [&](int r, int c) {  // matrix i, row r, column c
-            const auto* p = static_cast<const unsigned short*>(rows[warp * 32 + 8 * i + r]);
+            const auto* p = static_cast<const unsigned short*>(rows[set][warp * 32 + 8 * i + r]);
             emu_shared_access(p + c, 2, false, pc);
             return (unsigned)p[c];
         };
@@ -394,7 +402,6 @@ EMU_RUNTIME inline void emu_ldmatrix(unsigned* regs, int count, bool trans, cons
         regs[i] = trans ? element(2 * t, g) | (element(2 * t + 1, g) << 16)
                         : element(g, 2 * t) | (element(g, 2 * t + 1) << 16);
     }
-    emu_warp_phase(b, warp);  // every lane has read: the addresses may be reused
 }
 
 // cp.async.cg.shared.global [dst], [src], 16, src_bytes: 16 bytes to shared
@@ -461,6 +468,7 @@ EMU_RUNTIME static std::string emu_run_block(EmuBlock& b) {
         f.state = EmuState::ready;
         f.copy_groups.clear();
         f.open_copies.clear();
+        f.warp_ops = 0;
         getcontext(&f.context);
         f.context.uc_stack.ss_sp = f.stack.get();
         f.context.uc_stack.ss_size = EMU_STACK_BYTES;

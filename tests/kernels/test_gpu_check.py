@@ -96,7 +96,7 @@ def test_gpu_check_dry_run(emulator_lib, monkeypatch, tmp_path, capsys):
     assert overlap["status"] == "ok" and overlap["result"].startswith("3 buckets (want 3)"), overlap
     assert verdicts <= names and "host time per step (launch overhead)" in names
     paths = [r["result"].rsplit("path ", 1)[-1] for r in rows if r["name"].startswith("attention") and "bf16" in r["name"]]
-    assert "mma" in paths and "widened" in paths
+    assert "fa2" in paths and "widened" in paths
     assert "skipped (--no-compile)" in out
     assert (tmp_path / "gpu_check.txt").read_text().startswith("#")
     assert (tmp_path / "gpu_check.json").exists()
