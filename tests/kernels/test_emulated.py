@@ -237,11 +237,25 @@ def test_emulator_catches_deadlocks_and_stray_writes(tmp_path):
         runner.launch(None, "syncs_if<float>", (2,), (32,), (x, np.int32(1)), 0)
 
 
-def _mma_attention_call():
+def _bf16_attention_call(path, backward=False):
+    """A bf16 attention call through NANOGPT_BF16_ATTENTION=path, three key tiles long."""
+    import os
+
     from nanogpt_np.backend import bfloat16
 
-    qkv = np.random.default_rng(0).standard_normal((1, 130, 3 * 64)).astype(np.float32).astype(bfloat16())
-    kernels.attention.forward(qkv, 1)
+    rng = np.random.default_rng(0)
+    qkv = rng.standard_normal((1, 130, 3 * 64)).astype(np.float32).astype(bfloat16())
+    previous = os.environ.get(kernels.attention.BF16_PATH_ENV)
+    os.environ[kernels.attention.BF16_PATH_ENV] = path
+    try:
+        y, cache = kernels.attention.forward(qkv, 1)
+        if backward:
+            kernels.attention.backward(rng.standard_normal(y.shape).astype(np.float32).astype(bfloat16()), cache)
+    finally:
+        if previous is None:
+            del os.environ[kernels.attention.BF16_PATH_ENV]
+        else:
+            os.environ[kernels.attention.BF16_PATH_ENV] = previous
 
 
 def _cross_entropy_call():
@@ -255,9 +269,19 @@ MISSING_BARRIERS = {  # kernel file, the text whose __syncthreads is removed, a 
         "__syncthreads();\n", _cross_entropy_call, r"block_logsumexp.*common\.cuh:\d+.*common\.cuh:\d+"),
     "attention_mma forward: a warp overwrites the K/V tile another warp still reads": (
         "attention_mma.cu", "attention_mma.cu", "        __syncthreads();  // everyone is done with the previous tile\n",
-        "__syncthreads();", _mma_attention_call,
+        "__syncthreads();", lambda: _bf16_attention_call("mma"),
         r"flash_attention_mma_forward.*_tile.*attention_mma\.cu:\d+.*attention_mma\.cu:\d+"),
+    "fa2 forward: cp.async refills a stage another warp still reads": (
+        "attention_mma.cu", "attention_mma.cu",
+        "        __syncthreads();     // ... everyone's; and every warp is done with stage (j + 1) % 2\n",
+        "__syncthreads();", lambda: _bf16_attention_call("fa2"),
+        r"flash_attention_fa2_forward.*::kv.*attention_mma\.cu:\d+.*attention_mma\.cu:\d+"),
+    "fa2 backward: warps read ds^T before every warp has written its rows": (
+        "attention_mma.cu", "attention_mma.cu", "        __syncthreads();  // ds^T complete\n",
+        "__syncthreads();", lambda: _bf16_attention_call("fa2", backward=True),
+        r"flash_attention_fa2_backward<64>.*ds_tile.*attention_mma\.cu:\d+.*attention_mma\.cu:\d+"),
 }
+MISSING_WAIT = "        cp_async_wait<0>();  // tile j has landed (this thread's copies) ...\n"
 
 
 @pytest.mark.parametrize("case", sorted(MISSING_BARRIERS))
@@ -278,5 +302,24 @@ def test_a_missing_barrier_is_a_race_naming_both_lines(case, tmp_path):
     try:
         with pytest.raises(RuntimeError, match="race on shared memory in .*" + message):
             call()
+    finally:
+        loader.use_runner(previous)
+
+
+def test_a_missing_cp_async_wait_fails_the_launch(tmp_path):
+    """Without its cp.async.wait_group the FlashAttention-2 forward would read
+    tiles that have not landed: the emulator lands copies only at a wait, so the
+    data is stale and the thread ends with copies in flight, which is an error."""
+    from nanogpt_np.kernels import loader
+    from tests.kernels import emulator
+
+    source = (loader.KERNEL_DIR / "attention_mma.cu").read_text()
+    assert source.count(MISSING_WAIT) == 1
+    lib = emulator.build(tmp_path, replace={"attention_mma.cu": source.replace(MISSING_WAIT, "")},
+                         files=("attention_mma.cu",))
+    previous = loader.use_runner(emulator.EmulatedRunner(lib))
+    try:
+        with pytest.raises(RuntimeError, match="flash_attention_fa2_forward.*cp.async copies it never waited for"):
+            _bf16_attention_call("fa2")
     finally:
         loader.use_runner(previous)
