@@ -69,9 +69,6 @@ def build(directory, extra_flags=(), replace=None, files=None):
     replace: {kernel file name: new text}, for tests that break a kernel on
     purpose (the library is then built from a modified copy of kernels/);
     files: the .cu files to build (default all), to keep such builds short."""
-    gxx = shutil.which("g++")
-    if gxx is None:
-        raise RuntimeError("g++ not found")
     directory = Path(directory)
     kernel_dir = None
     if replace:
@@ -80,9 +77,21 @@ def build(directory, extra_flags=(), replace=None, files=None):
         for path in loader.KERNEL_DIR.iterdir():
             if path.suffix in (".cu", ".cuh"):
                 (kernel_dir / path.name).write_text(replace.get(path.name, path.read_text()))
-    source = generated_source(kernel_dir, files)
-    inputs = source + (HERE / "cuda_emulation.h").read_text() + " ".join(COMPILE_FLAGS)
-    inputs += "".join(kf.source() for kf in loader.ALL_FILES) + " ".join(extra_flags) + repr(sorted((replace or {}).items()))
+    folder = kernel_dir or loader.KERNEL_DIR
+    texts = "".join(path.read_text() for path in sorted(folder.iterdir()) if path.suffix in (".cu", ".cuh"))
+    return build_source(directory, generated_source(kernel_dir, files), extra_flags, texts)
+
+
+def build_source(directory, source, extra_flags=(), included=""):
+    """Compile one C++ translation unit that includes cuda_emulation.h (and
+    defines emu_registry) into an emulator library in `directory`; returns its
+    path. `included`: the text of the files it includes, which the library's
+    name (a digest, so a rebuilt source gets a new library) depends on too."""
+    gxx = shutil.which("g++")
+    if gxx is None:
+        raise RuntimeError("g++ not found")
+    directory = Path(directory)
+    inputs = source + included + (HERE / "cuda_emulation.h").read_text() + " ".join(COMPILE_FLAGS + tuple(extra_flags))
     digest = hashlib.sha256(inputs.encode()).hexdigest()[:16]
     lib = directory / f"libcuda_emulation_{digest}.so"
     if not lib.exists():
