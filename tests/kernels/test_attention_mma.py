@@ -136,3 +136,32 @@ def test_views_off_a_16_byte_boundary_are_copied_for_the_16_byte_loads():
     assert data_pointer(fixed) % 16 == 0 and np.array_equal(fixed, view)
     aligned = base[8:40]
     assert kernels.attention._aligned16(aligned, np) is aligned  # no copy when none is needed
+
+
+def test_fa2_launches_fit_cuda_limits_at_the_largest_shapes():
+    """B*NH = 48*25 (GPT-2 XL's 25 heads at batch 48), T=1024: every launch's grid
+    and block within CUDA's limits, recorded without running (the arrays are never
+    touched, so np.empty commits no memory)."""
+    from nanogpt_np.kernels import loader
+
+    class Recorder:
+        def __init__(self):
+            self.launches = []
+
+        def launch(self, kernel_file, name, grid, block, args, shared_mem):
+            self.launches.append((name.split("<")[0], grid, block))
+
+    recorder = Recorder()
+    previous = loader.use_runner(recorder)
+    try:
+        B, NH, T = 48, 25, 1024
+        qkv = np.empty((B, T, 3 * NH * 64), dtype=BF16)
+        y, cache = kernels.attention.forward(qkv, NH)
+        kernels.attention.backward(np.empty((B, T, NH * 64), dtype=BF16), cache)
+    finally:
+        loader.use_runner(previous)
+    assert [n for n, _, _ in recorder.launches] == FA2_LAUNCHES
+    for name, grid, block in recorder.launches:
+        grid3 = (tuple(grid) + (1, 1))[:3]
+        assert grid3[0] < 2**31 and max(grid3[1:]) <= 65535 and int(np.prod(block)) <= 1024, (name, grid, block)
+    assert recorder.launches[0][1] == (B * NH, T // 128) and recorder.launches[2][1] == (B * NH, T // 64)
