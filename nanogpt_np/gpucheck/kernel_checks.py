@@ -27,11 +27,12 @@ def check_attention(B, T, NH, dtype):
                     "dqkv": rel_err(dqkv, dqkv_ref)}, settings.F32_LIMIT if dtype == np.float32 else settings.F64_LIMIT)
 
 
-def check_attention_bf16(B, T, NH, path="mma"):
+def check_attention_bf16(B, T, NH, path="fa2"):
     """The bf16 attention path (tensor cores, or with path="simt" the float32
     kernels) against float64 attention of the same bf16 inputs."""
     import cupy as cp
 
+    previous = os.environ.get(kernels.attention.BF16_PATH_ENV)
     os.environ[kernels.attention.BF16_PATH_ENV] = path
 
     rng = np.random.default_rng(T + 1)
@@ -42,7 +43,10 @@ def check_attention_bf16(B, T, NH, path="mma"):
     assert y.dtype == bf16() and dqkv.dtype == bf16()
     y_ref, cache_ref = layers.attention.forward(qkv.astype(np.float64), NH)
     dqkv_ref = layers.attention.backward(dy.astype(np.float64), cache_ref)
-    os.environ[kernels.attention.BF16_PATH_ENV] = "mma"
+    if previous is None:
+        del os.environ[kernels.attention.BF16_PATH_ENV]
+    else:
+        os.environ[kernels.attention.BF16_PATH_ENV] = previous
     lse = kernels.attention.lse_of(cache)
     row = compare({"y": rel_err(y, y_ref), "lse": rel_err(lse, cache_ref[2]), "dqkv": rel_err(dqkv, dqkv_ref)},
                   settings.BF16_ATTENTION_LIMIT)

@@ -6,8 +6,11 @@ What runs where:
     only the per-row logsumexp; backward recomputes the scores tile by tile. No
     (B, NH, T, T) array exists at any point. Any T up to block_size works.
   - head size 64, bf16: the same algorithm on tensor cores (attention_mma.cu),
-    float32 accumulation and softmax, a float32 logsumexp. NANOGPT_BF16_ATTENTION=simt
-    sends bf16 through the float32 kernels instead (widened, then rounded back).
+    float32 accumulation and softmax, a float32 logsumexp, in FlashAttention-2's
+    design (cp.async, ldmatrix, 128-row forward tiles, one backward pass per key
+    block with an atomic float32 dq). NANOGPT_BF16_ATTENTION picks another path
+    for comparison: "mma" (the first tensor-core kernels: 64-row tiles, a dq pass
+    and a dk/dv pass) or "simt" (the float32 kernels, widened, then rounded back).
   - any other head size or dtype: the NumPy-formula layer (layers/attention.py),
     run on the same CuPy arrays. It is exact but materialises (B, NH, 128, T) score
     tiles and runs many small batched matmuls, so it is much slower.
@@ -32,7 +35,7 @@ FWD_BLOCK_K = 32  # key rows per shared-memory tile there
 BWD_BLOCK_KV = 64  # key rows per block in backward's dk/dv pass (two threads each)
 BWD_BLOCK_Q = 32  # query rows per shared-memory tile there
 
-_FLASH, _FORMULA, _WIDENED, _MMA = "flash", "formula", "widened", "mma"
+_FLASH, _FORMULA, _WIDENED, _MMA, _FA2 = "flash", "formula", "widened", "mma", "fa2"
 
 
 def _names():
@@ -49,11 +52,19 @@ _cu = KernelFile("attention.cu", list(_names()))
 MMA_HEAD_SIZE = 64
 MMA_TILE = 64  # rows per block and per tile of the other side; flash_reference mirrors it
 MMA_THREADS = 128  # = MMA_WARPS * 32 in the .cu, whose tile loads assume exactly this many threads
+# FlashAttention-2's design in the same file: 128 query rows per forward block (8
+# warps), 64 keys per backward block (4 warps) walking query tiles of 32 rows
+FA2_ROWS, FA2_KEYS, FA2_QUERIES = 128, 64, 32
+FA2_FWD_THREADS, FA2_BWD_THREADS = 256, 128
+FA2_DOT_ROWS = 8  # rows per block (one warp each) of the D = dy . y kernel
 _mma = KernelFile("attention_mma.cu", [f"flash_attention_mma_{part}<{MMA_HEAD_SIZE}>"
                                        for part in ("forward", "backward_dq", "backward_dkdv")]
+                  + [f"flash_attention_fa2_{part}<{MMA_HEAD_SIZE}>"
+                     for part in ("forward", "backward_dot", "backward", "backward_dq_store")]
                   + ["mma_layout_check"])
 LOG2E = 1.4426950408889634
-BF16_PATH_ENV = "NANOGPT_BF16_ATTENTION"  # "simt": bf16 through the float32 kernels instead
+BF16_PATH_ENV = "NANOGPT_BF16_ATTENTION"  # "fa2" (default), "mma" (the first tensor-core kernels) or "simt"
+BF16_PATHS = ("fa2", "mma", "simt")
 
 
 def uses_kernel(qkv, n_head):
@@ -64,8 +75,10 @@ def uses_kernel(qkv, n_head):
 
 def path_of(cache):
     """Which implementation made this cache: 'flash' (the float32/float64 kernels),
-    'mma' (bf16 on tensor cores), 'formula' (layers/attention.py), or 'widened'
-    (bf16 through the float32 kernels: other head sizes, or NANOGPT_BF16_ATTENTION=simt)."""
+    'fa2' (bf16 on tensor cores, FlashAttention-2's design), 'mma' (the first bf16
+    tensor-core kernels, NANOGPT_BF16_ATTENTION=mma), 'formula' (layers/attention.py),
+    or 'widened' (bf16 through the float32 kernels: other head sizes, or
+    NANOGPT_BF16_ATTENTION=simt)."""
     return cache[0]
 
 
@@ -80,7 +93,12 @@ def forward(qkv, n_head):
     """qkv: (B, T, 3C)  ->  y: (B, T, C)"""
     if is_bfloat16(qkv.dtype):
         hs = qkv.shape[-1] // 3 // n_head
-        if hs == MMA_HEAD_SIZE and os.environ.get(BF16_PATH_ENV, "mma") != "simt":
+        path = os.environ.get(BF16_PATH_ENV, "fa2")
+        if path not in BF16_PATHS:
+            raise ValueError(f"{BF16_PATH_ENV}={path!r}: use one of {', '.join(BF16_PATHS)}")
+        if hs == MMA_HEAD_SIZE and path == "fa2":
+            return _forward_fa2(qkv, n_head)
+        if hs == MMA_HEAD_SIZE and path == "mma":
             return _forward_mma(qkv, n_head)
         return _forward_widened(qkv, n_head)
     if not uses_kernel(qkv, n_head):
@@ -142,6 +160,44 @@ def _backward_mma(dy, cache):
     return dqkv
 
 
+def _forward_fa2(qkv, n_head):
+    """bf16 qkv -> bf16 y, FlashAttention-2's forward; the cache keeps lse in float32."""
+    xp = array_module(qkv)
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    qkv = _aligned16(kernel_array(qkv, qkv.dtype, xp), xp)
+    y = xp.empty((B, T, C), dtype=qkv.dtype)
+    lse = xp.empty((B, n_head, T), dtype=np.float32)
+    _mma.launch(
+        f"flash_attention_fa2_forward<{MMA_HEAD_SIZE}>", (B * n_head, ceil_div(T, FA2_ROWS)), (FA2_FWD_THREADS,),
+        (qkv, y, lse, np.int32(T), np.int32(n_head), np.float32(LOG2E / math.sqrt(MMA_HEAD_SIZE))),
+    )
+    return y, (_FA2, qkv, y, lse, n_head)
+
+
+def _backward_fa2(dy, cache):
+    """FlashAttention-2's backward: D = dy . y (and dq's float32 sums zeroed), one
+    pass over key blocks (dk, dv; dq by atomicAdd), dq rounded into dqkv."""
+    _, qkv, y, lse, n_head = cache
+    xp = array_module(dy)
+    B, T, C = y.shape
+    dy = _aligned16(kernel_array(dy, qkv.dtype, xp), xp)
+    scale = 1.0 / math.sqrt(MMA_HEAD_SIZE)
+    dqkv = xp.empty_like(qkv)  # q part by the dq store, k and v parts by the main pass
+    D = xp.empty((B, n_head, T), dtype=np.float32)
+    dq_sum = xp.empty((B, n_head, T, MMA_HEAD_SIZE), dtype=np.float32)  # zeroed by the dot kernel
+    rows = B * T * n_head
+    _mma.launch(f"flash_attention_fa2_backward_dot<{MMA_HEAD_SIZE}>", (ceil_div(rows, FA2_DOT_ROWS),), (256,),
+                (y, dy, D, dq_sum, np.int32(T), np.int32(n_head), np.int32(rows)))
+    _mma.launch(f"flash_attention_fa2_backward<{MMA_HEAD_SIZE}>", (B * n_head, ceil_div(T, FA2_KEYS)),
+                (FA2_BWD_THREADS,), (qkv, dy, lse, D, dq_sum, dqkv, np.int32(T), np.int32(n_head),
+                                     np.float32(scale), np.float32(scale * LOG2E)))
+    pairs = rows * MMA_HEAD_SIZE // 2
+    _mma.launch(f"flash_attention_fa2_backward_dq_store<{MMA_HEAD_SIZE}>", (min(ceil_div(pairs, 256), 4096),), (256,),
+                (dq_sum, dqkv, np.int32(T), np.int32(n_head), np.int64(pairs)))
+    return dqkv
+
+
 def mma_layout_check(a, b):
     """D = a @ b for a (16, 16) and b (16, 8) bf16 arrays through one tensor-core
     mma, filled by the fragment layout the attention kernels assume -> (16, 8) float32."""
@@ -159,6 +215,8 @@ def _forward_widened(qkv, n_head):
 
 def backward(dy, cache):
     """dy: (B, T, C)  ->  dqkv: (B, T, 3C)"""
+    if cache[0] == _FA2:
+        return _backward_fa2(dy, cache)
     if cache[0] == _MMA:
         return _backward_mma(dy, cache)
     if cache[0] == _WIDENED:

@@ -125,13 +125,15 @@ __device__ __forceinline__ void mma_rows_by_tile(float (&acc)[8][4], const unsig
     }
 }
 
-// The 16 x 64 float block p (as accumulators: p[n] holds columns [8 n, 8 n + 8)),
-// rounded to bf16, as the A operand of 4 mma steps along its 64 columns. The C
+// The 16 x 8N float block p (as accumulators: p[n] holds columns [8 n, 8 n + 8)),
+// rounded to bf16, as the A operand of N/2 mma steps along its columns. The C
 // layout of two neighbouring 8-column blocks is exactly the A layout of one
 // 16-column step, so this is only a repacking, in registers.
-__device__ __forceinline__ void accumulators_to_a(unsigned (&a)[4][4], const float (&p)[8][4]) {
+template <int J, int N>
+__device__ __forceinline__ void accumulators_to_a(unsigned (&a)[J][4], const float (&p)[N][4]) {
+    static_assert(N == 2 * J, "two 8-column accumulator blocks make one 16-column A step");
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
+    for (int j = 0; j < J; ++j) {
         a[j][0] = pack_bf16x2(p[2 * j][0], p[2 * j][1]);
         a[j][1] = pack_bf16x2(p[2 * j][2], p[2 * j][3]);
         a[j][2] = pack_bf16x2(p[2 * j + 1][0], p[2 * j + 1][1]);
@@ -170,9 +172,10 @@ __device__ __forceinline__ void store_accumulator_row(bf16* __restrict__ out, co
         store_bf16x2(out + 8 * n + 2 * t, pack_bf16x2(acc[n][2 * r] * scale, acc[n][2 * r + 1] * scale));
 }
 
-__device__ __forceinline__ void zero(float (&acc)[8][4]) {
+template <int N>
+__device__ __forceinline__ void zero(float (&acc)[N][4]) {
 #pragma unroll
-    for (int n = 0; n < 8; ++n)
+    for (int n = 0; n < N; ++n)
         for (int i = 0; i < 4; ++i) acc[n][i] = 0.0f;
 }
 
@@ -452,4 +455,382 @@ __global__ void mma_layout_check(const bf16* __restrict__ A, const bf16* __restr
     float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     mma_bf16_16816(d, a, b);
     for (int i = 0; i < 4; ++i) D[(g + 8 * (i / 2)) * 8 + 2 * t + i % 2] = d[i];
+}
+
+// ================================================================================
+// FlashAttention-2's design (the hs=64 bf16 path; the kernels above stay for
+// comparison). What changes against the kernels above:
+//   - tiles move global -> shared with cp.async (16 bytes per copy, no registers
+//     in between), two stages deep: tile j+1 is in flight while tile j is
+//     multiplied, and one __syncthreads per tile;
+//   - shared tiles are swizzled: the 16-byte chunk c of row r (8 chunks of 8 bf16
+//     per 64-dim row) sits at chunk c ^ (r % 8), so the 8 rows one ldmatrix
+//     reads (and the 8 chunks of a row cp.async writes) fall on different banks;
+//   - B fragments (and the Q, K, dS A fragments) come from ldmatrix.x4, .trans
+//     where the fragment wants a column pair (V in P @ V, dO in P^T @ dO, ...);
+//   - forward: 128 query rows per block, 8 warps x 16; the causal mask only on
+//     tiles that cross a warp's diagonal; a warp skips key tiles wholly after its
+//     rows; the heaviest query tiles (the last) are scheduled first;
+//   - backward in FlashAttention-2's order: D = rowsum(dO * O) first (a small
+//     kernel), then one block per 64 keys walks the query tiles (32 rows each)
+//     with dK, dV in registers; dQ's share of each (key block, query tile) goes
+//     into a float32 buffer with atomicAdd, and a last kernel rounds it into dqkv.
+//     5 tile products per (key block, query tile) instead of the 7 above.
+// The arithmetic per row is that of the kernels above (same roundings), so
+// flash_reference.fa2_forward / fa2_backward mirror it.
+
+#define FA2_ROWS 128    // forward: query rows per block
+#define FA2_KEYS 64     // forward: keys per tile; backward: keys per block
+#define FA2_QUERIES 32  // backward: query rows per tile
+#define FA2_FWD_THREADS 256
+#define FA2_BWD_THREADS 128
+
+// cp.async.cg: 16 bytes global -> shared, bypassing registers; zeros where
+// `valid` is false (rows past T), reading nothing then.
+__device__ __forceinline__ void cp_async16(void* shared_dst, const void* global_src, bool valid) {
+#ifdef NANOGPT_EMULATION
+    emu_cp_async(shared_dst, global_src, valid ? 16 : 0);
+#else
+    const unsigned dst = (unsigned)__cvta_generic_to_shared(shared_dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(global_src), "r"(valid ? 16 : 0)
+                 : "memory");
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#ifdef NANOGPT_EMULATION
+    emu_cp_async_commit();
+#else
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+// Wait until at most `pending` of this thread's committed groups are in flight.
+template <int pending>
+__device__ __forceinline__ void cp_async_wait() {
+#ifdef NANOGPT_EMULATION
+    emu_cp_async_wait(pending);
+#else
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(pending) : "memory");
+#endif
+}
+
+// ldmatrix.x4: four 8x8 bf16 matrices; lane l gives the address of row l % 8 of
+// matrix l / 8, and register i receives matrix i's (row l/4, columns 2(l%4), +1);
+// the .trans form receives (rows 2(l%4), +1 of column l/4): a B fragment of X
+// when X's rows run along the contraction.
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const unsigned* row) {
+#ifdef NANOGPT_EMULATION
+    emu_ldmatrix(r, 4, false, row);
+#else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"((unsigned)__cvta_generic_to_shared(row)) : "memory");
+#endif
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const unsigned* row) {
+#ifdef NANOGPT_EMULATION
+    emu_ldmatrix(r, 4, true, row);
+#else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"((unsigned)__cvta_generic_to_shared(row)) : "memory");
+#endif
+}
+
+// A swizzled shared tile of 64-dim bf16 rows: 32 words a row, chunk c (dims
+// 8c .. 8c+7) of row r at words 4 (c ^ (r % 8)) .. + 3.
+__device__ __forceinline__ unsigned* swizzled(unsigned* tile, int r, int c) { return tile + 32 * r + 4 * (c ^ (r & 7)); }
+__device__ __forceinline__ const unsigned* swizzled(const unsigned* tile, int r, int c) {
+    return tile + 32 * r + 4 * (c ^ (r & 7));
+}
+
+// Rows [r0, r0 + rows) of one head of x (rows `stride` apart) into a swizzled tile
+// with cp.async, spread over `threads` threads; rows at or past T become zeros.
+template <int rows, int threads>
+__device__ __forceinline__ void copy_rows_async(unsigned* tile, const bf16* __restrict__ x, long long stride, int r0,
+                                                int seq_len) {
+    static_assert(rows * 8 % threads == 0, "every thread copies the same number of chunks");
+#pragma unroll
+    for (int i = 0; i < rows * 8 / threads; ++i) {
+        const int e = threadIdx.x + i * threads, r = e / 8, c = e % 8;
+        const bool valid = r0 + r < seq_len;
+        cp_async16(swizzled(tile, r, c), x + (valid ? r0 + r : 0) * stride + 8 * c, valid);
+    }
+}
+
+// The A fragments (4 steps of 16 dims) of 16 rows [m0, m0 + 16) of a swizzled tile.
+__device__ __forceinline__ void ldmatrix_a_rows(unsigned (&a)[4][4], const unsigned* tile, int m0) {
+    const int lane = threadIdx.x % 32, i = lane / 8;
+#pragma unroll
+    for (int s = 0; s < 4; ++s) ldmatrix_x4(a[s], swizzled(tile, m0 + lane % 8 + 8 * (i % 2), 2 * s + i / 2));
+}
+
+// acc[n] (n < N, 8 columns each) += A (16 rows x 64 dims, 4 fragments) @ X^T for
+// rows [0, 8 N) of the swizzled tile X: B fragments K[key][dim pair] by ldmatrix.
+template <int N>
+__device__ __forceinline__ void mma_rows_by_swizzled(float (&acc)[N][4], const unsigned (&a)[4][4], const unsigned* tile) {
+    const int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int n = 0; n < N; ++n)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            unsigned b[4];  // dims 32 half + 8 i + (2t, 2t+1) of row 8 n + g, i = 0..3
+            ldmatrix_x4(b, swizzled(tile, 8 * n + lane % 8, 4 * half + lane / 8));
+            mma_bf16_16816(acc[n], a[2 * half], {b[0], b[1]});
+            mma_bf16_16816(acc[n], a[2 * half + 1], {b[2], b[3]});
+        }
+}
+
+// acc[n] (8 blocks of 8 dims) += A (16 rows x 16 K, K = 16 ksteps rows of X) @ X,
+// X a swizzled tile whose rows run along the contraction: B fragments by ldmatrix.trans.
+template <int KSTEPS>
+__device__ __forceinline__ void mma_a_by_swizzled(float (&acc)[8][4], const unsigned (&a)[KSTEPS][4], const unsigned* tile) {
+    const int lane = threadIdx.x % 32, i = lane / 8;
+#pragma unroll
+    for (int j = 0; j < KSTEPS; ++j)
+#pragma unroll
+        for (int pair = 0; pair < 4; ++pair) {
+            unsigned b[4];  // rows 16 j + (0..7 | 8..15) of dims 16 pair + (0..7 | 8..15)
+            ldmatrix_x4_trans(b, swizzled(tile, 16 * j + lane % 8 + 8 * (i % 2), 2 * pair + i / 2));
+            mma_bf16_16816(acc[2 * pair], a[j], {b[0], b[1]});
+            mma_bf16_16816(acc[2 * pair + 1], a[j], {b[2], b[3]});
+        }
+}
+
+// Forward. Grid (B*NH, ceil(T / 128)), 256 threads; block y takes query tile
+// last - y, so the heaviest tiles start first. Per warp: 16 query rows, the
+// online softmax of flash_attention_mma_forward over 64-key tiles.
+template <int HS>
+__global__ void __launch_bounds__(FA2_FWD_THREADS, 1) flash_attention_fa2_forward(const bf16* __restrict__ qkv, bf16* __restrict__ y,
+                                        float* __restrict__ lse, int seq_len, int n_head, float scale_log2) {
+    static_assert(HS == MMA_HS, "the tensor-core kernels are written for head size 64");
+    // [stage][k, v]: two stages of a K and a V tile; before the loop, stage 1
+    // (16 KB in a row) holds this block's 128 query rows
+    __shared__ __align__(128) unsigned kv[2][2][FA2_KEYS * 32];
+    unsigned* q_tile = kv[1][0];
+    const int bh = blockIdx.x, b = bh / n_head, h = bh % n_head;
+    const int C = n_head * HS;
+    const long long stride = 3LL * C;
+    const bf16* head_q = qkv + (long long)b * seq_len * stride + h * HS;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int q0 = (gridDim.y - 1 - blockIdx.y) * FA2_ROWS, r0 = q0 + 16 * warp;
+    const int n_tiles = (min_(seq_len, q0 + FA2_ROWS) + FA2_KEYS - 1) / FA2_KEYS;  // causal: no row sees past the block's last
+
+    copy_rows_async<FA2_ROWS, FA2_FWD_THREADS>(q_tile, head_q, stride, q0, seq_len);
+    copy_rows_async<FA2_KEYS, FA2_FWD_THREADS>(kv[0][0], head_q + C, stride, 0, seq_len);
+    copy_rows_async<FA2_KEYS, FA2_FWD_THREADS>(kv[0][1], head_q + 2 * C, stride, 0, seq_len);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    unsigned qa[4][4];
+    ldmatrix_a_rows(qa, q_tile, 16 * warp);
+    float o[8][4];
+    zero(o);
+    float m[2] = {neg_inf<float>(), neg_inf<float>()}, l[2] = {0.0f, 0.0f};
+    for (int j = 0; j < n_tiles; ++j) {
+        cp_async_wait<0>();  // tile j has landed (this thread's copies) ...
+        __syncthreads();     // ... everyone's; and every warp is done with stage (j + 1) % 2
+        if (j + 1 < n_tiles) {
+            copy_rows_async<FA2_KEYS, FA2_FWD_THREADS>(kv[(j + 1) % 2][0], head_q + C, stride, (j + 1) * FA2_KEYS, seq_len);
+            copy_rows_async<FA2_KEYS, FA2_FWD_THREADS>(kv[(j + 1) % 2][1], head_q + 2 * C, stride, (j + 1) * FA2_KEYS, seq_len);
+            cp_async_commit();
+        }
+        const int k0 = j * FA2_KEYS;
+        if (k0 > r0 + 15 || r0 >= seq_len) continue;  // every key of the tile is after this warp's rows
+        float s[8][4];
+        zero(s);
+        mma_rows_by_swizzled(s, qa, kv[j % 2][0]);
+        const bool diagonal = k0 + FA2_KEYS - 1 > r0;  // some key after some row of this warp
+        float tile_max[2] = {neg_inf<float>(), neg_inf<float>()};
+#pragma unroll
+        for (int n = 0; n < 8; ++n)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int row = r0 + g + 8 * (i / 2), key = k0 + 8 * n + 2 * t + i % 2;
+                s[n][i] = !diagonal || key <= row ? s[n][i] * scale_log2 : neg_inf<float>();
+                tile_max[i / 2] = max_(tile_max[i / 2], s[n][i]);
+            }
+        float alpha[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const float m_new = max_(m[r], quad_max(tile_max[r]));  // finite: key 0 is seen by every row
+            alpha[r] = exp2f(m[r] - m_new);
+            m[r] = m_new;
+            l[r] *= alpha[r];
+        }
+#pragma unroll
+        for (int n = 0; n < 8; ++n)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                s[n][i] = exp2f(s[n][i] - m[i / 2]);  // p; 0 where masked
+                l[i / 2] += s[n][i];
+                o[n][i] *= alpha[i / 2];
+            }
+        unsigned pa[4][4];
+        accumulators_to_a(pa, s);
+        mma_a_by_swizzled(o, pa, kv[j % 2][1]);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        l[r] = quad_sum(l[r]);
+        const int row = r0 + g + 8 * r;
+        if (row < seq_len) {
+            store_accumulator_row(y + ((long long)b * seq_len + row) * C + h * HS, o, r, 1.0f / l[r]);
+            if (t == 0) lse[(long long)bh * seq_len + row] = (m[r] + log2f(l[r])) * 0.6931471805599453f;
+        }
+    }
+}
+
+// Backward, before the main kernel: D[bh][i] = dO_i . O_i (float32 sums of the
+// bf16 values), one warp per (b, t, h) row, and the float32 dQ buffer zeroed.
+// 256 threads; grid ceil(B * T * NH / 8).
+template <int HS>
+__global__ void __launch_bounds__(256) flash_attention_fa2_backward_dot(const bf16* __restrict__ y, const bf16* __restrict__ dy,
+                                                                      float* __restrict__ D, float* __restrict__ dq_sum,
+                                                                      int seq_len, int n_head, int rows) {
+    static_assert(HS == 64, "one bf16 pair per lane");
+    const int row = blockIdx.x * 8 + threadIdx.x / 32, lane = threadIdx.x % 32;  // row = (b * T + t) * NH + h
+    if (row >= rows) return;
+    const int h = row % n_head, bt = row / n_head, b = bt / seq_len, t = bt % seq_len;
+    const long long at = (long long)row * HS + 2 * lane;  // y, dy: (B, T, NH, 64)
+    const unsigned yw = load_bf16x2(y + at), dyw = load_bf16x2(dy + at);
+    const float dot = warp_sum(bf16x2_lo(yw) * bf16x2_lo(dyw) + bf16x2_hi(yw) * bf16x2_hi(dyw));
+    const long long bh = (long long)b * n_head + h;
+    if (lane == 0) D[bh * seq_len + t] = dot;
+    dq_sum[(bh * seq_len + t) * HS + 2 * lane] = 0.0f;
+    dq_sum[(bh * seq_len + t) * HS + 2 * lane + 1] = 0.0f;
+}
+
+// Backward, main kernel. Grid (B*NH, ceil(T / 64)), 128 threads; block y takes
+// keys [j0, j0 + 64), 16 per warp, the heaviest (first) key blocks first. Per
+// query tile i0 = j0, j0 + 32, ... (everything transposed: keys down the rows):
+//   p^T  = 2^(k . q * scale * log2(e) - lse * log2(e)), 0 where query < key or query >= T
+//   dv  += bf16(p^T) @ dO;   dp^T = v . dO;   ds^T = p^T * (dp^T - D)
+//   dk  += bf16(ds^T) @ q;   ds^T -> shared;  dq[i0 .. i0 + 32) += scale * bf16(ds) @ k  (atomicAdd)
+// then dk *= scale, and dk, dv into dqkv. Q, dO, lse, D of tile i + 1 load (cp.async
+// for Q and dO) while tile i is multiplied.
+template <int HS>
+__global__ void __launch_bounds__(FA2_BWD_THREADS, 1) flash_attention_fa2_backward(const bf16* __restrict__ qkv, const bf16* __restrict__ dy,
+                                         const float* __restrict__ lse, const float* __restrict__ D,
+                                         float* __restrict__ dq_sum, bf16* __restrict__ dqkv, int seq_len,
+                                         int n_head, float scale, float scale_log2) {
+    static_assert(HS == MMA_HS, "the tensor-core kernels are written for head size 64");
+    __shared__ __align__(128) unsigned k_tile[FA2_KEYS * 32];            // this block's keys (for dq)
+    __shared__ __align__(128) unsigned q_tile[2][FA2_QUERIES * 32];      // [stage]
+    __shared__ __align__(128) unsigned dy_tile[2][FA2_QUERIES * 32];     // [stage]
+    __shared__ __align__(128) unsigned ds_tile[FA2_KEYS * FA2_QUERIES / 2];  // ds^T: 64 keys x 32 queries, swizzled 16-byte chunks
+    __shared__ float lse2_tile[2][FA2_QUERIES], D_tile[2][FA2_QUERIES];   // [stage]
+    const int bh = blockIdx.x, b = bh / n_head, h = bh % n_head;
+    const int C = n_head * HS;
+    const long long stride = 3LL * C;
+    const bf16* head_q = qkv + (long long)b * seq_len * stride + h * HS;
+    const bf16* head_dy = dy + (long long)b * seq_len * C + h * HS;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int j0 = blockIdx.y * FA2_KEYS, kw = j0 + 16 * warp;  // the block's and this warp's first key
+    const int n_tiles = (seq_len - j0 + FA2_QUERIES - 1) / FA2_QUERIES;  // query tiles from j0 to T
+
+    // the stage-s loads of query tile i0: Q and dO by cp.async, lse and D by plain loads
+    auto load_tile = [&](int stage, int i0) {
+        copy_rows_async<FA2_QUERIES, FA2_BWD_THREADS>(q_tile[stage], head_q, stride, i0, seq_len);
+        copy_rows_async<FA2_QUERIES, FA2_BWD_THREADS>(dy_tile[stage], head_dy, C, i0, seq_len);
+        cp_async_commit();
+        const int a = threadIdx.x % FA2_QUERIES;
+        if (threadIdx.x < FA2_QUERIES)
+            lse2_tile[stage][a] = i0 + a < seq_len ? lse[(long long)bh * seq_len + i0 + a] * 1.4426950408889634f : 0.0f;
+        else if (threadIdx.x < 2 * FA2_QUERIES)
+            D_tile[stage][a] = i0 + a < seq_len ? D[(long long)bh * seq_len + i0 + a] : 0.0f;
+    };
+    copy_rows_async<FA2_KEYS, FA2_BWD_THREADS>(k_tile, head_q + C, stride, j0, seq_len);
+    load_tile(0, j0);
+    unsigned va[4][4];
+    load_a_fragments(va, head_q + 2 * C, stride, kw, seq_len);
+    float dk[8][4], dv[8][4];
+    zero(dk);
+    zero(dv);
+    unsigned ka[4][4];
+    for (int it = 0; it < n_tiles; ++it) {
+        const int i0 = j0 + it * FA2_QUERIES, stage = it % 2;
+        cp_async_wait<0>();  // tile it (and, the first time, the key tile) has landed ...
+        __syncthreads();     // ... for everyone; everyone is done with stage (it + 1) % 2 and with ds_tile
+        if (it == 0) ldmatrix_a_rows(ka, k_tile, 16 * warp);
+        if (it + 1 < n_tiles) load_tile((it + 1) % 2, i0 + FA2_QUERIES);
+        float p[4][4], dp[4][4];  // 16 keys x 32 queries
+        zero(p);
+        zero(dp);
+        mma_rows_by_swizzled(p, ka, q_tile[stage]);   // scores^T
+        mma_rows_by_swizzled(dp, va, dy_tile[stage]);  // v . dO
+        const bool diagonal = i0 < kw + 15 || i0 + FA2_QUERIES > seq_len;  // some query before a key, or past T
+#pragma unroll
+        for (int n = 0; n < 4; ++n)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int key = kw + g + 8 * (i / 2), col = 8 * n + 2 * t + i % 2, query = i0 + col;
+                const float prob = !diagonal || (query >= key && query < seq_len)
+                                       ? exp2f(p[n][i] * scale_log2 - lse2_tile[stage][col]) : 0.0f;
+                p[n][i] = prob;
+                dp[n][i] = prob * (dp[n][i] - D_tile[stage][col]);  // ds^T
+            }
+        unsigned a[2][4];
+        accumulators_to_a(a, p);
+        mma_a_by_swizzled(dv, a, dy_tile[stage]);
+        accumulators_to_a(a, dp);
+        mma_a_by_swizzled(dk, a, q_tile[stage]);
+        // ds^T (bf16) into shared: row = key (64), 32 queries = 4 chunks, chunk c at c ^ ((row / 2) % 4)
+#pragma unroll
+        for (int n = 0; n < 4; ++n)
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int row = 16 * warp + g + 8 * r;
+                ds_tile[16 * row + 4 * (n ^ ((row / 2) & 3)) + t] = a[n / 2][r + 2 * (n % 2)];
+            }
+        __syncthreads();  // ds^T complete
+        // dq for query rows 16 (warp % 2) .. + 16 and dims 32 (warp / 2) .. + 32 of the tile,
+        // over the block's 64 keys: A = ds (from ds^T by ldmatrix.trans), B = k (ldmatrix.trans)
+        float dq[4][4];
+        zero(dq);
+        const int m0 = 16 * (warp % 2), d0 = 32 * (warp / 2), i = lane / 8;
+#pragma unroll
+        for (int s = 0; s < 4; ++s) {
+            unsigned dsa[4];
+            const int row = 16 * s + lane % 8 + 8 * (i / 2), chunk = m0 / 8 + i % 2;
+            ldmatrix_x4_trans(dsa, ds_tile + 16 * row + 4 * (chunk ^ ((row / 2) & 3)));
+#pragma unroll
+            for (int pair = 0; pair < 2; ++pair) {
+                unsigned kb[4];
+                ldmatrix_x4_trans(kb, swizzled(k_tile, 16 * s + lane % 8 + 8 * (i % 2), d0 / 8 + 2 * pair + i / 2));
+                mma_bf16_16816(dq[2 * pair], dsa, {kb[0], kb[1]});
+                mma_bf16_16816(dq[2 * pair + 1], dsa, {kb[2], kb[3]});
+            }
+        }
+#pragma unroll
+        for (int n = 0; n < 4; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int query = i0 + m0 + g + 8 * (e / 2);
+                if (query < seq_len)
+                    atomicAdd(dq_sum + ((long long)bh * seq_len + query) * HS + d0 + 8 * n + 2 * t + e % 2, dq[n][e] * scale);
+            }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int key = kw + g + 8 * r;
+        if (key < seq_len) {
+            bf16* out = dqkv + ((long long)b * seq_len + key) * stride + h * HS;
+            store_accumulator_row(out + C, dk, r, scale);
+            store_accumulator_row(out + 2 * C, dv, r, 1.0f);
+        }
+    }
+}
+
+// Backward, last: the float32 dq sums rounded to bf16 into dqkv's q part. One
+// thread per pair of dims; grid-stride.
+template <int HS>
+__global__ void __launch_bounds__(256) flash_attention_fa2_backward_dq_store(const float* __restrict__ dq_sum, bf16* __restrict__ dqkv,
+                                                                           int seq_len, int n_head, long long pairs) {
+    for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < pairs; e += (long long)gridDim.x * blockDim.x) {
+        const int d = 2 * (int)(e % (HS / 2));
+        const long long row = e / (HS / 2);  // (bh, t)
+        const int t = (int)(row % seq_len), bh = (int)(row / seq_len), b = bh / n_head, h = bh % n_head;
+        const float* src = dq_sum + row * HS + d;
+        store_bf16x2(dqkv + ((long long)b * seq_len + t) * 3 * n_head * HS + h * HS + d, pack_bf16x2(src[0], src[1]));
+    }
 }

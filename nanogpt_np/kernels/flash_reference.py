@@ -16,13 +16,21 @@ dS.T @ q (dk). `mma_forward` / `mma_backward` run this mirror that way (`operand
 is the rounding), in float64 otherwise, so a test can hold the emulated kernels
 to it closely and the mirror itself to plain attention.
 
+`fa2_forward` / `fa2_backward` mirror the FlashAttention-2 kernels of the same
+file (the bf16 path now): forward in query blocks of FA2_ROWS over key tiles of
+FA2_KEYS, which per row is the same online softmax; backward in FlashAttention-2's
+order, key blocks of FA2_KEYS walking query tiles of FA2_QUERIES, dk and dv summed
+per block, and each (key block, query tile)'s share of dq, scale * bf16(dS) @ k,
+added into dq as the kernel's atomicAdd does.
+
 Key: B batch, T time, C channels, NH heads, hs head size; i a query row, j a key row.
 """
 import math
 
 import numpy as np
 
-from .attention import BWD_BLOCK_KV, BWD_BLOCK_Q, FWD_BLOCK_K, FWD_BLOCK_Q, MMA_TILE
+from .attention import (BWD_BLOCK_KV, BWD_BLOCK_Q, FA2_KEYS, FA2_QUERIES, FA2_ROWS, FWD_BLOCK_K,
+                        FWD_BLOCK_Q, MMA_TILE)
 
 
 def _exact(a):
@@ -140,3 +148,41 @@ def mma_backward(dy, cache):
     The dk/dv pass's query tiles start at the key block, as the kernel's do."""
     dqkv = backward(dy.astype(np.float64), cache, MMA_TILE, MMA_TILE, MMA_TILE, MMA_TILE, _round_bf16)
     return _round_bf16(dqkv)
+
+
+def fa2_forward(qkv, n_head):
+    """flash_attention_fa2_forward's arithmetic: qkv (bf16 values) -> y rounded to
+    bf16 (as float64), cache. Query blocks of FA2_ROWS, key tiles of FA2_KEYS, P
+    rounded before P @ v. (A warp skips the key tiles wholly after its rows; they
+    add exactly nothing here either: p = 0, alpha = 1.)"""
+    y, (qkv, _, lse, n_head) = forward(qkv.astype(np.float64), n_head, FA2_ROWS, FA2_KEYS, _round_bf16)
+    y = _round_bf16(y)
+    return y, (qkv, y, lse, n_head)
+
+
+def fa2_backward(dy, cache):
+    """flash_attention_fa2_backward's arithmetic: dy (bf16 values) -> dqkv rounded to
+    bf16 (as float64). D = dy . y first; then per key block of FA2_KEYS, the query
+    tiles of FA2_QUERIES from the block's first key on: dv += bf16(p^T) @ dy,
+    dk += bf16(ds^T) @ q, and dq[tile] += scale * bf16(ds) @ k (the atomicAdd)."""
+    qkv, y, lse, n_head = cache
+    B, T, C = y.shape
+    scale = 1.0 / math.sqrt(C // n_head)
+    q, k, v = _heads(qkv.astype(np.float64), n_head, 3)  # each (B, NH, T, hs)
+    (dy4,) = _heads(dy.astype(np.float64), n_head, 1)  # (B, NH, T, hs)
+    (y4,) = _heads(y.astype(np.float64), n_head, 1)
+    D = (dy4 * y4).sum(axis=-1)  # (B, NH, T), the pre-kernel
+    dqkv = np.zeros((3,) + q.shape)  # (3, B, NH, T, hs); dq's part is the float32 sum buffer
+    for j0 in range(0, T, FA2_KEYS):  # one CUDA block per (b, h) and key block
+        j1 = min(T, j0 + FA2_KEYS)
+        keys = np.arange(j0, j1)
+        for i0 in range(j0, T, FA2_QUERIES):
+            i1 = min(T, i0 + FA2_QUERIES)
+            s = (q[:, :, i0:i1] @ k[:, :, j0:j1].swapaxes(-1, -2)) * scale  # (B, NH, nq, nk)
+            p = np.where(_causal(np.arange(i0, i1), keys), np.exp(s - lse[:, :, i0:i1, None]), 0.0)
+            dqkv[2, :, :, j0:j1] += _round_bf16(p).swapaxes(-1, -2) @ dy4[:, :, i0:i1]  # dv
+            ds = p * (dy4[:, :, i0:i1] @ v[:, :, j0:j1].swapaxes(-1, -2) - D[:, :, i0:i1, None])
+            dqkv[1, :, :, j0:j1] += _round_bf16(ds).swapaxes(-1, -2) @ q[:, :, i0:i1]  # dk, scaled at the end
+            dqkv[0, :, :, i0:i1] += scale * (_round_bf16(ds) @ k[:, :, j0:j1])  # dq
+    dqkv[1] *= scale
+    return _round_bf16(np.ascontiguousarray(dqkv.transpose(1, 3, 0, 2, 4)).reshape(B, T, 3 * C))  # (B, T, 3C)

@@ -3,19 +3,42 @@
 // Every CUDA thread of a block is a fiber (a ucontext with its own stack) on one
 // OS thread; the blocks of a grid run one after another, so a kernel's
 // `__shared__` arrays can be function statics. A fiber runs until it reaches
-// __syncthreads or __shfl_xor_sync, then the next one runs. A barrier opens when
-// every thread it needs has arrived: the whole block for __syncthreads, the 32
-// lanes of a warp for a shuffle. The order in which fibers run alternates between
-// ascending and descending thread index, which exposes both kinds of missing
-// barrier (reading what a later thread has not written yet, and overwriting what
-// an earlier thread still needs). A barrier that some threads never reach (a
-// divergent __syncthreads, an early return) is reported as a deadlock at once.
+// __syncthreads or a warp-wide operation (__shfl_xor_sync, mma, ldmatrix), then
+// the next one runs. A barrier opens when every thread it needs has arrived: the
+// whole block for __syncthreads, the 32 lanes of a warp for a warp-wide operation.
+//
+// Schedules. One warp at a time runs until all its lanes wait at __syncthreads
+// (or have returned), so a warp drifts a whole barrier interval ahead of the
+// others, as warps do on the GPU. The order alternates, round by round, between
+// ascending and descending warp (and lane) index, which exposes both kinds of
+// missing barrier (reading what a later warp has not written yet, and
+// overwriting what an earlier warp still needs). A barrier that some threads
+// never reach (a divergent __syncthreads, an early return) is reported as a
+// deadlock at once.
+//
+// Races. The library is compiled with -fsanitize=thread, but against the hooks
+// below instead of ThreadSanitizer's runtime: every load and store the compiler
+// emits in kernel code calls __tsan_readN / __tsan_writeN, and those in __shared__
+// memory (function statics, so the library's .bss) are checked. Each 4-byte word of shared memory
+// remembers the warp, barrier epoch and code address of its last write and of its
+// reads; a warp touching a word that another warp wrote in the same epoch (no
+// __syncthreads between), or writing a word another warp read in it, is an error
+// naming the kernel, the address and both source lines. This does not depend on
+// the schedule: a missing barrier is caught even where the numbers come out right.
+//
+// Asynchronous copies and ldmatrix: cp.async copies land in shared memory only at
+// the cp.async.wait_group that retires their group (a missing wait reads stale
+// data), and count as writes both when issued and when they land; ldmatrix reads
+// the rows the lanes point at, by PTX's fragment layout. atomicAdd is one
+// uninterruptible read-modify-write (the fibers never preempt one another).
+//
 // A kernel whose first launch never reached a barrier (an elementwise kernel, say)
 // runs later launches as plain calls, thread after thread, which is much faster;
 // should such a kernel reach a barrier after all, the launch fails loudly.
 // It knows nothing of speed, memory coalescing or bank conflicts.
 #pragma once
 #include <math.h>
+#include <dlfcn.h>
 #include <ucontext.h>
 
 #include <algorithm>
@@ -26,17 +49,21 @@
 #include <stdexcept>
 #include <string>
 #include <cstdint>
-#include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
+
+// Attributes of the emulator's own functions: not instrumented (they run on the
+// kernels' behalf), and not inlined, so __builtin_return_address(0) is the
+// kernel's code that called them.
+#define EMU_RUNTIME __attribute__((no_sanitize_thread, noinline, visibility("hidden")))
 
 #define __global__
 #define __device__
 #define __host__
 #define __forceinline__ inline
 #define __restrict__ __restrict
-#define __shared__ static
+#define __shared__ static  // zero-initialised statics: the library's .bss, see emu_shared_access
 #define __align__(n) __attribute__((aligned(n)))
 #define __launch_bounds__(...)
 
@@ -78,11 +105,21 @@ inline void emu_check_aligned(const void* p, unsigned bytes) {
 
 enum class EmuState { ready, at_syncthreads, at_shuffle, done };
 
+struct EmuCopy {  // one cp.async: bytes read at issue, written to shared memory when its group is waited for
+    unsigned char* dst;
+    unsigned char data[16];
+    int bytes;
+    const void* pc;  // where it was issued, for race reports
+};
+
 struct EmuFiber {
     ucontext_t context;
     std::unique_ptr<char[]> stack;
     dim3 index;
     EmuState state = EmuState::ready;
+    std::vector<std::vector<EmuCopy>> copy_groups;  // committed cp.async groups, oldest first
+    std::vector<EmuCopy> open_copies;               // issued since the last commit_group
+    unsigned warp_ops = 0;  // warp-wide operations so far (every lane of a warp makes the same ones)
 };
 
 struct EmuBlock {
@@ -91,7 +128,7 @@ struct EmuBlock {
     int at_syncthreads = 0;
     std::vector<int> warp_arrived;  // lanes of each warp waiting in a shuffle
     std::vector<int> warp_size;
-    alignas(8) unsigned char slots[1024][8];  // shuffle values, by linear thread index
+    alignas(8) unsigned char slots[2][1024][8];  // shuffle values, by parity and linear thread index
     ucontext_t scheduler;
     std::string error;
     bool direct = false;          // threads run as plain calls: no barrier may be reached
@@ -99,27 +136,164 @@ struct EmuBlock {
     void (*call)(void*, void**) = nullptr;
     void* kernel = nullptr;
     void** params = nullptr;
+    const char* name = "";        // the kernel's name expression, for error messages
 };
 static EmuBlock* g_block = nullptr;
 static const std::size_t EMU_STACK_BYTES = 256 * 1024;
 
 // Give control back to the scheduler until this fiber's barrier opens.
-inline void emu_wait(EmuState state) {
+EMU_RUNTIME inline void emu_wait(EmuState state) {
     EmuFiber& self = g_block->fibers[g_block->current];
     self.state = state;
     swapcontext(&self.context, &g_block->scheduler);
 }
 
-inline void emu_barrier_reached(EmuBlock& b) {
+// ---- the shared-memory race detector ----
+
+// The bounds of this library's .bss (the linker defines them), where __shared__
+// arrays live. The emulator's own zero-initialised globals live there too, but
+// only the emulator's own (uninstrumented) code writes them.
+extern "C" char __bss_start[] __attribute__((weak, visibility("hidden")));
+extern "C" char _end[] __attribute__((weak, visibility("hidden")));
+static bool g_in_kernel = false;  // a fiber (or a direct call) is running kernel code
+
+struct EmuShadowWord {
+    unsigned long long write_epoch = 0, read_epoch = 0;
+    const void* write_pc = nullptr;
+    const void* read_pc = nullptr;
+    const void* read_pc2 = nullptr;  // a second warp's read in the same epoch, if any
+    int write_warp = -1, read_warp = -1, read_warp2 = -1;
+};
+// One per 4-byte word of .bss; a plain array, since std::vector's code would be
+// instrumented and call the hooks from inside them.
+static EmuShadowWord* g_shadow = nullptr;
+static unsigned long long g_epoch = 1;      // advances at every barrier and every new block
+
+// "file:line" of a code address in this library (and the lines it was inlined
+// into), through addr2line and the library's debug line tables.
+EMU_RUNTIME inline std::string emu_source_line(const void* pc) {
+    Dl_info info;
+    if (!pc || !dladdr(pc, &info) || !info.dli_fname) return "an unknown line";
+    const auto offset = reinterpret_cast<std::uintptr_t>(pc) - reinterpret_cast<std::uintptr_t>(info.dli_fbase) - 1;
+    char command[4096];
+    std::snprintf(command, sizeof command, "addr2line -i -p -s -e '%s' 0x%zx 2>/dev/null", info.dli_fname,
+                  (std::size_t)offset);
+    std::string out;
+    if (FILE* pipe = popen(command, "r")) {
+        char buf[512];
+        while (std::fgets(buf, sizeof buf, pipe)) out += buf;
+        pclose(pipe);
+    }
+    for (auto& c : out) if (c == '\n') c = ' ';
+    while (!out.empty() && out.back() == ' ') out.pop_back();
+    return out.empty() ? "an unknown line" : out;
+}
+
+// "array + byte offset" for an address in a __shared__ array, from the library's
+// symbol table (nm), or the bare address.
+EMU_RUNTIME inline std::string emu_shared_name(const void* p) {
+    Dl_info info;
+    char address[32];
+    std::snprintf(address, sizeof address, "%p", p);
+    if (!dladdr(p, &info) || !info.dli_fname) return address;
+    const auto offset = reinterpret_cast<std::uintptr_t>(p) - reinterpret_cast<std::uintptr_t>(info.dli_fbase);
+    char command[4096];
+    std::snprintf(command, sizeof command, "nm -C -S --defined-only '%s' 2>/dev/null", info.dli_fname);
+    std::string found = address;
+    if (FILE* pipe = popen(command, "r")) {
+        char line[4096];
+        while (std::fgets(line, sizeof line, pipe)) {
+            unsigned long long value, size;
+            char type;
+            int used = 0;
+            if (std::sscanf(line, "%llx %llx %c %n", &value, &size, &type, &used) == 3 && offset >= value &&
+                offset < value + size) {
+                std::string name = line + used;
+                while (!name.empty() && (name.back() == '\n' || name.back() == ' ')) name.pop_back();
+                found = "shared " + name + " + " + std::to_string(offset - value) + " bytes";
+            }
+        }
+        pclose(pipe);
+    }
+    return found;
+}
+
+EMU_RUNTIME inline void emu_race(const char* now, int warp, const void* pc, const char* then, int other_warp,
+                                 const void* other_pc, std::size_t offset);
+
+// Check and record one access of `bytes` at p by the running thread's warp.
+EMU_RUNTIME inline void emu_shared_access(const void* p, std::size_t bytes, bool write, const void* pc) {
+    const std::size_t offset = reinterpret_cast<const char*>(p) - __bss_start;
+    const std::size_t extent = _end - __bss_start;
+    if (offset >= extent || !g_in_kernel) return;
+    if (!g_shadow) g_shadow = new EmuShadowWord[(extent + 3) / 4];
+    const int warp = g_block->current / 32;
+    for (std::size_t w = offset / 4; w <= (offset + bytes - 1) / 4 && w < (extent + 3) / 4; ++w) {
+        EmuShadowWord& s = g_shadow[w];
+        if (s.write_epoch == g_epoch && s.write_warp != warp)
+            emu_race(write ? "writes" : "reads", warp, pc, "wrote", s.write_warp, s.write_pc, 4 * w);
+        if (write) {
+            if (s.read_epoch == g_epoch && s.read_warp != warp)
+                emu_race("writes", warp, pc, "read", s.read_warp, s.read_pc, 4 * w);
+            if (s.read_epoch == g_epoch && s.read_warp2 >= 0 && s.read_warp2 != warp)
+                emu_race("writes", warp, pc, "read", s.read_warp2, s.read_pc2, 4 * w);
+            s.write_epoch = g_epoch, s.write_warp = warp, s.write_pc = pc;
+        } else if (s.read_epoch != g_epoch) {
+            s.read_epoch = g_epoch, s.read_warp = warp, s.read_pc = pc, s.read_warp2 = -1;
+        } else if (s.read_warp != warp && s.read_warp2 < 0) {
+            s.read_warp2 = warp, s.read_pc2 = pc;  // two warps read it: a write by any warp races with one
+        }
+    }
+}
+
+EMU_RUNTIME inline void emu_race(const char* now, int warp, const void* pc, const char* then, int other_warp,
+                                 const void* other_pc, std::size_t offset) {
+    throw EmuError(std::string("race on shared memory in ") + g_block->name + ": warp " + std::to_string(warp) + " " +
+                   now + " the word at " +
+                   emu_shared_name(__bss_start + offset) + " at " +
+                   emu_source_line(pc) + ", which warp " + std::to_string(other_warp) + " " + then + " at " +
+                   emu_source_line(other_pc) + " with no __syncthreads between them");
+}
+
+// The hooks -fsanitize=thread makes the compiler call before each memory access.
+extern "C" {
+#define EMU_TSAN_HOOK(n)                                                                                          \
+    EMU_RUNTIME void __tsan_read##n(void* p) { emu_shared_access(p, n, false, __builtin_return_address(0)); }         \
+    EMU_RUNTIME void __tsan_write##n(void* p) { emu_shared_access(p, n, true, __builtin_return_address(0)); }         \
+    EMU_RUNTIME void __tsan_unaligned_read##n(void* p) { emu_shared_access(p, n, false, __builtin_return_address(0)); } \
+    EMU_RUNTIME void __tsan_unaligned_write##n(void* p) { emu_shared_access(p, n, true, __builtin_return_address(0)); }
+EMU_TSAN_HOOK(1)
+EMU_TSAN_HOOK(2)
+EMU_TSAN_HOOK(4)
+EMU_TSAN_HOOK(8)
+EMU_TSAN_HOOK(16)
+#undef EMU_TSAN_HOOK
+EMU_RUNTIME void __tsan_read_range(void* p, unsigned long n) { emu_shared_access(p, n, false, __builtin_return_address(0)); }
+EMU_RUNTIME void __tsan_write_range(void* p, unsigned long n) { emu_shared_access(p, n, true, __builtin_return_address(0)); }
+EMU_RUNTIME void __tsan_init() {}
+EMU_RUNTIME void __tsan_func_entry(void*) {}
+EMU_RUNTIME void __tsan_func_exit() {}
+EMU_RUNTIME void __tsan_vptr_update(void**, void*) {}
+EMU_RUNTIME void __tsan_vptr_read(void**) {}
+// atomics the C++ runtime's code uses (guards of function statics): plain atomics
+EMU_RUNTIME char __tsan_atomic8_load(const volatile char* a, int) { return __atomic_load_n(a, __ATOMIC_ACQUIRE); }
+EMU_RUNTIME void __tsan_atomic8_store(volatile char* a, char v, int) { __atomic_store_n(a, v, __ATOMIC_RELEASE); }
+EMU_RUNTIME int __tsan_atomic32_load(const volatile int* a, int) { return __atomic_load_n(a, __ATOMIC_ACQUIRE); }
+EMU_RUNTIME void __tsan_atomic32_store(volatile int* a, int v, int) { __atomic_store_n(a, v, __ATOMIC_RELEASE); }
+EMU_RUNTIME int __tsan_atomic32_fetch_add(volatile int* a, int v, int) { return __atomic_fetch_add(a, v, __ATOMIC_ACQ_REL); }
+}
+
+EMU_RUNTIME inline void emu_barrier_reached(EmuBlock& b) {
     if (b.direct) throw EmuError("a barrier was reached by a kernel whose first launch reached none");
     b.reached_barrier = true;
 }
 
-inline void __syncthreads() {
+EMU_RUNTIME inline void __syncthreads() {
     EmuBlock& b = *g_block;
     emu_barrier_reached(b);
     if (++b.at_syncthreads == int(b.fibers.size())) {  // the last to arrive opens the barrier
         b.at_syncthreads = 0;
+        ++g_epoch;  // what was written before the barrier is visible to every warp after it
         for (auto& f : b.fibers) if (f.state == EmuState::at_syncthreads) f.state = EmuState::ready;
         return;
     }
@@ -127,8 +301,11 @@ inline void __syncthreads() {
 }
 
 // One warp-wide meeting point: returns once every lane of this thread's warp has
-// arrived (the barrier a shuffle's phases, and mma's, are made of).
-inline void emu_warp_phase(EmuBlock& b, int warp) {
+// arrived. A warp-wide operation posts its operands, meets, and reads the
+// others': one meeting suffices, because consecutive operations post into
+// alternate slot sets (emu_slot_set), and a lane can only post into a set again
+// after every lane has met at the operation in between, done reading it.
+EMU_RUNTIME inline void emu_warp_phase(EmuBlock& b, int warp) {
     if (++b.warp_arrived[warp] == b.warp_size[warp]) {
         b.warp_arrived[warp] = 0;
         for (int t = warp * 32; t < warp * 32 + b.warp_size[warp]; ++t)
@@ -138,19 +315,22 @@ inline void emu_warp_phase(EmuBlock& b, int warp) {
     }
 }
 
+// Which of two slot sets this thread's next warp-wide operation uses.
+EMU_RUNTIME inline int emu_slot_set(EmuBlock& b) { return b.fibers[b.current].warp_ops++ & 1; }
+
 template <typename V>
-V __shfl_xor_sync(unsigned mask, V value, int lane_mask, int width = 32) {
+EMU_RUNTIME V __shfl_xor_sync(unsigned mask, V value, int lane_mask, int width = 32) {
     static_assert(sizeof(V) <= 8, "shuffle of a value wider than 8 bytes");
     if (mask != 0xffffffffu || width != 32) throw EmuError("the emulator supports only full-warp shuffles");
     EmuBlock& b = *g_block;
     emu_barrier_reached(b);
     const int tid = b.current, warp = tid / 32, lane = tid % 32, source = lane ^ lane_mask;
     if (source >= b.warp_size[warp]) throw EmuError("__shfl_xor_sync reads a lane past the end of a partial warp");
-    std::memcpy(b.slots[tid], &value, sizeof(V));
-    emu_warp_phase(b, warp);  // phase 1: every lane has written its value
+    const int set = emu_slot_set(b);
+    std::memcpy(b.slots[set][tid], &value, sizeof(V));
+    emu_warp_phase(b, warp);  // every lane has written its value
     V result;
-    std::memcpy(&result, b.slots[warp * 32 + source], sizeof(V));
-    emu_warp_phase(b, warp);  // phase 2: every lane has read, so the slots may be reused
+    std::memcpy(&result, b.slots[set][warp * 32 + source], sizeof(V));
     return result;
 }
 
@@ -167,17 +347,18 @@ struct EmuMmaSlot {
 inline float emu_bf16_half(unsigned word, int high) {
     return __uint_as_float((high ? (word >> 16) : (word & 0xffffu)) << 16);
 }
-inline void emu_mma_bf16_16816(float (&d)[4], const unsigned (&a)[4], const unsigned (&bv)[2]) {
+EMU_RUNTIME inline void emu_mma_bf16_16816(float (&d)[4], const unsigned (&a)[4], const unsigned (&bv)[2]) {
     EmuBlock& b = *g_block;
     emu_barrier_reached(b);
     const int tid = b.current, warp = tid / 32, lane = tid % 32;
     if (b.warp_size[warp] != 32) throw EmuError("mma.sync needs a full warp of 32 lanes");
-    static EmuMmaSlot slots[1024];
-    EmuMmaSlot& mine = slots[tid];
+    static EmuMmaSlot slots[2][1024];
+    const int set = emu_slot_set(b);
+    EmuMmaSlot& mine = slots[set][tid];
     for (int i = 0; i < 4; ++i) mine.a[i] = a[i], mine.d[i] = d[i];
     mine.b[0] = bv[0], mine.b[1] = bv[1];
     emu_warp_phase(b, warp);  // every lane has posted its fragments
-    const EmuMmaSlot* w = slots + warp * 32;
+    const EmuMmaSlot* w = slots[set] + warp * 32;
     auto A = [&](int row, int k) {  // a[(row >= 8) + 2 (k >= 8)] of lane 4 (row % 8) + (k % 8) / 2
         return emu_bf16_half(w[(row % 8) * 4 + (k % 8) / 2].a[(row >= 8) + 2 * (k >= 8)], k % 2);
     };
@@ -192,14 +373,86 @@ inline void emu_mma_bf16_16816(float (&d)[4], const unsigned (&a)[4], const unsi
         for (int k = 0; k < 16; ++k) acc += A(row, k) * B(k, col);
         out[i] = w[lane].d[i] + acc;
     }
-    emu_warp_phase(b, warp);  // every lane has read: the slots may be reused
     for (int i = 0; i < 4; ++i) d[i] = out[i];
 }
 
-static void emu_fiber_main() {
+// ldmatrix.sync.aligned.m8n8.{x1,x2,x4}[.trans].shared.b16: `count` 8x8 matrices
+// of 16-bit elements, matrix i's 8 rows at the addresses lanes 8i .. 8i+7 give
+// (16 bytes each, 16-byte aligned). Register i of lane l receives row l/4,
+// columns 2(l%4) and 2(l%4)+1 of matrix i (the smaller column in the low half);
+// with .trans, of the transposed matrix: rows 2(l%4) and 2(l%4)+1 of column l/4.
+EMU_RUNTIME inline void emu_ldmatrix(unsigned* regs, int count, bool trans, const void* row) {
+    EmuBlock& b = *g_block;
+    emu_barrier_reached(b);
+    const int tid = b.current, warp = tid / 32, lane = tid % 32;
+    if (b.warp_size[warp] != 32) throw EmuError("ldmatrix needs a full warp of 32 lanes");
+    emu_check_aligned(row, 16);
+    static const void* rows[2][1024];
+    const int set = emu_slot_set(b);
+    rows[set][tid] = row;
+    emu_warp_phase(b, warp);  // every lane has posted its row address
+    const void* pc = __builtin_return_address(0);
+    for (int i = 0; i < count; ++i) {
+        auto element = [&](int r, int c) {  // matrix i, row r, column c
+            const auto* p = static_cast<const unsigned short*>(rows[set][warp * 32 + 8 * i + r]);
+            emu_shared_access(p + c, 2, false, pc);
+            return (unsigned)p[c];
+        };
+        const int g = lane / 4, t = lane % 4;
+        regs[i] = trans ? element(2 * t, g) | (element(2 * t + 1, g) << 16)
+                        : element(g, 2 * t) | (element(g, 2 * t + 1) << 16);
+    }
+}
+
+// cp.async.cg.shared.global [dst], [src], 16, src_bytes: 16 bytes to shared
+// memory, the first src_bytes from global memory and the rest zeros. The source
+// is read now; the copy lands at the cp.async.wait_group that retires its group.
+// It counts as a write to shared memory from now until then (checked now and
+// when it lands).
+EMU_RUNTIME inline void emu_cp_async(void* dst, const void* src, int src_bytes) {
+    emu_check_aligned(dst, 16);
+    emu_check_aligned(src, 16);
+    if (src_bytes < 0 || src_bytes > 16) throw EmuError("cp.async: src_bytes outside 0..16");
+    const void* pc = __builtin_return_address(0);
+    if (reinterpret_cast<const char*>(dst) < __bss_start || reinterpret_cast<const char*>(dst) >= _end)
+        throw EmuError("cp.async: the destination is not __shared__ memory");
+    emu_shared_access(dst, 16, true, pc);
+    EmuCopy copy{static_cast<unsigned char*>(dst), {}, 16, pc};
+    std::memcpy(copy.data, src, src_bytes);
+    g_block->fibers[g_block->current].open_copies.push_back(copy);
+}
+EMU_RUNTIME inline void emu_cp_async_commit() {
+    EmuFiber& self = g_block->fibers[g_block->current];
+    self.copy_groups.push_back(std::move(self.open_copies));
+    self.open_copies.clear();
+}
+// cp.async.wait_group n: every committed group but the newest n has landed.
+EMU_RUNTIME inline void emu_cp_async_wait(int newest_pending) {
+    EmuFiber& self = g_block->fibers[g_block->current];
+    while (int(self.copy_groups.size()) > newest_pending) {
+        for (const EmuCopy& c : self.copy_groups.front()) {
+            emu_shared_access(c.dst, c.bytes, true, c.pc);
+            std::memcpy(c.dst, c.data, c.bytes);
+        }
+        self.copy_groups.erase(self.copy_groups.begin());
+    }
+}
+
+// atomicAdd on a float: the fibers never preempt one another, so a plain
+// read-modify-write is atomic; the order of the additions follows the schedule.
+EMU_RUNTIME inline float atomicAdd(float* address, float value) {
+    const float old = *address;
+    *address = old + value;
+    return old;
+}
+
+EMU_RUNTIME static void emu_fiber_main() {
     EmuBlock& b = *g_block;
     try {
         b.call(b.kernel, b.params);
+        const EmuFiber& self = b.fibers[b.current];
+        if (!self.copy_groups.empty() || !self.open_copies.empty())
+            throw EmuError("a thread returned with cp.async copies it never waited for (cp.async.wait_group)");
     } catch (const std::exception& e) {
         if (b.error.empty()) b.error = e.what();
     }
@@ -208,11 +461,14 @@ static void emu_fiber_main() {
 }
 
 // Run one block to completion; returns an error message, empty on success.
-static std::string emu_run_block(EmuBlock& b) {
+EMU_RUNTIME static std::string emu_run_block(EmuBlock& b) {
     for (std::size_t t = 0; t < b.fibers.size(); ++t) {
         EmuFiber& f = b.fibers[t];
         if (!f.stack) f.stack.reset(new char[EMU_STACK_BYTES]);
         f.state = EmuState::ready;
+        f.copy_groups.clear();
+        f.open_copies.clear();
+        f.warp_ops = 0;
         getcontext(&f.context);
         f.context.uc_stack.ss_sp = f.stack.get();
         f.context.uc_stack.ss_size = EMU_STACK_BYTES;
@@ -220,18 +476,29 @@ static std::string emu_run_block(EmuBlock& b) {
         makecontext(&f.context, emu_fiber_main, 0);
     }
     b.at_syncthreads = 0;
+    ++g_epoch;  // nothing of the previous block's shared memory use is this block's
     std::fill(b.warp_arrived.begin(), b.warp_arrived.end(), 0);
-    const int n = int(b.fibers.size());
+    const int n = int(b.fibers.size()), n_warps = int(b.warp_size.size());
     for (long round = 0;; ++round) {
         bool ran = false;
-        for (int k = 0; k < n; ++k) {
-            const int t = (round % 2 == 0) ? k : n - 1 - k;
-            if (b.fibers[t].state != EmuState::ready) continue;
-            b.current = t;
-            threadIdx = b.fibers[t].index;
-            swapcontext(&b.scheduler, &b.fibers[t].context);
-            ran = true;
-            if (!b.error.empty()) return b.error;
+        const bool up = round % 2 == 0;
+        for (int k = 0; k < n_warps; ++k) {
+            const int warp = up ? k : n_warps - 1 - k;
+            // this warp alone, until each of its lanes waits at __syncthreads or has returned
+            for (bool warp_ran = true; warp_ran;) {
+                warp_ran = false;
+                for (int lane = 0; lane < b.warp_size[warp]; ++lane) {
+                    const int t = warp * 32 + (up ? lane : b.warp_size[warp] - 1 - lane);
+                    if (b.fibers[t].state != EmuState::ready) continue;
+                    b.current = t;
+                    threadIdx = b.fibers[t].index;
+                    g_in_kernel = true;
+                    swapcontext(&b.scheduler, &b.fibers[t].context);
+                    g_in_kernel = false;
+                    ran = warp_ran = true;
+                    if (!b.error.empty()) return b.error;
+                }
+            }
         }
         if (ran) continue;
         int done = 0, syncing = 0, shuffling = 0;
@@ -288,14 +555,14 @@ static void emu_error(char* err, int errlen, const std::string& message) {
     std::snprintf(err, errlen, "%s", message.c_str());
 }
 
-extern "C" int emu_signature(const char* name, char* out, int outlen) {
+extern "C" __attribute__((visibility("default"))) int emu_signature(const char* name, char* out, int outlen) {
     auto it = emu_registry().find(name);
     if (it == emu_registry().end()) return 1;
     std::snprintf(out, outlen, "%s", it->second.signature.c_str());
     return 0;
 }
 
-extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+extern "C" __attribute__((visibility("default"), no_sanitize_thread)) int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                           unsigned bz, void** params, char* err, int errlen) {
     auto it = emu_registry().find(name);
     if (it == emu_registry().end()) {
@@ -317,6 +584,7 @@ extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned g
     block->call = it->second.call;
     block->kernel = it->second.kernel;
     block->params = params;
+    block->name = name;
     blockDim = dim3{bx, by, bz};
     gridDim = dim3{gx, gy, gz};
     g_block = block.get();
@@ -328,6 +596,7 @@ extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned g
         for (unsigned y = 0; y < gy && error.empty(); ++y)
             for (unsigned x = 0; x < gx && error.empty(); ++x) {
                 blockIdx = dim3{x, y, z};
+                ++g_epoch;
                 if (!block->direct) {
                     error = emu_run_block(*block);
                     continue;
@@ -335,11 +604,13 @@ extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned g
                 for (int t = 0; t < n && error.empty(); ++t) {
                     block->current = t;
                     threadIdx = block->fibers[t].index;
+                    g_in_kernel = true;
                     try {
                         block->call(block->kernel, block->params);
                     } catch (const std::exception& e) {
                         error = e.what();
                     }
+                    g_in_kernel = false;
                 }
             }
     if (known == barrier_free.end() && error.empty()) barrier_free[name] = !block->reached_barrier;

@@ -34,40 +34,75 @@ SCALAR_TYPES = {"f": (np.float32, ctypes.c_float), "d": (np.float64, ctypes.c_do
                 "i": (np.int32, ctypes.c_int32), "q": (np.int64, ctypes.c_int64)}
 
 
-def generated_source():
+def generated_source(kernel_dir=None, files=None):
+    """The C++ translation unit: the emulator, the kernel files (from kernel_dir,
+    the package's kernels/ folder unless a test hands a modified copy; all of
+    them unless `files` names some) and the registry of every instantiation
+    Python can launch from them."""
     import nanogpt_np.kernels  # noqa: F401  (imports every wrapper, so ALL_FILES is complete)
 
+    kernel_dir = Path(kernel_dir) if kernel_dir else loader.KERNEL_DIR
+    chosen = [kf for kf in loader.ALL_FILES if files is None or kf.filename in files]
     lines = ['#include "cuda_emulation.h"']
-    lines += [f'#include "{kf.path}"' for kf in loader.ALL_FILES]
+    lines += [f'#include "{kernel_dir / kf.filename}"' for kf in chosen]
     # common.cuh's bf16 (2 bytes, ml_dtypes.bfloat16's layout) as an argument type
     lines.append("template <> struct EmuCode<bf16> { static constexpr char value = 'h'; };")
     lines.append("const std::map<std::string, EmuEntry>& emu_registry() {")
     lines.append("    static const std::map<std::string, EmuEntry> registry = {")
-    for kf in loader.ALL_FILES:
+    for kf in chosen:
         lines += [f'        {{"{name}", emu_entry(&{name})}},' for name in kf.names]
     lines += ["    };", "    return registry;", "}"]
     return "\n".join(lines) + "\n"
 
 
-def build(directory, extra_flags=()):
-    """Compile the emulator library into `directory`; returns its path."""
+# -fsanitize=thread instruments every load and store with a call to the race
+# detector's hooks in cuda_emulation.h (the library is linked without
+# ThreadSanitizer's runtime); -g gives addr2line the source lines a race report
+# names. Hidden visibility and no STB_GNU_UNIQUE symbols keep each library's
+# __shared__ arrays its own when a test loads a second (modified) library.
+COMPILE_FLAGS = ("-std=c++17", "-O1", "-g", "-fPIC", "-pthread", "-w", "-fsanitize=thread",
+                 "--param", "tsan-instrument-func-entry-exit=0", "-fvisibility=hidden", "-fno-gnu-unique")
+
+
+def build(directory, extra_flags=(), replace=None, files=None):
+    """Compile the emulator library into `directory`; returns its path.
+    replace: {kernel file name: new text}, for tests that break a kernel on
+    purpose (the library is then built from a modified copy of kernels/);
+    files: the .cu files to build (default all), to keep such builds short."""
+    directory = Path(directory)
+    kernel_dir = None
+    if replace:
+        kernel_dir = directory / "kernels"
+        kernel_dir.mkdir(exist_ok=True)
+        for path in loader.KERNEL_DIR.iterdir():
+            if path.suffix in (".cu", ".cuh"):
+                (kernel_dir / path.name).write_text(replace.get(path.name, path.read_text()))
+    folder = kernel_dir or loader.KERNEL_DIR
+    texts = "".join(path.read_text() for path in sorted(folder.iterdir()) if path.suffix in (".cu", ".cuh"))
+    return build_source(directory, generated_source(kernel_dir, files), extra_flags, texts)
+
+
+def build_source(directory, source, extra_flags=(), included=""):
+    """Compile one C++ translation unit that includes cuda_emulation.h (and
+    defines emu_registry) into an emulator library in `directory`; returns its
+    path. `included`: the text of the files it includes, which the library's
+    name (a digest, so a rebuilt source gets a new library) depends on too."""
     gxx = shutil.which("g++")
     if gxx is None:
         raise RuntimeError("g++ not found")
-    source = generated_source()
-    inputs = source + (HERE / "cuda_emulation.h").read_text()
-    inputs += "".join(kf.source() for kf in loader.ALL_FILES) + " ".join(extra_flags)
-    digest = hashlib.sha256(inputs.encode()).hexdigest()[:16]
     directory = Path(directory)
+    inputs = source + included + (HERE / "cuda_emulation.h").read_text() + " ".join(COMPILE_FLAGS + tuple(extra_flags))
+    digest = hashlib.sha256(inputs.encode()).hexdigest()[:16]
     lib = directory / f"libcuda_emulation_{digest}.so"
     if not lib.exists():
-        cpp = directory / f"emulation_{digest}.cpp"
+        cpp, obj = directory / f"emulation_{digest}.cpp", directory / f"emulation_{digest}.o"
         cpp.write_text(source)
-        cmd = [gxx, "-std=c++17", "-O1", "-g0", "-shared", "-fPIC", "-pthread", "-w", f"-I{HERE}",
-               *extra_flags, str(cpp), "-o", str(lib)]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"building the CUDA emulator failed:\n{result.stderr[-8000:]}")
+        steps = ([gxx, *COMPILE_FLAGS, f"-I{HERE}", *extra_flags, "-c", str(cpp), "-o", str(obj)],
+                 [gxx, "-shared", "-pthread", str(obj), "-o", str(lib)])
+        for cmd in steps:
+            result = subprocess.run(cmd, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise RuntimeError(f"building the CUDA emulator failed:\n{result.stderr[-8000:]}")
     return lib
 
 
@@ -118,9 +153,9 @@ class EmulatedRunner:
             raise ValueError(f"{name}: launch exceeds CUDA limits grid={grid3} block={block3}")
         if shared_mem:
             raise ValueError(f"{name}: dynamic shared memory is not emulated")
-        err = ctypes.create_string_buffer(2048)
+        err = ctypes.create_string_buffer(8192)
         self.launches.append(name)
-        rc = self.lib.emu_launch(name.encode(), *[ctypes.c_uint(v) for v in grid3 + block3], params, err, 2048)
+        rc = self.lib.emu_launch(name.encode(), *[ctypes.c_uint(v) for v in grid3 + block3], params, err, 8192)
         if rc != 0:
             raise RuntimeError(err.value.decode())
         for k, a, padded in guarded:

@@ -1,7 +1,11 @@
 """The bf16 tensor-core attention (attention_mma.cu) on the CPU emulator, whose
-mma.sync follows PTX's documented fragment layout: against the NumPy mirror of its
-tiling and roundings (kernels/flash_reference.py, closely), and against float64
-attention of the same bf16 inputs (to bf16 accuracy)."""
+mma.sync and ldmatrix follow PTX's documented fragment layouts, whose cp.async
+copies land only at their wait, and whose race detector fails any launch where
+two warps touch a shared word in one barrier interval: against the NumPy mirror
+of the tiling and roundings (kernels/flash_reference.py, closely), and against
+float64 attention of the same bf16 inputs (to bf16 accuracy). The FlashAttention-2
+kernels (the default bf16 path) and the first tensor-core kernels
+(NANOGPT_BF16_ATTENTION=mma, kept for comparison) both."""
 import numpy as np
 import pytest
 
@@ -11,13 +15,25 @@ from nanogpt_np.kernels import flash_reference
 from tests.helpers import rel_err
 
 BF16 = bfloat16()
-SHAPES = [  # B, T, NH (head size 64)
+SHAPES = [  # B, T, NH (head size 64) for the first tensor-core kernels
     (1, 1, 1),  # T=1
     (2, 7, 2),  # shorter than a tile (and than a warp's 16 rows)
-    (1, 64, 1),  # exactly one tile
     (1, 65, 2),  # one row into the second tile
     (1, 131, 1),  # three tiles, the last ragged
 ]
+FA2_SHAPES = [  # B, T, NH for the FlashAttention-2 kernels (128-row forward blocks,
+    (2, 1, 1),  # 64-key backward blocks, 32-row query tiles): T=1, two batches
+    (1, 63, 2),  # one short of a key tile, two heads
+    (1, 64, 1),  # exactly one key tile
+    (2, 65, 1),  # one row into the second key tile
+    (1, 127, 1),  # one short of a forward block
+    (1, 128, 1),  # exactly one forward block
+    (1, 129, 2),  # one row into the second forward block
+    (1, 333, 1),  # odd, several blocks of each kind, ragged everywhere
+    (1, 1024, 1),  # GPT-2's context: 8 forward blocks, 16 key blocks (B*NH=1 keeps the emulator quick)
+]
+FA2_LAUNCHES = ["flash_attention_fa2_forward", "flash_attention_fa2_backward_dot", "flash_attention_fa2_backward",
+                "flash_attention_fa2_backward_dq_store"]
 
 
 def _inputs(B, T, NH, seed):
@@ -36,18 +52,15 @@ def test_mma_fragment_layout(emulated):
     assert rel_err(d, a.astype(np.float64) @ b.astype(np.float64)) < 1e-6
 
 
-@pytest.mark.parametrize("B,T,NH", SHAPES)
-def test_mma_attention(emulated, B, T, NH):
-    qkv, dy = _inputs(B, T, NH, seed=T)
+def _check_against_mirror_and_formula(emulated, qkv, dy, NH, path, launches, mirror_forward, mirror_backward):
     y, cache = kernels.attention.forward(qkv, NH)
     dqkv = kernels.attention.backward(dy, cache)
-    assert kernels.attention.path_of(cache) == "mma"
-    assert [n.split("<")[0] for n in emulated.launches] == [
-        "flash_attention_mma_forward", "flash_attention_mma_backward_dq", "flash_attention_mma_backward_dkdv"]
+    assert kernels.attention.path_of(cache) == path
+    assert [n.split("<")[0] for n in emulated.launches] == launches
     assert y.dtype == BF16 and dqkv.dtype == BF16 and cache[3].dtype == np.float32
     # the mirror: same tiles, same roundings, float64 otherwise
-    y_mirror, cache_mirror = flash_reference.mma_forward(qkv, NH)
-    dqkv_mirror = flash_reference.mma_backward(dy, cache_mirror)
+    y_mirror, cache_mirror = mirror_forward(qkv, NH)
+    dqkv_mirror = mirror_backward(dy, cache_mirror)
     # float32 against float64 arithmetic between the same roundings: nearly every element
     # is the same bf16 number; the few that differ are one rounding apart (~0.1% seen)
     for got, want in ((y, y_mirror), (dqkv, dqkv_mirror)):
@@ -61,6 +74,30 @@ def test_mma_attention(emulated, B, T, NH):
     assert rel_err(dqkv.astype(np.float64), dqkv_ref) < 2e-2
 
 
+@pytest.mark.parametrize("B,T,NH", FA2_SHAPES)
+def test_fa2_attention(emulated, B, T, NH):
+    qkv, dy = _inputs(B, T, NH, seed=T)
+    _check_against_mirror_and_formula(emulated, qkv, dy, NH, "fa2", FA2_LAUNCHES,
+                                      flash_reference.fa2_forward, flash_reference.fa2_backward)
+
+
+@pytest.mark.parametrize("B,T,NH", SHAPES)
+def test_mma_attention(emulated, B, T, NH, monkeypatch):
+    monkeypatch.setenv(kernels.attention.BF16_PATH_ENV, "mma")
+    qkv, dy = _inputs(B, T, NH, seed=T)
+    _check_against_mirror_and_formula(
+        emulated, qkv, dy, NH, "mma",
+        ["flash_attention_mma_forward", "flash_attention_mma_backward_dq", "flash_attention_mma_backward_dkdv"],
+        flash_reference.mma_forward, flash_reference.mma_backward)
+
+
+def test_an_unknown_bf16_path_is_an_error(monkeypatch):
+    monkeypatch.setenv(kernels.attention.BF16_PATH_ENV, "fast")
+    qkv, _ = _inputs(1, 3, 1, seed=0)
+    with pytest.raises(ValueError, match="NANOGPT_BF16_ATTENTION='fast': use one of fa2, mma, simt"):
+        kernels.attention.forward(qkv, 1)
+
+
 def test_bf16_attention_can_go_through_the_float32_kernels(emulated, monkeypatch):
     monkeypatch.setenv(kernels.attention.BF16_PATH_ENV, "simt")
     qkv, dy = _inputs(1, 9, 2, seed=1)
@@ -72,12 +109,14 @@ def test_bf16_attention_can_go_through_the_float32_kernels(emulated, monkeypatch
     assert rel_err(dqkv.astype(np.float64), layers.attention.backward(dy.astype(np.float64), cache_ref)) < 2**-8
 
 
-@pytest.mark.parametrize("B,T,NH", [(1, 1, 1), (2, 7, 2), (1, 130, 2)])
-def test_mma_mirror_matches_plain_attention(B, T, NH):
-    """The mirror alone (no emulator): the tiling is exact, the roundings cost bf16 accuracy."""
+@pytest.mark.parametrize("mirror", ["mma", "fa2"])
+@pytest.mark.parametrize("B,T,NH", [(1, 1, 1), (2, 7, 2), (1, 130, 2), (1, 333, 1)])
+def test_mma_mirror_matches_plain_attention(B, T, NH, mirror):
+    """The mirrors alone (no emulator): the tiling is exact, the roundings cost bf16 accuracy."""
     qkv, dy = _inputs(B, T, NH, seed=7)
-    y, cache = flash_reference.mma_forward(qkv, NH)
-    dqkv = flash_reference.mma_backward(dy, cache)
+    forward, backward = getattr(flash_reference, f"{mirror}_forward"), getattr(flash_reference, f"{mirror}_backward")
+    y, cache = forward(qkv, NH)
+    dqkv = backward(dy, cache)
     y_ref, cache_ref = layers.attention.forward(qkv.astype(np.float64), NH)
     assert rel_err(y, y_ref) < 1e-2
     assert rel_err(cache[2], cache_ref[2]) < 1e-12  # the logsumexp is not rounded
@@ -97,3 +136,32 @@ def test_views_off_a_16_byte_boundary_are_copied_for_the_16_byte_loads():
     assert data_pointer(fixed) % 16 == 0 and np.array_equal(fixed, view)
     aligned = base[8:40]
     assert kernels.attention._aligned16(aligned, np) is aligned  # no copy when none is needed
+
+
+def test_fa2_launches_fit_cuda_limits_at_the_largest_shapes():
+    """B*NH = 48*25 (GPT-2 XL's 25 heads at batch 48), T=1024: every launch's grid
+    and block within CUDA's limits, recorded without running (the arrays are never
+    touched, so np.empty commits no memory)."""
+    from nanogpt_np.kernels import loader
+
+    class Recorder:
+        def __init__(self):
+            self.launches = []
+
+        def launch(self, kernel_file, name, grid, block, args, shared_mem):
+            self.launches.append((name.split("<")[0], grid, block))
+
+    recorder = Recorder()
+    previous = loader.use_runner(recorder)
+    try:
+        B, NH, T = 48, 25, 1024
+        qkv = np.empty((B, T, 3 * NH * 64), dtype=BF16)
+        y, cache = kernels.attention.forward(qkv, NH)
+        kernels.attention.backward(np.empty((B, T, NH * 64), dtype=BF16), cache)
+    finally:
+        loader.use_runner(previous)
+    assert [n for n, _, _ in recorder.launches] == FA2_LAUNCHES
+    for name, grid, block in recorder.launches:
+        grid3 = (tuple(grid) + (1, 1))[:3]
+        assert grid3[0] < 2**31 and max(grid3[1:]) <= 65535 and int(np.prod(block)) <= 1024, (name, grid, block)
+    assert recorder.launches[0][1] == (B * NH, T // 128) and recorder.launches[2][1] == (B * NH, T // 64)

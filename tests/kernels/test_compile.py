@@ -59,3 +59,72 @@ def test_nvrtc_check_can_fail():
     source = "#include <cmath>\nextern \"C\" __global__ void f(float* x) { x[0] = std::exp(x[0]); }\n"
     with pytest.raises(RuntimeError, match="cmath"):
         NVRTC(LIBNVRTC).compile(source, "bad.cu", ("-arch=sm_80",), [])
+
+
+# ---- the FlashAttention-2 kernels' instruction mix and resources, for sm_90 ----
+
+FA2_KERNELS = [name for name in FILES["attention_mma.cu"].names if name.startswith("flash_attention_fa2_")]
+# the two that move tiles: their PTX must use the asynchronous copies and ldmatrix
+TILE_KERNELS = {"flash_attention_fa2_forward", "flash_attention_fa2_backward"}
+TILE_INSTRUCTIONS = ("cp.async.cg.shared.global", "cp.async.commit_group", "cp.async.wait_group",
+                     "ldmatrix.sync.aligned.m8n8.x4.shared.b16", "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16",
+                     "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32")
+
+
+def _mangled_base(name):
+    """The Itanium-mangled prefix of a kernel template name: _Z<len><name>I."""
+    base = name.split("<")[0]
+    return f"{len(base)}{base}I"
+
+
+@pytest.fixture(scope="module")
+def fa2_build(tmp_path_factory):
+    """ptxas's per-kernel report (-Xptxas -v) and the PTX of attention_mma.cu for sm_90."""
+    tmp = tmp_path_factory.mktemp("fa2_sm90")
+    kf = FILES["attention_mma.cu"]
+    refs = ",\n".join(f"    (void*)&{name}" for name in kf.names)
+    unit = tmp / "instantiate.cu"
+    unit.write_text(f'#include "{kf.path}"\nvoid* nanogpt_kernels[] = {{\n{refs}\n}};\n')
+    reports = {}
+    cubin = subprocess.run(["nvcc", "-std=c++17", "-arch=sm_90", "-cubin", "-Xptxas", "-v", "-o", str(tmp / "k.cubin"),
+                            str(unit)], capture_output=True, text=True)
+    assert cubin.returncode == 0, cubin.stderr
+    for block in cubin.stderr.split("Compiling entry function")[1:]:
+        mangled = block.split("'")[1]
+        numbers = dict(
+            stack=int(re.search(r"(\d+) bytes stack frame", block).group(1)),
+            spill_stores=int(re.search(r"(\d+) bytes spill stores", block).group(1)),
+            spill_loads=int(re.search(r"(\d+) bytes spill loads", block).group(1)),
+            registers=int(re.search(r"Used (\d+) registers", block).group(1)),
+            smem=int(m.group(1)) if (m := re.search(r"(\d+) bytes smem", block)) else 0)
+        reports[mangled] = numbers
+    ptx = subprocess.run(["nvcc", "-std=c++17", "-arch=sm_90", "-ptx", "-o", str(tmp / "k.ptx"), str(unit)],
+                         capture_output=True, text=True)
+    assert ptx.returncode == 0, ptx.stderr
+    entries = {}
+    for body in (tmp / "k.ptx").read_text().split(".entry ")[1:]:
+        entries[body.split("(")[0].strip()] = body
+    return reports, entries
+
+
+def _find(table, name):
+    hits = [v for k, v in table.items() if _mangled_base(name) in k]
+    assert len(hits) == 1, f"{name}: {len(hits)} matching entries among {sorted(table)}"
+    return hits[0]
+
+
+@needs_nvcc
+@pytest.mark.parametrize("name", FA2_KERNELS)
+def test_fa2_kernels_do_not_spill_and_use_the_async_copies_and_ldmatrix(fa2_build, name):
+    """No spills and no local-memory stack frame (ptxas for sm_90), a single
+    block's static shared memory within 48 KB; the tile kernels' PTX has cp.async
+    (with its commit and wait), ldmatrix.x4 and its .trans form, and the bf16 mma."""
+    reports, entries = fa2_build
+    report = _find(reports, name)
+    assert report["spill_stores"] == 0 and report["spill_loads"] == 0, (name, report)
+    assert report["stack"] == 0, (name, report)
+    assert report["smem"] <= loader.STATIC_SHARED_LIMIT and 0 < report["registers"] <= 255, (name, report)
+    if name.split("<")[0] in TILE_KERNELS:
+        body = _find(entries, name)
+        missing = [i for i in TILE_INSTRUCTIONS if i not in body]
+        assert not missing, f"{name}'s PTX lacks {missing}"

@@ -206,8 +206,9 @@ const std::map<std::string, EmuEntry>& emu_registry() {
 
 
 def test_emulator_catches_deadlocks_and_stray_writes(tmp_path):
-    """The emulator's own checks work, so a passing emulated test means the
-    barriers are placed right and no kernel writes outside its arrays."""
+    """The emulator's own checks work: deadlocks, writes past an array, and a
+    barrier in a kernel run thread after thread. (Races between warps over
+    shared memory: test_a_missing_barrier_is_a_race_naming_both_lines.)"""
     import shutil
     import subprocess
     from pathlib import Path
@@ -234,3 +235,218 @@ def test_emulator_catches_deadlocks_and_stray_writes(tmp_path):
     runner.launch(None, "syncs_if<float>", (2,), (32,), (x, np.int32(0)), 0)
     with pytest.raises(RuntimeError, match="barrier was reached by a kernel whose first launch reached none"):
         runner.launch(None, "syncs_if<float>", (2,), (32,), (x, np.int32(1)), 0)
+
+
+def _bf16_attention_call(path, backward=False):
+    """A bf16 attention call through NANOGPT_BF16_ATTENTION=path, three key tiles long."""
+    import os
+
+    from nanogpt_np.backend import bfloat16
+
+    rng = np.random.default_rng(0)
+    qkv = rng.standard_normal((1, 130, 3 * 64)).astype(np.float32).astype(bfloat16())
+    previous = os.environ.get(kernels.attention.BF16_PATH_ENV)
+    os.environ[kernels.attention.BF16_PATH_ENV] = path
+    try:
+        y, cache = kernels.attention.forward(qkv, 1)
+        if backward:
+            kernels.attention.backward(rng.standard_normal(y.shape).astype(np.float32).astype(bfloat16()), cache)
+    finally:
+        if previous is None:
+            del os.environ[kernels.attention.BF16_PATH_ENV]
+        else:
+            os.environ[kernels.attention.BF16_PATH_ENV] = previous
+
+
+def _cross_entropy_call():
+    x = np.random.default_rng(0).standard_normal((2, 3, 1000)).astype(np.float32)
+    kernels.cross_entropy.forward(x, np.zeros((2, 3), np.int64))
+
+
+MISSING_BARRIERS = {  # kernel file, the text whose __syncthreads is removed, a call that runs it
+    "block_logsumexp: warp 0 reads partial sums not yet written": (
+        "common.cuh", "cross_entropy.cu", "        shared_s[warp] = s;\n    }\n    __syncthreads();\n",
+        "__syncthreads();\n", _cross_entropy_call, r"block_logsumexp.*common\.cuh:\d+.*common\.cuh:\d+"),
+    "attention_mma forward: a warp overwrites the K/V tile another warp still reads": (
+        "attention_mma.cu", "attention_mma.cu", "        __syncthreads();  // everyone is done with the previous tile\n",
+        "__syncthreads();", lambda: _bf16_attention_call("mma"),
+        r"flash_attention_mma_forward.*_tile.*attention_mma\.cu:\d+.*attention_mma\.cu:\d+"),
+    "fa2 forward: cp.async refills a stage another warp still reads": (
+        "attention_mma.cu", "attention_mma.cu",
+        "        __syncthreads();     // ... everyone's; and every warp is done with stage (j + 1) % 2\n",
+        "__syncthreads();", lambda: _bf16_attention_call("fa2"),
+        r"flash_attention_fa2_forward.*::kv.*attention_mma\.cu:\d+.*attention_mma\.cu:\d+"),
+    "fa2 backward: warps read ds^T before every warp has written its rows": (
+        "attention_mma.cu", "attention_mma.cu", "        __syncthreads();  // ds^T complete\n",
+        "__syncthreads();", lambda: _bf16_attention_call("fa2", backward=True),
+        r"flash_attention_fa2_backward<64>.*ds_tile.*attention_mma\.cu:\d+.*attention_mma\.cu:\d+"),
+}
+MISSING_WAIT = "        cp_async_wait<0>();  // tile j has landed (this thread's copies) ...\n"
+
+
+@pytest.mark.parametrize("case", sorted(MISSING_BARRIERS))
+def test_a_missing_barrier_is_a_race_naming_both_lines(case, tmp_path):
+    """Each __syncthreads listed, removed from a copy of the source, makes the
+    emulator fail the launch with a race naming the kernel, the shared array and
+    both source lines; so a passing emulated test means no barrier is missing,
+    even where the numbers would come out right."""
+    from nanogpt_np.kernels import loader
+    from tests.kernels import emulator
+
+    filename, built, text, barrier, call, message = MISSING_BARRIERS[case]
+    source = (loader.KERNEL_DIR / filename).read_text()
+    assert source.count(text) == 1 and barrier in text
+    broken = source.replace(text, text.replace(barrier, ""))
+    lib = emulator.build(tmp_path, replace={filename: broken}, files=(built,))
+    previous = loader.use_runner(emulator.EmulatedRunner(lib))
+    try:
+        with pytest.raises(RuntimeError, match="race on shared memory in .*" + message):
+            call()
+    finally:
+        loader.use_runner(previous)
+
+
+def test_a_missing_cp_async_wait_fails_the_launch(tmp_path):
+    """Without its cp.async.wait_group the FlashAttention-2 forward would read
+    tiles that have not landed: the emulator lands copies only at a wait, so the
+    data is stale and the thread ends with copies in flight, which is an error."""
+    from nanogpt_np.kernels import loader
+    from tests.kernels import emulator
+
+    source = (loader.KERNEL_DIR / "attention_mma.cu").read_text()
+    assert source.count(MISSING_WAIT) == 1
+    lib = emulator.build(tmp_path, replace={"attention_mma.cu": source.replace(MISSING_WAIT, "")},
+                         files=("attention_mma.cu",))
+    previous = loader.use_runner(emulator.EmulatedRunner(lib))
+    try:
+        with pytest.raises(RuntimeError, match="flash_attention_fa2_forward.*cp.async copies it never waited for"):
+            _bf16_attention_call("fa2")
+    finally:
+        loader.use_runner(previous)
+
+
+PROBES = r"""
+#include "cuda_emulation.h"
+// ldmatrix: input row k (of 32 x 8 16-bit values) is stored at shared row 31 - k, and
+// lane k points at it: matrix i's rows are input rows 8i .. 8i+7 only if the
+// emulator reads the rows at the addresses the lanes give.
+__global__ void ldmatrix_probe(const int* m, int* out, int count, int trans) {
+    __shared__ __align__(16) unsigned short tile[32][8];
+    const int lane = threadIdx.x;
+    for (int c = 0; c < 8; ++c) tile[31 - lane][c] = (unsigned short)m[8 * lane + c];
+    __syncthreads();
+    unsigned r[4] = {0u, 0u, 0u, 0u};
+    emu_ldmatrix(r, count, trans != 0, &tile[31 - lane][0]);
+    for (int i = 0; i < 4; ++i) out[4 * lane + i] = (int)r[i];
+}
+// cp.async: two groups; what shared memory holds before any wait, after
+// wait_group 1 (the older group landed), after wait_group 0 (both).
+__global__ void cp_async_probe(const float* src, float* out, int unused) {
+    __shared__ __align__(16) float buf[2][128];
+    const int tid = threadIdx.x;
+    for (int k = 0; k < 4; ++k) buf[0][4 * tid + k] = buf[1][4 * tid + k] = -1.0f;
+    emu_cp_async(&buf[0][4 * tid], src + 4 * tid, 16);
+    emu_cp_async_commit();
+    emu_cp_async(&buf[1][4 * tid], src + 128 + 4 * tid, 8);  // 8 bytes, then 8 bytes of zeros
+    emu_cp_async_commit();
+    for (int step = 0; step < 3; ++step) {
+        if (step == 1) emu_cp_async_wait(1);
+        if (step == 2) emu_cp_async_wait(0);
+        for (int k = 0; k < 4; ++k) {
+            out[256 * step + 4 * tid + k] = buf[0][4 * tid + k];
+            out[256 * step + 128 + 4 * tid + k] = buf[1][4 * tid + k];
+        }
+    }
+}
+__global__ void cp_async_never_waited(const float* src, float* out, int unused) {
+    __shared__ __align__(16) float buf[128];
+    emu_cp_async(&buf[4 * threadIdx.x], src + 4 * threadIdx.x, 16);
+    emu_cp_async_commit();
+}
+// warp 0 copies, warp 1 reads: a race unless a __syncthreads sits between
+__global__ void cp_async_then_read(const float* src, float* out, int sync) {
+    __shared__ __align__(16) float buf[128];
+    if (threadIdx.x < 32) {
+        emu_cp_async(&buf[4 * threadIdx.x], src + 4 * threadIdx.x, 16);
+        emu_cp_async_commit();
+        emu_cp_async_wait(0);
+    }
+    if (sync) __syncthreads();
+    if (threadIdx.x >= 32)
+        for (int k = 0; k < 4; ++k) out[4 * (threadIdx.x - 32) + k] = buf[4 * (threadIdx.x - 32) + k];
+}
+__global__ void atomic_probe(const float* unused, float* x, int n) {
+    atomicAdd(&x[0], 1.0f);
+    __syncthreads();  // the fibers interleave between the two adds
+    atomicAdd(&x[1 + threadIdx.x % n], 0.25f);
+}
+const std::map<std::string, EmuEntry>& emu_registry() {
+    static const std::map<std::string, EmuEntry> r = {
+        {"ldmatrix_probe", emu_entry(&ldmatrix_probe)}, {"cp_async_probe", emu_entry(&cp_async_probe)},
+        {"cp_async_never_waited", emu_entry(&cp_async_never_waited)},
+        {"cp_async_then_read", emu_entry(&cp_async_then_read)}, {"atomic_probe", emu_entry(&atomic_probe)}};
+    return r;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def probes(tmp_path_factory):
+    import shutil
+
+    from tests.kernels.emulator import EmulatedRunner, build_source
+
+    if shutil.which("g++") is None:
+        pytest.skip("g++ is not on PATH")
+    return EmulatedRunner(build_source(tmp_path_factory.mktemp("probes"), PROBES))
+
+
+@pytest.mark.parametrize("trans", [0, 1])
+@pytest.mark.parametrize("count", [1, 2, 4])
+def test_emulated_ldmatrix_follows_the_ptx_fragment_layout(probes, count, trans):
+    """ldmatrix.m8n8.x{1,2,4}[.trans].b16, by PTX's description: register i of
+    lane l holds row l/4, columns 2(l%4) and +1 of matrix i (of its transpose with
+    .trans), the smaller column in the low half."""
+    m = np.random.default_rng(count + 10 * trans).integers(0, 1 << 16, (32, 8)).astype(np.int32)
+    out = np.zeros((32, 4), np.int32)
+    probes.launch(None, "ldmatrix_probe", (1,), (32,), (m, out, np.int32(count), np.int32(trans)), 0)
+    matrices = m.reshape(4, 8, 8)
+    want = np.zeros((32, 4), np.int64)
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        for i in range(count):
+            mat = matrices[i].T if trans else matrices[i]
+            want[lane, i] = int(mat[g, 2 * t]) | (int(mat[g, 2 * t + 1]) << 16)
+    np.testing.assert_array_equal(out.view(np.uint32), want.astype(np.uint32))
+
+
+def test_emulated_cp_async_lands_only_at_its_wait(probes):
+    src = np.arange(1, 257, dtype=np.float32)
+    out = np.zeros(768, np.float32)
+    probes.launch(None, "cp_async_probe", (1,), (32,), (src, out, np.int32(0)), 0)
+    before, after_older, after_all = out.reshape(3, 2, 128)
+    np.testing.assert_array_equal(before, -1.0)  # nothing has landed before a wait
+    np.testing.assert_array_equal(after_older[0], src[:128])  # wait_group 1: the older group
+    np.testing.assert_array_equal(after_older[1], -1.0)  # ... but not the newer
+    np.testing.assert_array_equal(after_all[0], src[:128])
+    newer = np.zeros((32, 4), np.float32)
+    newer[:, :2] = src[128:].reshape(32, 4)[:, :2]  # 8 bytes copied, 8 zero-filled
+    np.testing.assert_array_equal(after_all[1], newer.reshape(-1))
+    with pytest.raises(RuntimeError, match="cp.async copies it never waited for"):
+        probes.launch(None, "cp_async_never_waited", (1,), (32,), (src, out, np.int32(0)), 0)
+
+
+def test_a_cp_async_read_by_another_warp_needs_a_barrier(probes):
+    src = np.arange(128, dtype=np.float32)
+    out = np.zeros(128, np.float32)
+    probes.launch(None, "cp_async_then_read", (1,), (64,), (src, out, np.int32(1)), 0)
+    np.testing.assert_array_equal(out, src)
+    with pytest.raises(RuntimeError, match=r"race on shared memory in cp_async_then_read: warp \d (reads|writes) "
+                                           r"the word at shared cp_async_then_read.*::buf \+ \d+ bytes at emulation_"):
+        probes.launch(None, "cp_async_then_read", (1,), (64,), (src, out, np.int32(0)), 0)
+
+
+def test_emulated_atomic_add_loses_no_update(probes):
+    x = np.zeros(4, np.float32)
+    probes.launch(None, "atomic_probe", (3,), (96,), (np.zeros(1, np.float32), x, np.int32(3)), 0)
+    np.testing.assert_array_equal(x, [288.0, 24.0, 24.0, 24.0])

@@ -87,7 +87,11 @@ def test_gpu_check_dry_run(emulator_lib, monkeypatch, tmp_path, capsys):
     assert {r["section"] for r in rows} == {"0", "1", "2", "3", "4", "5", "6", "7"}
     n_kernel_rows = sum(len(SIZES[k]) for k in ("attention", "attention_bf16", "layernorm", "gelu", "cross_entropy",
                                                 "adamw", "gemm")) + 3
-    assert len(rows) == 3 + n_kernel_rows + 6 + 2 + 4 + 4 + 1 + 1 + 3 + 4 + 3  # + the 350M rows, section 7
+    # + the 350M rows, section 7, and section 5's 4 more (bf16 fa2 and mma timed at two shapes)
+    assert len(rows) == 3 + n_kernel_rows + 6 + 2 + 4 + 4 + 1 + 1 + 3 + 4 + 3 + 4
+    section5 = [r["name"] for r in rows if r["section"] == "5"]
+    assert len(section5) == 8 and sum("124M ours bf16" in n for n in section5) == 2, section5  # fa2, mma
+    assert sum("350M" in n for n in section5) == 3, section5  # fa2, mma, SDPA at the 350M shape
     section7 = [r for r in rows if r["section"] == "7"]
     assert [r["status"] for r in section7] == ["ok", "ok", "ok"], section7
     assert "log.txt identical" in section7[1]["result"]
@@ -96,7 +100,7 @@ def test_gpu_check_dry_run(emulator_lib, monkeypatch, tmp_path, capsys):
     assert overlap["status"] == "ok" and overlap["result"].startswith("3 buckets (want 3)"), overlap
     assert verdicts <= names and "host time per step (launch overhead)" in names
     paths = [r["result"].rsplit("path ", 1)[-1] for r in rows if r["name"].startswith("attention") and "bf16" in r["name"]]
-    assert "mma" in paths and "widened" in paths
+    assert "fa2" in paths and "widened" in paths
     assert "skipped (--no-compile)" in out
     assert (tmp_path / "gpu_check.txt").read_text().startswith("#")
     assert (tmp_path / "gpu_check.json").exists()
