@@ -244,7 +244,9 @@ def check_stalled_job(proc, stalled_at, n, rank, why, log_dir, straight=None, sh
     for other in set(range(n)) - {rank}:  # only the stalled rank is named
         assert f"rank {other} never arrived" not in line and f"rank {other} is not responding" not in line, line
     step = int(line.split(" holds the ")[1].split()[0])
-    assert f"checkpoint {log_dir}/model_{step:05d}.npz" in line and f"Continue with: mpiexec -n {n} " in line
+    assert f"checkpoint {log_dir}/model_{step:05d}.npz" in line
+    continue_with = line.split("Continue with: ")[1]  # the thread settings the job ran with come first
+    assert f"mpiexec -n {n} python3 scripts/train.py " in continue_with and continue_with.endswith(" --resume")
     assert step >= 3 and checkpoint.load_checkpoint(checkpoint.checkpoint_path(log_dir, step))["meta"]["step"] == step
     print(f"\n{n} ranks, rank {rank} {why}: {elapsed:.1f} s from the stall to the end; {line}")
     if straight is None:
