@@ -108,6 +108,7 @@ class Trainer(CheckpointMixin, EvaluationMixin, ProgressMixin, FittingMixin):
         extra = dict(dist=self.dist) if cfg.zero else {}
         self.optimizer = optimizer(self.model.parameters(), lr=cfg.max_lr, betas=(0.9, 0.95), eps=1e-8,
                                    weight_decay=cfg.weight_decay, **extra)
+        self.gpu_step = self._gpu_step()  # None: the step below (NumPy, ZeRO-1, NANOGPT_KERNELS=0)
         self.data_dir = cfg.data_dir or self._builtin_corpus()
         self.train_loader, self.val_loader = self._make_loaders()
         self.hellaswag_examples = self._load_hellaswag() if cfg.hellaswag_every else None
@@ -118,6 +119,17 @@ class Trainer(CheckpointMixin, EvaluationMixin, ProgressMixin, FittingMixin):
         self.history = {"train": {}, "val": {}, "samples": {}, "hella": {}, "skipped": {}, "stopped": None}
         self.log_path = os.path.join(cfg.log_dir, "log.txt")
 
+    def _gpu_step(self):
+        """The GPU kernels' training step (kernels/graph.py): one host read per step, static
+        memory, CUDA graphs unless --cuda-graphs off. Not for ZeRO-1 (zero.py's own path)."""
+        cfg = self.cfg
+        if cfg.backend != "cupy" or cfg.zero or self.model.fused is None:
+            return None
+        from .kernels.graph import GpuTrainStep
+
+        return GpuTrainStep(self.model, self.optimizer, self.accum, cfg.grad_clip, self.dist,
+                            int(cfg.bucket_mb * 2**20), cuda_graphs=cfg.cuda_graphs == "on", log=self.log)
+
     def _check_config(self):
         cfg = self.cfg
         self.precision = cfg.dtype or default_precision(cfg.backend)  # bf16 on a GPU, else float32
@@ -127,6 +139,8 @@ class Trainer(CheckpointMixin, EvaluationMixin, ProgressMixin, FittingMixin):
             raise ConfigError(str(e)) from e
         if cfg.vocab_size < N_VOCAB:
             raise ConfigError(f"--vocab-size {cfg.vocab_size} is smaller than GPT-2's {N_VOCAB} tokens")
+        if cfg.cuda_graphs not in ("on", "off"):
+            raise ConfigError(f"--cuda-graphs {cfg.cuda_graphs!r}: on or off")
         if cfg.zero not in (0, 1):
             raise ConfigError(f"--zero {cfg.zero}: 0 (every rank keeps all of AdamW) or 1 (ZeRO-1) only")
         if cfg.batch_size != "auto" and not (isinstance(cfg.batch_size, int) and cfg.batch_size > 0):
@@ -184,6 +198,10 @@ class Trainer(CheckpointMixin, EvaluationMixin, ProgressMixin, FittingMixin):
         cfg = self.cfg
         t0 = time.perf_counter()
         lr = cosine_lr(step, cfg.max_lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
+        if self.gpu_step is not None:  # the same step, with one host read (loss, norm) in it
+            loss, norm, skipped, votes = self.gpu_step(self.train_loader, lr, self.guard,
+                                                       stop_vote=lambda: float(self.stop_request.requested))
+            return self._after_step(step, loss, lr, norm, skipped, t0, votes)
         loss, votes = accumulate_gradients(self.model, self.train_loader, self.accum, self.dist,
                                            int(cfg.bucket_mb * 2**20),
                                            stop_vote=lambda: float(self.stop_request.requested),
@@ -198,6 +216,9 @@ class Trainer(CheckpointMixin, EvaluationMixin, ProgressMixin, FittingMixin):
         elif skipped is None:
             self.optimizer.step(self.model.grads, lr=lr)
         synchronize(self.xp)
+        return self._after_step(step, loss, lr, norm, skipped, t0, votes)
+
+    def _after_step(self, step, loss, lr, norm, skipped, t0, votes):
         self.step = step + 1
         self.report(step, loss, lr, norm, time.perf_counter() - t0)
         if skipped is not None:

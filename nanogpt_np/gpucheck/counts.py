@@ -19,8 +19,8 @@ device operation records itself instead of computing:
                   operation's inputs and output once each (so an in-place update counts
                   its array once: a lower bound for read-and-write arguments)
 
-One warm-up step runs first (it allocates the model's buffers), then the counted,
-steady-state step. Nothing here needs a GPU, CuPy or a compiler.
+Warm-up steps run first (the model's buffers, the step's StepMemory, the CUDA graphs
+captured; kernels/graph.py), then the counted, steady-state step. Nothing here needs a GPU, CuPy or a compiler.
 """
 import collections
 import json
@@ -44,6 +44,9 @@ class Ledger:
         self.events = []  # (what, detail) in order, for tests and the capture check
 
     def launch(self, kind, nbytes, gemm=False):
+        if _CAPTURE["graph"] is not None:  # a capture records; Graph.launch counts them each time
+            _CAPTURE["graph"].nodes.append((kind, nbytes, gemm))
+            return
         self.kinds[kind] += 1
         self.kind_bytes[kind] += int(nbytes)
         self.bytes += int(nbytes)
@@ -51,10 +54,14 @@ class Ledger:
         self.events.append(("launch", kind))
 
     def sync(self, why):
+        if _CAPTURE["graph"] is not None:
+            raise RuntimeError(f"a host sync ({why}) while a stream captures")
         self.syncs += 1
         self.events.append(("sync", why))
 
     def allocate(self, nbytes):
+        if _CAPTURE["graph"] is not None:
+            raise RuntimeError("a pool allocation while a stream captures")
         self.allocations += 1
         self.events.append(("alloc", int(nbytes)))
 
@@ -63,6 +70,7 @@ class Ledger:
                 "allocations": self.allocations, "gbytes": round(self.bytes / 1e9, 2)}
 
 
+_CAPTURE = {"graph": None, "allocator": None}
 LEDGER = Ledger()
 _next_address = [1 << 40]
 
@@ -92,14 +100,12 @@ class CountingArray:
 
     __array_priority__ = 100
 
-    def __init__(self, template, owner=None, count=True):
+    def __init__(self, template, owner=None, memory=None):
         self._t = template
-        if owner is None:  # a new allocation
+        if owner is None:  # a new array: from the current allocator (memory), else from the pool
             self.base, self._origin = None, _address(template)
-            self._addr = _next_address[0]
-            _next_address[0] += -(-max(_nbytes(template), 1) // 512) * 512  # CuPy's pool rounds to 512 bytes
-            if count:
-                LEDGER.allocate(_nbytes(template))
+            self._memory = memory if memory is not None else _pool_malloc(_nbytes(template))
+            self._addr = self._memory.ptr
         else:
             self.base, self._origin, self._addr = owner, owner._origin, owner._addr
 
@@ -230,7 +236,9 @@ class CountingArray:
         raise TypeError("a counting device array cannot become a NumPy array; use .get() (a host sync)")
 
     def set(self, host, stream=None):
-        _record("copy H2D", [self])
+        if _CAPTURE["graph"] is not None:
+            raise RuntimeError("a host-to-device copy while a stream captures")
+        LEDGER.launch("copy H2D", self.nbytes)
 
 
 def _reshaped(shape, new):
@@ -264,9 +272,29 @@ def _new_result(kind, operands, template):
 
 # ---- the module-level API the package uses -------------------------------------------------------
 
+class MemoryPointer:
+    def __init__(self, mem, offset):
+        self.mem, self.ptr = mem, mem.ptr + offset
+
+
+class UnownedMemory:
+    def __init__(self, ptr, size, owner):
+        self.ptr, self.size, self.owner = ptr, size, owner
+
+
+def _pool_malloc(nbytes):
+    """A pool allocation: counted, and a made-up address (no memory behind it)."""
+    LEDGER.allocate(nbytes)
+    ptr = _next_address[0]
+    _next_address[0] += -(-max(int(nbytes), 1) // 512) * 512  # CuPy's pool rounds to 512 bytes
+    return UnownedMemory(ptr, nbytes, None)
+
+
 def empty(shape, dtype=np.float64, order="C"):
     shape = (shape,) if np.isscalar(shape) else tuple(shape)
-    return CountingArray(_template(shape, dtype))
+    template = _template(shape, dtype)
+    allocator = _CAPTURE["allocator"]
+    return CountingArray(template, memory=None if allocator is None else allocator(_nbytes(template)))
 
 
 def zeros(shape, dtype=np.float64):
@@ -332,11 +360,29 @@ def dot(a, b, out=None):
     return CountingArray(_template((), a.dtype)) if out is None else out
 
 
+class Graph:
+    """What a capture recorded; each launch() counts every recorded operation again."""
+
+    def __init__(self):
+        self.nodes = []
+
+    def launch(self, stream=None):
+        for kind, nbytes, gemm in self.nodes:
+            LEDGER.launch(kind, nbytes, gemm)
+
+
 class Stream:
     null = None
 
     def __init__(self, non_blocking=False, ptr=0):
         self.ptr = id(self)
+
+    def begin_capture(self, mode=None):
+        _CAPTURE["graph"] = Graph()
+
+    def end_capture(self):
+        graph, _CAPTURE["graph"] = _CAPTURE["graph"], None
+        return graph
 
     def synchronize(self):
         LEDGER.sync("stream.synchronize")
@@ -358,6 +404,8 @@ class Stream:
 
 
 class Event:
+    done = True
+
     def __init__(self, *args, **kwargs):
         pass
 
@@ -383,6 +431,9 @@ class _Device:
 
 
 class _Pool:
+    def malloc(self, size):
+        return MemoryPointer(_pool_malloc(size), 0)
+
     def free_all_blocks(self):
         pass
 
@@ -416,6 +467,22 @@ class CountingCupy(types.ModuleType):
         raise AttributeError(f"the counting stand-in for CuPy has no cupy.{name}; add it to gpucheck/counts.py")
 
 
+class using_allocator:  # noqa: N801 (cupy.cuda.using_allocator)
+    def __init__(self, allocator=None):
+        self.allocator = allocator
+
+    def __enter__(self):
+        self.previous, _CAPTURE["allocator"] = _CAPTURE["allocator"], self.allocator
+
+    def __exit__(self, *exc):
+        _CAPTURE["allocator"] = self.previous
+        return False
+
+
+def _alloc_pinned_memory(nbytes):
+    return np.zeros(nbytes, dtype=np.uint8)  # host memory (small: token ids, hyperparameters)
+
+
 def make_module():
     cupy = CountingCupy("cupy")
     cupy.__version__ = "counting"
@@ -430,23 +497,39 @@ def make_module():
     cupy.cuda = types.SimpleNamespace(
         runtime=types.SimpleNamespace(getDeviceCount=lambda: 1, getDeviceProperties=lambda i: props,
                                       runtimeGetVersion=lambda: 13000, memGetInfo=lambda: (140 * 2**30, 141 * 2**30)),
-        memory=types.SimpleNamespace(OutOfMemoryError=MemoryError),
-        Device=_Device, Stream=Stream, Event=Event, get_current_stream=lambda: _STREAM,
+        memory=types.SimpleNamespace(OutOfMemoryError=MemoryError, MemoryPointer=MemoryPointer,
+                                     UnownedMemory=UnownedMemory),
+        Device=_Device, Stream=Stream, Event=Event, Graph=Graph, get_current_stream=lambda: _STREAM,
+        using_allocator=using_allocator, alloc_pinned_memory=_alloc_pinned_memory,
         compiler=types.SimpleNamespace(CompileException=RuntimeError),
     )
-    cupy.get_default_memory_pool = _Pool
-    cupy.get_default_pinned_memory_pool = _Pool
+    pool = _Pool()
+    cupy.get_default_memory_pool = lambda: pool
+    cupy.get_default_pinned_memory_pool = lambda: pool
     core = types.ModuleType("cupy._core")
     core._routines_linalg = _Linalg("cupy._core._routines_linalg")
     cupy._core = core
     return cupy
 
 
+def _finish_partials_bytes(args):
+    part, n_chunks = args[0], int(args[4])
+    return _nbytes(part) + _nbytes(part) // n_chunks  # the partials, and one row of gradients written
+
+
+# kernels that touch a small part of an array argument: the bytes they do touch
+_SPARSE = {"finish_partials": _finish_partials_bytes}
+
+
 class CountingKernels:
-    """kernels.loader's runner: records each RawKernel launch (name, bytes of its array arguments)."""
+    """kernels.loader's runner: records each RawKernel launch (name, bytes of its array
+    arguments, each once; _SPARSE says what the few kernels that index a large array
+    sparsely really touch)."""
 
     def launch(self, kernel_file, name, grid, block, args, shared_mem):
-        LEDGER.launch(name.split("<")[0], sum(_nbytes(a) for a in args))
+        kind = name.split("<")[0]
+        nbytes = _SPARSE[kind](args) if kind in _SPARSE else sum(_nbytes(a) for a in args)
+        LEDGER.launch(kind, nbytes)
 
 
 class CountingGemm:
@@ -492,44 +575,50 @@ class _Batches:
         return buf[:-1].reshape(self.B, self.T), buf[1:].reshape(self.B, self.T)
 
 
-def _trainer_step(config, B, T, accum, dtype, recompute):
-    """step(i): what Trainer.train_one_step does on one rank without ZeRO (gradients,
-    clip, the step guard, AdamW, the end-of-step synchronize), on a 124M model whose
-    weights are never initialised (nothing to compute them with)."""
+def _trainer_step(config, B, T, accum, dtype, recompute, cuda_graphs):
+    """step(i): what Trainer.train_one_step runs on one rank without ZeRO: the GPU
+    kernels' GpuTrainStep (kernels/graph.py), on a 124M model whose weights are never
+    initialised (nothing to compute them with)."""
     from nanogpt_np import distributed
+    from nanogpt_np.kernels.graph import GpuTrainStep
     from nanogpt_np.model import GPT
-    from nanogpt_np.optim import AdamW, clip_grad_norm, cosine_lr
+    from nanogpt_np.optim import AdamW, cosine_lr
     from nanogpt_np.resilience import StepGuard
-    from nanogpt_np.training.progress import synchronize
-    from nanogpt_np.training.step import accumulate_gradients
 
     model = GPT(config, dtype=dtype, backend="cupy", init_weights=False)
     model.recompute = recompute
     optimizer = AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    batches, dist, guard = _Batches(B, T, config.vocab_size), distributed.Single(), StepGuard()
+    lines = []
+    gpu_step = GpuTrainStep(model, optimizer, accum, 1.0, distributed.Single(), cuda_graphs=cuda_graphs,
+                            log=lines.append)
+    batches, guard = _Batches(B, T, config.vocab_size), StepGuard()
 
     def step(i):
-        loss, _ = accumulate_gradients(model, batches, accum, dist)
-        norm = clip_grad_norm(model.grads, 1.0)
-        if guard.judge(loss, norm) is None:
-            optimizer.step(model.grads, lr=cosine_lr(i))
-        synchronize(model.xp)
+        gpu_step(batches, cosine_lr(i), guard)
+        return gpu_step, lines
 
     return step
 
 
-def count_step(config=None, B=16, T=1024, accum=1, dtype="bf16", recompute=False):
+WARM_UP_STEPS = 3  # eager, eager recording StepMemory, capturing the graphs
+
+
+def count_step(config=None, B=16, T=1024, accum=1, dtype="bf16", recompute=False, cuda_graphs=True):
     """(ledger summary, launches by kind, bytes by kind) of one steady-state training
-    step, after one warm-up step, on the counting stand-in."""
+    step, after the warm-up steps, on the counting stand-in. Every operation a graph
+    launch runs counts as one launch."""
     from nanogpt_np.config import GPTConfig
 
     config = config or GPTConfig(vocab_size=50304)
     undo = installed()
     try:
-        step = _trainer_step(config, B, T, accum, dtype, recompute)
-        step(0)  # warm-up: buffers, pool growth
+        step = _trainer_step(config, B, T, accum, dtype, recompute, cuda_graphs)
+        for i in range(WARM_UP_STEPS):
+            step(i)
         LEDGER.reset()
-        step(1)
+        gpu_step, lines = step(WARM_UP_STEPS)
+        for line in lines:  # a fallback to eager, and why
+            print(line)
         return LEDGER.summary(), dict(LEDGER.kinds), dict(LEDGER.kind_bytes)
     finally:
         undo()

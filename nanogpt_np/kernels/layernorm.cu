@@ -44,6 +44,46 @@ __global__ void layernorm_forward(const TX* __restrict__ x, const acc_t<TX>* __r
     }
 }
 
+// The residual add of a block's output projection and the LayerNorm that reads its
+// result, in one pass: x_out = x + (a + abias) (fused.cu's bias_residual, the same
+// bits), then out = layernorm(x_out) as layernorm_forward computes it (the row is
+// read back from x_out by the lanes that wrote it). NumPy:
+//     x_out = x + (a + abias);  out = (x_out - mean) * rstd * weight + bias
+// TX: the residual stream (float, double); T: a's dtype; TO: out's. Launched like
+// layernorm_forward.
+template <typename TX, typename T, typename TO>
+__global__ void residual_layernorm_forward(const TX* __restrict__ x, const T* __restrict__ a,
+                                           const acc_t<TX>* __restrict__ abias, TX* __restrict__ x_out,
+                                           const acc_t<TX>* __restrict__ weight, const acc_t<TX>* __restrict__ bias,
+                                           TO* __restrict__ out, acc_t<TX>* __restrict__ mean_out,
+                                           acc_t<TX>* __restrict__ rstd_out, int N, int C, acc_t<TX> eps) {
+    using A = acc_t<TX>;
+    const int lane = threadIdx.x % 32;
+    const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (row >= N) return;
+    const long long offset = (long long)row * C;
+    TX* x_row = x_out + offset;
+    A sum = 0;
+    for (int c = lane; c < C; c += 32) {
+        const TX v = TX(A(x[offset + c]) + (A(acc_t<T>(a[offset + c])) + abias[c]));
+        x_row[c] = v;
+        sum += A(v);
+    }
+    const A mean = warp_sum(sum) / C;
+    A sq = 0;
+    for (int c = lane; c < C; c += 32) {
+        const A d = A(x_row[c]) - mean;
+        sq += d * d;
+    }
+    const A rstd = A(1) / sqrt_(warp_sum(sq) / C + eps);
+    TO* out_row = out + offset;
+    for (int c = lane; c < C; c += 32) out_row[c] = TO((A(x_row[c]) - mean) * rstd * weight[c] + bias[c]);
+    if (lane == 0) {
+        mean_out[row] = mean;
+        rstd_out[row] = rstd;
+    }
+}
+
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),  g = dout * weight,
 // xhat = (x - mean) * rstd recomputed from the saved statistics. With
 // accumulate != 0 the result is added into dx instead of written (the residual
@@ -80,14 +120,15 @@ __global__ void layernorm_backward_dx(const TO* __restrict__ dout, const TX* __r
 // dweight = sum over rows of dout * xhat, dbias = sum over rows of dout, in two
 // steps so the result does not depend on thread timing (no atomics): block
 // (bx, by) sums rows [by * rows_per_chunk, ...) of the columns bx * blockDim.x + tid
-// into row by of dweight_part / dbias_part, (n_chunks, C). The caller sums the
+// into row by of part, (n_chunks, part_stride): dweight's in columns [0, C), dbias's in
+// [C, 2C) (one array: the two sit side by side in the flat gradients). The caller sums the
 // n_chunks partial rows. Neighbouring threads read neighbouring columns, so every
 // row is read in coalesced pieces.
 template <typename TO, typename TX>
 __global__ void layernorm_backward_params(const TO* __restrict__ dout, const TX* __restrict__ x,
                                           const acc_t<TX>* __restrict__ mean, const acc_t<TX>* __restrict__ rstd,
-                                          acc_t<TX>* __restrict__ dweight_part, acc_t<TX>* __restrict__ dbias_part,
-                                          int N, int C, int rows_per_chunk) {
+                                          acc_t<TX>* __restrict__ part, int N, int C, int rows_per_chunk,
+                                          int part_stride) {
     using A = acc_t<TX>;
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
@@ -100,6 +141,6 @@ __global__ void layernorm_backward_params(const TO* __restrict__ dout, const TX*
         dw += d * ((A(x[i]) - mean[r]) * rstd[r]);
         db += d;
     }
-    dweight_part[(long long)blockIdx.y * C + c] = dw;
-    dbias_part[(long long)blockIdx.y * C + c] = db;
+    part[(long long)blockIdx.y * part_stride + c] = dw;
+    part[(long long)blockIdx.y * part_stride + C + c] = db;
 }

@@ -53,6 +53,7 @@ class TrainConfig:
     memory_gib: Optional[float] = None  # memory to plan for (None: the device's free memory)
     recompute: bool = False  # backward recomputes the LayerNorm and GELU outputs
     zero: int = 0  # 1: ZeRO-1, AdamW's moments sharded over the ranks
+    cuda_graphs: str = "on"  # cupy: capture the step into CUDA graphs after two eager steps
 
 
 PRESETS = {
@@ -120,6 +121,9 @@ FLAG_HELP = {
     "keep_last": "keep only the newest K checkpoints (0: keep all)",
     "memory_gib": "memory per rank that --batch-size auto and the plan count on (default: free GPU memory or "
                   "available RAM)",
+    "cuda_graphs": "with --backend cupy: capture each micro-step and the optimizer step into CUDA graphs "
+                   "(after two eager warm-up steps; anything uncapturable runs eagerly, saying why); "
+                   "off: every step eager",
     "recompute": "keep fewer activations: backward recomputes the LayerNorm and GELU outputs (llm.c's -r)",
     "zero": "1: ZeRO-1, each rank keeps 1/ranks of AdamW's moments (gradients reduce-scattered, "
             "parameters all-gathered); 0: every rank keeps all",
@@ -131,7 +135,7 @@ def build_parser():
         description="Train GPT-2 with nanogpt_np (build-nanogpt's recipe by default).",
         argument_default=argparse.SUPPRESS,  # only flags given on the command line are set
     )
-    choices = {"backend": ["numpy", "cupy"], "dtype": ["float32", "float64", "bf16"], "preset": sorted(PRESETS)}
+    choices = {"cuda_graphs": ["on", "off"], "backend": ["numpy", "cupy"], "dtype": ["float32", "float64", "bf16"], "preset": sorted(PRESETS)}
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         default = field.default

@@ -40,3 +40,13 @@ def test_a_small_step_is_counted_the_same_twice():
     assert first == counts.count_step(config, B=2, T=64)
     summary, kinds, _ = first
     assert summary["launches"] == sum(kinds.values())
+
+
+def test_the_step_syncs_once_and_allocates_nothing_after_warm_up():
+    config = GPTConfig(block_size=64, vocab_size=128, n_layer=2, n_head=2, n_embd=128)
+    for accum, recompute, graphs in [(1, False, True), (2, True, True), (1, False, False)]:
+        summary, kinds, _ = counts.count_step(config, B=2, T=64, accum=accum, recompute=recompute,
+                                              cuda_graphs=graphs)
+        assert summary["syncs"] == 1 and summary["allocations"] == 0, (accum, recompute, graphs, summary)
+        assert not [k for k in kinds if k.startswith("cupy:")]  # no CuPy kernels: only the project's
+        assert kinds["copy H2D"] == 2 * accum + 1  # idx, targets per micro-step; the hyperparameters
