@@ -517,8 +517,25 @@ def _finish_partials_bytes(args):
     return _nbytes(part) + _nbytes(part) // n_chunks  # the partials, and one row of gradients written
 
 
+def _layernorm_params_bytes(args):
+    """The partials array (args[4]) is shared by every gradient: count the columns written."""
+    C, with_cast = int(args[7]), int(args[14])
+    n_chunks = -(-int(args[6]) // int(args[8]))  # ceil(N / rows per chunk)
+    others = sum(_nbytes(a) for k, a in enumerate(args) if k != 4 and not (k in (10, 11) and not with_cast))
+    return others + n_chunks * (2 + with_cast) * C * args[4].itemsize
+
+
+def _layernorm_fused_bytes(args):
+    """dout, x, the statistics, dx (read too when adding), the cast; the partials written."""
+    C, with_cast, accumulate = int(args[11]), int(args[16]), int(args[6])
+    n_chunks = -(-int(args[10]) // int(args[12]))
+    read_write = sum(_nbytes(args[k]) for k in (0, 1, 2, 3, 4)) + _nbytes(args[5]) * (1 + accumulate)
+    return read_write + with_cast * _nbytes(args[13]) + n_chunks * (2 + with_cast) * C * args[7].itemsize
+
+
 # kernels that touch a small part of an array argument: the bytes they do touch
-_SPARSE = {"finish_partials": _finish_partials_bytes}
+_SPARSE = {"finish_partials": _finish_partials_bytes, "layernorm_backward_params": _layernorm_params_bytes,
+           "layernorm_backward_fused": _layernorm_fused_bytes}
 
 
 class CountingKernels:

@@ -81,6 +81,21 @@ def finish_gradients(model, N, C, scope=None):
     parts.finish(model.flat_grads, offsets, accumulate=not model._write_grads, names=names)
 
 
+def _layernorm_backward_with_cast(model, dout, cache, dx_out, place, before):
+    """A LayerNorm backward (its gradients' partial sums at `place`) that also makes the
+    operand and bias partial sums of the block `before`'s mlp.c_proj, which reads the
+    resulting dx first (model._next_cast carries the operand there). dx_out None: dx
+    is returned fresh (ln_f)."""
+    N, C = dout.size // dout.shape[-1], dout.shape[-1]
+    cast = None
+    if before is not None:
+        d = model.xp.empty((N, C), dtype=model.compute_dtype)
+        cast = (d, _partials(model, N, C)[0].place(before + "mlp.c_proj.bias")[1:])
+        model._next_cast = d
+    dx, _, _ = layernorm.backward(dout, cache, dx_out=dx_out, part=place, cast=cast)
+    return dx
+
+
 def _slot(model, N, C, name):
     return _partials(model, N, C)[0].slot(name)
 
@@ -158,8 +173,12 @@ def block_backward(model, i, dx, cache, finish=False):
     C = dx.shape[-1]
     N = dx.size // C
     slot = lambda name, width: _slot(model, N, C, h + name)  # noqa: E731
-    # forward: x = x + (hidden @ W.T + b)   (mlp.c_proj and the residual)
-    d, _ = fused.cast_column_sums(dx.reshape(-1, C), cd, part=slot("mlp.c_proj.bias", C))  # (N, C) operand
+    parts = _partials(model, N, C)[0]
+    # forward: x = x + (hidden @ W.T + b)   (mlp.c_proj and the residual). The operand d
+    # and the bias's partial sums: made by the LayerNorm backward before (head or next block)
+    d = model.__dict__.pop("_next_cast", None)
+    if d is None:
+        d, _ = fused.cast_column_sums(dx.reshape(-1, C), cd, part=slot("mlp.c_proj.bias", C))  # (N, C) operand
     dhidden = _linear_backward(model, h + "mlp.c_proj", d, hidden)  # (N, 4C)
     del d, hidden
     # forward: hidden = gelu(m @ W.T + b)   (mlp.c_fc); dpre overwrites dhidden
@@ -168,10 +187,13 @@ def block_backward(model, i, dx, cache, finish=False):
     del dhidden, pre
     dm = _linear_backward(model, h + "mlp.c_fc", dpre, m2)  # (N, C)
     del dpre
-    # forward: m = ln_2(x);  dx += its gradient (weight and bias: adjacent in the flat buffer)
-    layernorm.backward(dm.reshape(dx.shape), ln2, dx_out=dx, part=slot("ln_2.weight", 2 * C))
+    # forward: m = ln_2(x);  dx += its gradient (weight and bias: adjacent in the flat buffer),
+    # and, in the same pass, dx as attn.c_proj's operand and its bias's partial sums
+    d = model.xp.empty((N, C), dtype=cd)
+    layernorm.backward(dm.reshape(dx.shape), ln2, dx_out=dx, part=parts.place(h + "ln_2.weight"),
+                       cast=(d, parts.place(h + "attn.c_proj.bias")[1:]))
+    del dm
     # forward: x = x + (y @ W.T + b)   (attn.c_proj and the residual)
-    d, _ = fused.cast_column_sums(dx.reshape(-1, C), cd, part=slot("attn.c_proj.bias", C))
     dy = _linear_backward(model, h + "attn.c_proj", d, y2)  # (N, C)
     del d
     # forward: y = attention(qkv)
@@ -181,8 +203,9 @@ def block_backward(model, i, dx, cache, finish=False):
     fused.column_sums(dqkv, part=slot("attn.c_attn.bias", 3 * C))
     da = _linear_backward(model, h + "attn.c_attn", dqkv, a2)  # (N, C)
     del dqkv
-    # forward: a = ln_1(x);  dx += its gradient
-    layernorm.backward(da.reshape(dx.shape), ln1, dx_out=dx, part=slot("ln_1.weight", 2 * C))
+    # forward: a = ln_1(x);  dx += its gradient, and the block before's mlp.c_proj operand
+    _layernorm_backward_with_cast(model, da.reshape(dx.shape), ln1, dx, parts.place(h + "ln_1.weight"),
+                                  f"transformer.h.{i - 1}." if i > 0 else None)
     if finish:
         finish_gradients(model, N, C, h)
     return dx
@@ -224,8 +247,9 @@ def head_backward(model, cache, finish=False):
     dxf = gemm.matmul(dlogits2, w[WTE])  # (N, C)
     del dlogits, dlogits2
     N, C = xf2.shape
-    dx, _, _ = layernorm.backward(dxf.reshape(*lnf[0].shape), lnf,
-                                  part=_slot(model, N, C, LN_F + ".weight"))
+    last = f"transformer.h.{model.config.n_layer - 1}." if model.config.n_layer else None
+    dx = _layernorm_backward_with_cast(model, dxf.reshape(*lnf[0].shape), lnf, None,
+                                       _partials(model, N, C)[0].place(LN_F + ".weight"), last)
     if finish:
         finish_gradients(model, N, C, LN_F)
     return dx

@@ -72,6 +72,12 @@ class Partials:
         end = start + (self.n_chunks - 1) * stride + width
         return self.part[start:end], stride
 
+    def place(self, name):
+        """(the whole partials array, name's offset in it, the row stride): for a kernel
+        that writes two gradients' partial sums into the one array."""
+        _, start, stride, _ = self.columns[name]
+        return self.part, start, stride
+
     def finish(self, grads, offsets, accumulate, names=None):
         """Add up the partials into `grads` (the flat gradient buffer; offsets: {name: its
         offset there}), for `names` (None: every name), in one launch."""

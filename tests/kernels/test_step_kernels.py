@@ -106,3 +106,32 @@ def test_residual_layernorm_is_bias_residual_then_layernorm(emulated, dtype, out
     np.testing.assert_array_equal(y, y_ref)
     for got, want in zip(cache[2:], cache_ref[2:]):
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("dtype, out", [(np.float64, None), (np.float32, "bf16")])
+@pytest.mark.parametrize("N", [1, 37])
+def test_one_kernel_layernorm_backward_equals_the_two_kernels(emulated, monkeypatch, dtype, out, N):
+    """dx, dweight/dbias partial sums and the cast with its column partial sums, from
+    layernorm_backward_fused, against layernorm_backward_dx + _params (its formulas)."""
+    rng = np.random.default_rng(5)
+    C = 40
+    out_dtype = bfloat16() if out == "bf16" else dtype
+    x = rng.standard_normal((1, N, C)).astype(dtype)
+    dout = rng.standard_normal((1, N, C)).astype(out_dtype)
+    w, b = rng.standard_normal(C).astype(dtype), rng.standard_normal(C).astype(dtype)
+    _, cache = kernels.layernorm.forward(x, w, b, out_dtype=out_dtype)
+    resid = rng.standard_normal((1, N, C)).astype(dtype)
+    results = []
+    for max_c in (kernels.layernorm.FUSED_MAX_C, 0):  # one kernel, then the two
+        monkeypatch.setattr(kernels.layernorm, "FUSED_MAX_C", max_c)
+        n_chunks = kernels.layernorm.param_chunks(N)[1]
+        part = np.zeros(n_chunks * 3 * C, dtype=dtype if dtype == np.float64 else np.float32)
+        dx, cast = resid.copy(), np.zeros((N, C), dtype=out_dtype)
+        kernels.layernorm.backward(dout, cache, dx_out=dx, part=(part, 0, 3 * C), cast=(cast, (2 * C, 3 * C)))
+        results.append((dx, cast, part.reshape(n_chunks, 3 * C).sum(axis=0)))
+    (dx1, cast1, sums1), (dx2, cast2, sums2) = results
+    np.testing.assert_array_equal(dx1, dx2)  # the same formula per row: the same bits
+    np.testing.assert_array_equal(cast1, cast2)
+    np.testing.assert_array_equal(cast1, dx1.reshape(N, C).astype(out_dtype))
+    assert_close(sums1, sums2, dtype, "column sums")  # the same sums, added in another order
+    assert_close(sums1[2 * C:], dx1.reshape(N, C).sum(axis=0), dtype, "residual column sums")
