@@ -24,6 +24,7 @@ captured; kernels/graph.py), then the counted, steady-state step. Nothing here n
 """
 import collections
 import json
+import time
 import sys
 import types
 
@@ -633,7 +634,9 @@ def count_step(config=None, B=16, T=1024, accum=1, dtype="bf16", recompute=False
         for i in range(WARM_UP_STEPS):
             step(i)
         LEDGER.reset()
+        t0 = time.perf_counter()
         gpu_step, lines = step(WARM_UP_STEPS)
+        LEDGER.host_seconds = time.perf_counter() - t0
         for line in lines:  # a fallback to eager, and why
             print(line)
         return LEDGER.summary(), dict(LEDGER.kinds), dict(LEDGER.kind_bytes)
@@ -641,9 +644,26 @@ def count_step(config=None, B=16, T=1024, accum=1, dtype="bf16", recompute=False
         undo()
 
 
+def host_cost(B=16, T=1024, repeats=3):
+    """(host seconds of one eager steady-state step, of one with graphs, launches of the
+    eager step): the counting stand-in launches nothing, so its step's time is the
+    host's own work (our wrappers, argument checks, the stand-in's bookkeeping: an
+    upper bound on what CuPy's launch path adds to it is not measured here)."""
+    eager, graphs = [], []
+    for _ in range(repeats):
+        summary = count_step(B=B, T=T, cuda_graphs=False)[0]
+        eager.append(LEDGER.host_seconds)
+        count_step(B=B, T=T, cuda_graphs=True)
+        graphs.append(LEDGER.host_seconds)
+    return min(eager), min(graphs), summary["launches"]
+
+
 def main(B=16, T=1024, accum=1):
+    eager, graphs, eager_launches = host_cost(B, T)
     summary, kinds, kind_bytes = count_step(B=B, T=T, accum=accum)
     print(f"one steady-state step: GPT-2 124M, bf16, B={B}, T={T}, accumulation {accum} (counting stand-in)")
+    print(f"host time per step, no-op launches: eager {eager * 1e3:.1f} ms ({eager / eager_launches * 1e6:.1f} us "
+          f"per launch), CUDA graphs {graphs * 1e3:.1f} ms")
     print(f"{'launches':>8}  {'GB':>7}  kind")
     for kind, n in sorted(kinds.items(), key=lambda kv: (-kind_bytes[kv[0]], kv[0])):
         print(f"{n:8d}  {kind_bytes[kind] / 1e9:7.3f}  {kind}")
