@@ -202,3 +202,45 @@ def to_device(a, xp, dtype=None):
 def on_cpu(xp):
     """True for NumPy, False for CuPy."""
     return xp is np
+
+
+class PinnedUpload:
+    """A device array that host arrays are copied into, again and again, through pinned
+    (page-locked) host memory: the copy is queued on the current stream and the host
+    goes on at once (a copy from pageable memory would wait for it). The device array
+    is allocated once, so a training step reads its batch from the same address every
+    time (what a CUDA graph needs).
+
+    A few pinned staging buffers take turns, so the host never overwrites one whose
+    copy may still be queued; it waits only if all of them are (an event per buffer
+    says). NumPy: upload() just returns the values as an array of the dtype."""
+
+    def __init__(self, xp, shape, dtype, slots=4):
+        self.xp, self.shape, self.dtype = xp, tuple(shape), np.dtype(dtype)
+        self.device = None if on_cpu(xp) else xp.empty(self.shape, dtype=self.dtype)
+        self._staging = [None] * slots
+        self._copied = [None] * slots  # the event after each staging buffer's last copy
+        self._turn = 0
+
+    def _pinned(self, slot):
+        if self._staging[slot] is None:
+            memory = self.xp.cuda.alloc_pinned_memory(max(1, int(np.prod(self.shape)) * self.dtype.itemsize))
+            self._staging[slot] = np.ndarray(self.shape, dtype=self.dtype, buffer=memory)
+        return self._staging[slot]
+
+    def upload(self, host):
+        if tuple(np.shape(host)) != self.shape:
+            raise ValueError(f"upload: shape {tuple(np.shape(host))} is not this buffer's {self.shape}")
+        if self.device is None:
+            return np.asarray(host, dtype=self.dtype)
+        slot = self._turn % len(self._staging)
+        self._turn += 1
+        event = self._copied[slot]
+        if event is not None and not event.done:
+            event.synchronize()  # only when every staging buffer is still queued
+        staging = self._pinned(slot)
+        np.copyto(staging, host, casting="unsafe")
+        stream = self.xp.cuda.get_current_stream()
+        self.device.set(staging, stream=stream)
+        self._copied[slot] = stream.record()
+        return self.device

@@ -32,7 +32,7 @@ gemms themselves; it is where bf16 is handled. Tests hold the two to each other.
 """
 import numpy as np
 
-from .backend import get_xp, on_cpu, resolve_precision, to_host
+from .backend import PinnedUpload, array_module, get_xp, on_cpu, resolve_precision, to_host
 from .config import LM_HEAD, LN_F_WEIGHT, WPE, WTE, GPTConfig, init_std, parameter_shapes  # noqa: F401 (re-exported)
 from .cpu import keep_freed_memory
 from .ops import layer_ops
@@ -68,6 +68,9 @@ class GPT(GPTWeights):
     # ---- forward --------------------------------------------------------------------
 
     def _check_tokens(self, a, what):
+        """Shape and dtype checks; for host arrays also the range of the ids, read on the
+        host before any copy. A device array's ids are not read (that would be a host
+        sync): an id outside [0, vocab_size) there gives NaN embeddings and a NaN loss."""
         if not hasattr(a, "ndim"):
             a = np.asarray(a)
         if a.ndim != 2:
@@ -79,15 +82,28 @@ class GPT(GPTWeights):
             )
         if a.size == 0:
             raise ValueError(f"{what} is empty (shape {tuple(a.shape)}); give at least one token per row")
-        lo, hi = int(a.min()), int(a.max())
-        V = self.config.vocab_size
-        if lo < 0 or hi >= V:
-            bad = lo if lo < 0 else hi
-            raise ValueError(
-                f"{what} holds token id {bad}, outside [0, {V}); this model's vocab_size is {V}. "
-                "Check the tokenizer, or build the model with a larger vocab_size"
-            )
-        return self.xp.asarray(a)
+        if array_module(a) is np:  # on the host (a device array's ids stay unread)
+            lo, hi = int(a.min()), int(a.max())
+            V = self.config.vocab_size
+            if lo < 0 or hi >= V:
+                bad = lo if lo < 0 else hi
+                raise ValueError(
+                    f"{what} holds token id {bad}, outside [0, {V}); this model's vocab_size is {V}. "
+                    "Check the tokenizer, or build the model with a larger vocab_size"
+                )
+        return a
+
+    def _on_device(self, a, what):
+        """Checked token ids on the model's device. Host ids on the GPU go through a
+        device int32 buffer kept per (what, shape), copied from pinned memory: no
+        allocation and no wait for the copy (backend.PinnedUpload)."""
+        if self.xp is np or array_module(a) is not np:
+            return self.xp.asarray(a)
+        uploads = self.__dict__.setdefault("_uploads", {})
+        key = (what, a.shape)
+        if key not in uploads:
+            uploads[key] = PinnedUpload(self.xp, a.shape, np.int32)
+        return uploads[key].upload(a)
 
     def _check_inputs(self, idx, targets):
         idx = self._check_tokens(idx, "idx")
@@ -101,7 +117,8 @@ class GPT(GPTWeights):
             targets = self._check_tokens(targets, "targets")
             if targets.shape != idx.shape:
                 raise ValueError(f"targets shape {tuple(targets.shape)} differs from idx shape {tuple(idx.shape)}")
-        return idx, targets
+        idx = self._on_device(idx, "idx")
+        return idx, (None if targets is None else self._on_device(targets, "targets"))
 
     def forward(self, idx, targets=None):
         """idx, targets: (B, T) ints -> logits (B, T, V), loss (float, or None without targets).
@@ -115,30 +132,42 @@ class GPT(GPTWeights):
         logits of a forward with targets are bf16 (ml_dtypes.bfloat16, cast with
         .astype to read them), those of a forward without targets float32.
         """
+        logits, loss = self.forward_on_device(idx, targets)
+        return logits, (None if loss is None else float(loss))
+
+    def forward_on_device(self, idx, targets=None, loss_scale=1.0, accumulate_loss=False, refresh=True):
+        """forward() without reading the loss on the host: loss is a 0-d array on the
+        model's device (on the GPU kernels, a buffer the next such forward overwrites;
+        a float on NumPy), times loss_scale. On the GPU kernels accumulate_loss=True
+        adds it into that buffer instead (the mean over micro-steps, on the device).
+        refresh=False skips casting the bf16 weight copies, for a caller that knows they
+        are current (kernels/graph.py's step: its AdamW writes them)."""
         idx, targets = self._check_inputs(idx, targets)
         self._caches = None  # free the previous step's activations first
         p, keep = self.params, targets is not None
-        if self.mixed:
+        if self.mixed and refresh:
             self.fused.refresh_compute_params(self)  # bf16 copies of the (possibly updated) weights
         x, emb_cache = self.ops.embedding.forward(idx, p[WTE], p[WPE])  # (B, T, C)
-        block_caches = []
+        block_caches, ln = [], None  # ln: the GPU kernels' next LayerNorm, fused with the residual add
         for i in range(self.config.n_layer):
             if self.fused is None:
                 x, cache = self._block_forward(i, x)
             else:
-                x, cache = self.fused.block_forward(self, i, x)
+                x, cache, ln = self.fused.block_forward(self, i, x, ln)
             if keep:
                 block_caches.append(cache)
         # training reuses one logits buffer from step to step; inference gets a fresh array
         logits_out = self._logits_buffer(idx.shape) if keep else None
         if self.fused is None:
             logits, loss, head_cache = self._head_forward(x, targets, logits_out)
+            loss = None if loss is None else loss * loss_scale
         else:
-            logits, loss, head_cache = self.fused.head_forward(self, x, targets, logits_out)
+            logits, losses, head_cache = self.fused.head_forward(self, x, targets, logits_out, ln)
+            loss = None if losses is None else self.fused.loss_on_device(self, losses, loss_scale, accumulate_loss)
         if not keep:
             return logits, None
         self._caches = (emb_cache, block_caches, head_cache)
-        return logits, float(loss)
+        return logits, loss
 
     def _head_forward(self, x, targets, logits_out=None):
         """ln_f, lm_head (tied to wte) and the loss: x (B, T, C) -> logits (B, T, V),
@@ -223,20 +252,26 @@ class GPT(GPTWeights):
         # (gradient accumulation) each layer's gradient is added in.
         self._write_grads, self._grads_are_zero = self._grads_are_zero, False
         g = self.grads
+        # the GPU kernels finish the bias and LayerNorm gradients in one launch at the end,
+        # or block by block when someone waits for each block's gradients (an allreduce)
+        finish = grads_final is not None
         if self.fused is None:
             dx = self._head_backward(head_cache)
         else:
-            dx = self.fused.head_backward(self, head_cache)
+            dx = self.fused.head_backward(self, head_cache, finish=finish)
         del head_cache
         report(self._flat_offset(LN_F_WEIGHT))  # ln_f; wte (lm_head) waits for the embedding
         for i in reversed(range(self.config.n_layer)):
             if self.fused is None:
                 dx = self._block_backward(i, dx, block_caches.pop())
             else:
-                dx = self.fused.block_backward(self, i, dx, block_caches.pop())
+                dx = self.fused.block_backward(self, i, dx, block_caches.pop(), finish=finish)
             report(self._flat_offset(f"transformer.h.{i}.ln_1.weight"))  # block i's first parameter
         # forward: x = wte[idx] + wpe[:T]; adds into wte's gradient next to lm_head's
-        self.ops.embedding.backward(dx, emb_cache, dwte=g[WTE], dwpe=g[WPE])
+        if self.fused is not None and not finish:
+            self.fused.finish_gradients(self, dx.size // dx.shape[-1], dx.shape[-1])
+        write_wpe = {"write_wpe": True} if self.fused is not None and self._write_grads else {}
+        self.ops.embedding.backward(dx, emb_cache, dwte=g[WTE], dwpe=g[WPE], **write_wpe)
         report(0)
         return dict(self.grads)
 
@@ -316,6 +351,8 @@ class GPT(GPTWeights):
         from .generate import check_sampling_args, generate_cached
 
         idx = to_host(self._check_tokens(idx, "idx")).astype(np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
+            self._check_tokens(idx, "idx")  # the host check, for ids that were on the device
         check_sampling_args(max_new_tokens, temperature, top_k)
         rng = np.random.default_rng(seed)
         if use_cache:

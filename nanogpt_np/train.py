@@ -133,12 +133,24 @@ class Trainer(CheckpointMixin, EvaluationMixin, ProgressMixin, FittingMixin, Wat
         extra = dict(dist=self.dist) if cfg.zero else {}
         self.optimizer = optimizer(self.model.parameters(), lr=cfg.max_lr, betas=(0.9, 0.95), eps=1e-8,
                                    weight_decay=cfg.weight_decay, **extra)
+        self.gpu_step = self._gpu_step()  # None: the step below (NumPy, ZeRO-1, NANOGPT_KERNELS=0)
         self.rng = np.random.default_rng([cfg.seed, 1])  # draws each sampling's seed
         self.guard = StepGuard(cfg.max_bad_steps, cfg.skip_zscore)
         self.stop_request = StopRequest(say=self.log)
         self.step = 0  # optimizer steps done = the next step to run
         self.history = {"train": {}, "val": {}, "samples": {}, "hella": {}, "skipped": {}, "stopped": None}
         self.log_path = os.path.join(cfg.log_dir, "log.txt")
+
+    def _gpu_step(self):
+        """The GPU kernels' training step (kernels/graph.py): one host read per step, static
+        memory, CUDA graphs unless --cuda-graphs off. Not for ZeRO-1 (zero.py's own path)."""
+        cfg = self.cfg
+        if cfg.backend != "cupy" or cfg.zero or self.model.fused is None:
+            return None
+        from .kernels.graph import GpuTrainStep
+
+        return GpuTrainStep(self.model, self.optimizer, self.accum, cfg.grad_clip, self.dist,
+                            int(cfg.bucket_mb * 2**20), cuda_graphs=cfg.cuda_graphs == "on", log=self.log)
 
     def _check_config(self):
         cfg = self.cfg
@@ -248,6 +260,10 @@ class Trainer(CheckpointMixin, EvaluationMixin, ProgressMixin, FittingMixin, Wat
         cfg = self.cfg
         t0 = time.perf_counter()
         lr = cosine_lr(step, cfg.max_lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
+        if self.gpu_step is not None:  # the same step, with one host read (loss, norm) in it
+            loss, norm, skipped, votes = self.gpu_step(self.train_loader, lr, self.guard,
+                                                       stop_vote=lambda: float(self.stop_request.requested))
+            return self._after_step(step, loss, lr, norm, skipped, t0, votes)
         loss, votes = accumulate_gradients(self.model, self.train_loader, self.accum, self.dist,
                                            int(cfg.bucket_mb * 2**20),
                                            stop_vote=lambda: float(self.stop_request.requested),
@@ -262,6 +278,9 @@ class Trainer(CheckpointMixin, EvaluationMixin, ProgressMixin, FittingMixin, Wat
         elif skipped is None:
             self.optimizer.step(self.model.grads, lr=lr)
         synchronize(self.xp)
+        return self._after_step(step, loss, lr, norm, skipped, t0, votes)
+
+    def _after_step(self, step, loss, lr, norm, skipped, t0, votes):
         self.step = step + 1
         self.remember_completed_step()  # what a checkpoint after a stalled collective needs
         self.report(step, loss, lr, norm, time.perf_counter() - t0)

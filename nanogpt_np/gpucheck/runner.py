@@ -97,8 +97,12 @@ def main(argv=None):
     parser.add_argument("--budget", type=float, default=270,
                         help="seconds for the whole run; torch.compile gets what is left, and is skipped under 90 s")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile reference")
-    parser.add_argument("--text", default=None,
-                        help="real text for section 6: token ids (.npy) or a text file (default: stdlib source bytes)")
+    parser.add_argument("--text", "--data", dest="text", default=None,
+                        help="real text for section 6: token ids (.npy, e.g. a prepared shakespeare.npy) or a text "
+                             "file (default: stdlib source bytes)")
+    parser.add_argument("--counts", action="store_true",
+                        help="no GPU needed: count the launches, gemms, host syncs, allocations and bytes of one "
+                             "steady-state 124M bf16 step (B=16, T=1024) on a counting stand-in for CuPy, then exit")
     parser.add_argument("--prepare-text", nargs=2, metavar=("TEXT", "OUT_NPY"),
                         help="tokenize TEXT with GPT-2's BPE into OUT_NPY for --text, then exit (no GPU needed)")
     parser.add_argument("--in-process", action="store_true",
@@ -108,6 +112,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.prepare_text:
         prepare_text(*args.prepare_text)
+        return 0
+    if args.counts:
+        from .counts import main as print_counts
+
+        print_counts()
         return 0
     args.start = settings.START if args.start is None else args.start
     if args.section:  # one section, in a process the parent started

@@ -6,7 +6,7 @@ nanogpt_np.layers, so the model can run either set (see ops.layer_ops).
     gelu           gelu.cu
     cross_entropy  cross_entropy.cu (fused softmax + cross-entropy)
     linear         the formula layer: its 2-D matmuls go to cuBLAS through CuPy
-    embedding      the formula layer: a CuPy gather and an atomic scatter-add
+    embedding      embedding.cu: the gather plus positions, and its backward in one kernel
 and `adamw`, the fused optimizer update that nanogpt_np.optim uses on CuPy arrays.
 The training step itself runs `block` (block.py), the GPU's schedule of the same
 block: `gemm` (cuBLAS gemmEx, bf16 with float32 accumulation), `fused` (bias, GELU,
@@ -28,8 +28,8 @@ attention tiling in NumPy. Only a GPU can show what the emulator cannot: CuPy's
 compile and launch path, speed, and the hardware's own floating point and memory
 behaviour. scripts/gpu_check.py and `pytest -m gpu` are written for that run.
 """
-from ..layers import embedding, linear
-from . import adamw, attention, block, cross_entropy, fused, gelu, gemm, layernorm
+from ..layers import linear
+from . import adamw, attention, block, cross_entropy, embedding, fused, gelu, gemm, layernorm, reduce
 
 __all__ = ["adamw", "attention", "block", "cross_entropy", "embedding", "fused", "gelu", "gemm", "layernorm",
-           "linear"]
+           "linear", "reduce"]

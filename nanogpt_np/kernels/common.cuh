@@ -180,3 +180,36 @@ __device__ void block_logsumexp(T& m, T& s) {
     m = shared_m[0];
     s = shared_s[0];
 }
+
+// *p += v, atomically on the GPU. The CPU emulator runs one thread at a time and
+// switches only at barriers and shuffles, so a plain add is already atomic there.
+__device__ __forceinline__ void atomic_add_(float* p, float v) {
+#ifdef NANOGPT_EMULATION
+    *p += v;
+#else
+    atomicAdd(p, v);
+#endif
+}
+__device__ __forceinline__ void atomic_add_(double* p, double v) {
+#ifdef NANOGPT_EMULATION
+    *p += v;
+#else
+    atomicAdd(p, v);  // sm_60 and later
+#endif
+}
+
+// Sum over a whole block (blockDim.x a multiple of 32, at most 1024); thread 0 gets
+// the total, added in a fixed order (no atomics: the same bits every run). Every
+// thread must call it; a kernel calls it at most once per __shared__ array it names.
+template <typename T>
+__device__ T block_sum(T v, T* scratch32) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
+    v = warp_sum(v);
+    if (lane == 0) scratch32[warp] = v;
+    __syncthreads();
+    T total = 0;
+    if (warp == 0) {
+        total = warp_sum(lane < n_warps ? scratch32[lane] : T(0));
+    }
+    return total;
+}

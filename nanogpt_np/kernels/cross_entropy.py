@@ -26,6 +26,13 @@ THREADS = 256  # per row; a 50304-wide row is ~200 values per thread
 
 def forward(logits, targets):
     """logits: (B, T, V)  targets: (B, T) ints  ->  loss: 0-d array, cache"""
+    losses, cache = forward_losses(logits, targets)
+    return losses.mean(), cache
+
+
+def forward_losses(logits, targets):
+    """logits: (B, T, V)  targets: (B, T) ints  ->  losses: (N,) per position, cache
+    (the training step reduces them on the device: kernels/reduce.loss_mean)"""
     xp = array_module(logits)
     V = logits.shape[-1]
     logits2 = kernel_array(logits, logits.dtype, xp).reshape(-1, V)  # (N, V)
@@ -39,7 +46,7 @@ def forward(logits, targets):
         (logits2, targets1, lse, losses, np.int32(V)),
     )
     cache = (logits2.reshape(logits.shape), targets1, lse)
-    return losses.mean(), cache
+    return losses, cache
 
 
 def backward(dloss, cache):

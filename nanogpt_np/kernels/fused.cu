@@ -16,7 +16,8 @@
 //
 // The column sums avoid atomics so results do not depend on timing: block (bx, by)
 // sums rows [by * rows_per_chunk, ...) of columns bx * blockDim.x + threadIdx.x into
-// row by of a (n_chunks, C) array of partial sums, which the caller adds up.
+// row by of an (n_chunks, part_stride) array of partial sums, which the caller adds
+// up (a block's bias gradients share one such array: reduce.cu's finish_partials).
 // Neighbouring threads take neighbouring columns, so each row is read coalesced;
 // the elementwise work of the same pass (GELU's derivative, the cast) rides along.
 #include "gelu.cuh"
@@ -48,7 +49,8 @@ __global__ void bias_gelu_forward(const T* __restrict__ pre, const acc_t<T>* __r
 // dpre may be the same array as dout.
 template <typename T>
 __global__ void bias_gelu_backward(const T* pre, const acc_t<T>* __restrict__ bias, const T* dout, T* dpre,
-                                   acc_t<T>* __restrict__ dbias_part, int N, int C, int rows_per_chunk) {
+                                   acc_t<T>* __restrict__ dbias_part, int N, int C, int rows_per_chunk,
+                                   int part_stride) {
     using A = acc_t<T>;
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
@@ -61,7 +63,7 @@ __global__ void bias_gelu_backward(const T* pre, const acc_t<T>* __restrict__ bi
         dpre[i] = T(g);
         sum += g;  // the bias gradient, before rounding to T
     }
-    dbias_part[(long long)blockIdx.y * C + c] = sum;
+    dbias_part[(long long)blockIdx.y * part_stride + c] = sum;
 }
 
 template <typename TX, typename T>
@@ -75,7 +77,7 @@ __global__ void bias_residual(const TX* __restrict__ x, const T* __restrict__ a,
 
 template <typename TI, typename TO>
 __global__ void cast_column_sums(const TI* __restrict__ in, TO* __restrict__ out, acc_t<TI>* __restrict__ part,
-                                 int N, int C, int rows_per_chunk) {
+                                 int N, int C, int rows_per_chunk, int part_stride) {
     using A = acc_t<TI>;
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
@@ -87,17 +89,17 @@ __global__ void cast_column_sums(const TI* __restrict__ in, TO* __restrict__ out
         out[i] = TO(acc_t<TO>(v));
         sum += v;  // the exact gradient, before rounding to the matmul's dtype
     }
-    part[(long long)blockIdx.y * C + c] = sum;
+    part[(long long)blockIdx.y * part_stride + c] = sum;
 }
 
 template <typename T>
 __global__ void column_sums(const T* __restrict__ in, acc_t<T>* __restrict__ part, int N, int C,
-                            int rows_per_chunk) {
+                            int rows_per_chunk, int part_stride) {
     using A = acc_t<T>;
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
     const int r0 = blockIdx.y * rows_per_chunk, r1 = min_(N, r0 + rows_per_chunk);
     A sum = 0;
     for (int r = r0; r < r1; ++r) sum += A(in[(long long)r * C + c]);
-    part[(long long)blockIdx.y * C + c] = sum;
+    part[(long long)blockIdx.y * part_stride + c] = sum;
 }

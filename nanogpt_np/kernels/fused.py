@@ -68,22 +68,45 @@ def bias_gelu_forward(pre, bias):
     return out
 
 
+def n_chunks(N):
+    """How many row chunks the column-sum kernels split N rows into (the partials' rows)."""
+    return _chunks(N)[1]
+
+
 def _chunks(N):
     rows_per_chunk = ceil_div(N, min(N, ROW_CHUNKS))
     return rows_per_chunk, ceil_div(N, rows_per_chunk)
 
 
-def bias_gelu_backward(dout, pre, bias):
-    """dpre = gelu'(pre + bias) * dout  and  dbias = dpre summed over rows."""
+def _part(xp, part, n_chunks, C, dtype):
+    """(a 1-D array the kernel writes its (n_chunks, stride) partial sums into, stride):
+    the caller's slot (reduce.Partials.slot) or a fresh (n_chunks, C) array."""
+    if part is not None:
+        return part
+    return xp.empty(n_chunks * C, dtype=dtype), C
+
+
+def _summed(part, own, n_chunks, C):
+    """The column sums from a fresh partial array; None when the caller's slot took them."""
+    return None if own is None else own[0].reshape(n_chunks, C).sum(axis=0)
+
+
+def bias_gelu_backward(dout, pre, bias, part=None, out=None):
+    """dpre = gelu'(pre + bias) * dout  and  dbias = dpre summed over rows.
+
+    part=(array, stride): the partial sums go there (reduce.Partials) and dbias is None.
+    out: where dpre goes (dout itself is allowed: the kernel reads each element first)."""
     xp = array_module(dout)
     N, C = _rows(pre).shape
     rows_per_chunk, n_chunks = _chunks(N)
-    dpre = xp.empty_like(pre)
-    part = xp.empty((n_chunks, C), dtype=accumulate_dtype(pre.dtype))
+    dpre = xp.empty_like(pre) if out is None else out
+    acc = accumulate_dtype(pre.dtype)
+    own = None if part is not None else _part(xp, None, n_chunks, C, acc)
+    buf, stride = part or own
     _cu.launch(f"bias_gelu_backward<{ctype(pre.dtype)}>", (ceil_div(C, COLUMN_THREADS), n_chunks), (COLUMN_THREADS,),
-               (pre, kernel_array(bias, part.dtype, xp), kernel_array(dout, pre.dtype, xp), dpre, part,
-                np.int32(N), np.int32(C), np.int32(rows_per_chunk)))
-    return dpre, part.sum(axis=0)
+               (pre, kernel_array(bias, acc, xp), kernel_array(dout, pre.dtype, xp), dpre, buf,
+                np.int32(N), np.int32(C), np.int32(rows_per_chunk), np.int32(stride)))
+    return dpre, _summed(part, own, n_chunks, C)
 
 
 def bias_residual(x, a, bias):
@@ -97,26 +120,31 @@ def bias_residual(x, a, bias):
     return out
 
 
-def cast_column_sums(a, dtype):
+def cast_column_sums(a, dtype, part=None, out=None):
     """(a converted to dtype, a summed over rows): the residual stream's gradient
-    made into a matmul operand, and the bias gradient of that matmul's output."""
+    made into a matmul operand, and the bias gradient of that matmul's output.
+    part=(array, stride): the partial sums go there and the sum returned is None."""
     xp = array_module(a)
     N, C = _rows(a).shape
     rows_per_chunk, n_chunks = _chunks(N)
-    out = xp.empty(a.shape, dtype=dtype)
-    part = xp.empty((n_chunks, C), dtype=accumulate_dtype(a.dtype))
+    out = xp.empty(a.shape, dtype=dtype) if out is None else out
+    own = None if part is not None else _part(xp, None, n_chunks, C, accumulate_dtype(a.dtype))
+    buf, stride = part or own
     _cu.launch(f"cast_column_sums<{ctype(a.dtype)}, {ctype(dtype)}>", (ceil_div(C, COLUMN_THREADS), n_chunks),
-               (COLUMN_THREADS,), (kernel_array(a, a.dtype, xp), out, part, np.int32(N), np.int32(C),
-                                   np.int32(rows_per_chunk)))
-    return out, part.sum(axis=0)
+               (COLUMN_THREADS,), (kernel_array(a, a.dtype, xp), out, buf, np.int32(N), np.int32(C),
+                                   np.int32(rows_per_chunk), np.int32(stride)))
+    return out, _summed(part, own, n_chunks, C)
 
 
-def column_sums(a):
-    """a summed over rows, in the accumulate dtype: (..., C) -> (C,)."""
+def column_sums(a, part=None):
+    """a summed over rows, in the accumulate dtype: (..., C) -> (C,); with
+    part=(array, stride) the partial sums go there and None is returned."""
     xp = array_module(a)
     N, C = _rows(a).shape
     rows_per_chunk, n_chunks = _chunks(N)
-    part = xp.empty((n_chunks, C), dtype=accumulate_dtype(a.dtype))
+    own = None if part is not None else _part(xp, None, n_chunks, C, accumulate_dtype(a.dtype))
+    buf, stride = part or own
     _cu.launch(f"column_sums<{ctype(a.dtype)}>", (ceil_div(C, COLUMN_THREADS), n_chunks), (COLUMN_THREADS,),
-               (kernel_array(a, a.dtype, xp), part, np.int32(N), np.int32(C), np.int32(rows_per_chunk)))
-    return part.sum(axis=0)
+               (kernel_array(a, a.dtype, xp), buf, np.int32(N), np.int32(C), np.int32(rows_per_chunk),
+                np.int32(stride)))
+    return _summed(part, own, n_chunks, C)

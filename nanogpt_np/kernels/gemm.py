@@ -26,6 +26,8 @@ b is cuBLAS's first operand and a its second, and the shapes swap (m = N, n = M)
 model of gemmEx that reads memory through the same pointers and leading
 dimensions (tests/kernels/emulator.py), so the mapping is checked without a GPU.
 """
+import ctypes
+
 import numpy as np
 
 from ..backend import array_module, data_pointer, tf32_enabled
@@ -35,7 +37,6 @@ OP_N, OP_T = 0, 1
 CUDA_R_32F, CUDA_R_64F, CUDA_R_16BF = 0, 1, 14
 COMPUTE_32F, COMPUTE_64F, COMPUTE_32F_FAST_TF32 = 68, 70, 77
 GEMM_DEFAULT_TENSOR_OP = 99  # "let cuBLAS pick, tensor cores allowed" (the same as DEFAULT since CUDA 11)
-POINTER_MODE_HOST = 0
 
 
 def cuda_type(dtype):
@@ -102,33 +103,85 @@ def matmul(a, b, out=None, trans_a=False, trans_b=False, beta=0.0, out_dtype=Non
 
 
 class CublasRunner:
-    """Calls cublasGemmEx through CuPy's binding, on CuPy's handle for the current
-    device and CuPy's current stream (the binding sets the stream)."""
+    """Calls cublasGemmEx through the project's own cuBLAS handle: ctypes into the
+    libcublas that CuPy's wheel loaded, one handle per device, its stream set only
+    when the current stream changes, its workspace a buffer allocated once.
 
-    def __init__(self):
-        self._cublas = None
+    Why not CuPy's binding (cupy_backends.cuda.libs.cublas) on CuPy's handle? That
+    binding calls cublasSetStream before every call, and CuPy 14 refuses setStream
+    while a stream captures (NotImplementedError), so no gemm could be part of a CUDA
+    graph. cuBLAS itself is fine with capture given a fixed workspace (without one it
+    may allocate inside the capture). `lib`: the library object (tests pass a
+    stand-in with the same four functions)."""
 
-    def _lib(self):
-        if self._cublas is None:
-            try:
-                from cupy_backends.cuda.libs import cublas
-            except ImportError:  # older layouts
-                from cupy.cuda import cublas
-            self._cublas = cublas
-        return self._cublas
+    WORKSPACE_BYTES = 32 << 20  # what PyTorch gives cuBLAS on Hopper
+
+    def __init__(self, lib=None):
+        self._lib = lib
+        self._handles = {}  # device -> [handle, stream set on it, workspace]
+
+    def _library(self):
+        if self._lib is None:
+            self._lib = load_cublas()
+        return self._lib
+
+    def _handle(self):
+        import cupy
+
+        device = cupy.cuda.runtime.getDevice()
+        entry = self._handles.get(device)
+        if entry is None:
+            lib = self._library()
+            handle = ctypes.c_void_p()
+            _check(lib.cublasCreate_v2(ctypes.byref(handle)), "cublasCreate")
+            workspace = cupy.empty(self.WORKSPACE_BYTES, dtype=np.uint8)
+            _check(lib.cublasSetWorkspace_v2(handle, ctypes.c_void_p(data_pointer(workspace)),
+                                             ctypes.c_size_t(workspace.nbytes)), "cublasSetWorkspace")
+            entry = self._handles[device] = [handle, None, workspace]  # pointer mode: host, the default
+        stream = cupy.cuda.get_current_stream().ptr
+        if entry[1] != stream:  # set once per stream change, not before every call
+            _check(self._library().cublasSetStream_v2(entry[0], ctypes.c_void_p(stream)), "cublasSetStream")
+            entry[1] = stream
+        return entry[0]
 
     def gemm_ex(self, transa, transb, m, n, k, alpha, A, a_type, lda, B, b_type, ldb, beta, C, c_type, ldc,
                 compute):
-        import cupy
-
-        cublas = self._lib()
-        handle = cupy.cuda.device.get_cublas_handle()
-        if cublas.getPointerMode(handle) != POINTER_MODE_HOST:  # alpha and beta live on the host
-            cublas.setPointerMode(handle, POINTER_MODE_HOST)
+        handle = self._handle()
         alpha_host, beta_host = np.array(alpha), np.array(beta)  # kept alive through the call
-        cublas.gemmEx(handle, transa, transb, m, n, k, alpha_host.ctypes.data, data_pointer(A), a_type, lda,
-                      data_pointer(B), b_type, ldb, beta_host.ctypes.data, data_pointer(C), c_type, ldc, compute,
-                      GEMM_DEFAULT_TENSOR_OP)
+        i = ctypes.c_int
+        _check(self._library().cublasGemmEx(
+            handle, i(transa), i(transb), i(m), i(n), i(k), ctypes.c_void_p(alpha_host.ctypes.data),
+            ctypes.c_void_p(data_pointer(A)), i(a_type), i(lda), ctypes.c_void_p(data_pointer(B)), i(b_type), i(ldb),
+            ctypes.c_void_p(beta_host.ctypes.data), ctypes.c_void_p(data_pointer(C)), i(c_type), i(ldc), i(compute),
+            i(GEMM_DEFAULT_TENSOR_OP)), "cublasGemmEx")
+
+
+def _check(status, what):
+    if status != 0:
+        raise RuntimeError(f"{what} failed with cuBLAS status {status}")
+
+
+def load_cublas():
+    """The libcublas CuPy uses, through ctypes: CuPy's binding is imported first so the
+    library is loaded, then found by its path in this process's memory map (the
+    wheel's own copy, not whichever one the loader's search path would find first)."""
+    try:
+        from cupy_backends.cuda.libs import cublas  # noqa: F401  (loads libcublas)
+    except ImportError:
+        from cupy.cuda import cublas  # noqa: F401
+    paths = []
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = [line.split()[-1] for line in maps if "libcublas.so" in line and "libcublasLt" not in line]
+    except OSError:
+        pass
+    for name in paths[:1] + ["libcublas.so.13", "libcublas.so.12", "libcublas.so"]:
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            continue
+    raise RuntimeError("libcublas was not found in this process or on the library path; reinstall CuPy's wheel "
+                       "(cupy-cuda13x pulls in nvidia-cublas) or set LD_LIBRARY_PATH to CUDA's lib64")
 
 
 _state = {"runner": CublasRunner()}

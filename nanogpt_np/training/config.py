@@ -58,6 +58,7 @@ class TrainConfig:
     zero: int = 0  # 1: ZeRO-1, AdamW's moments sharded over the ranks
     collective_timeout: float = 600.0  # seconds a collective may take before the job ends (0: no watchdog)
     straggler_every: int = 100  # compare the ranks' step times every N steps (0: off)
+    cuda_graphs: str = "on"  # cupy: capture the step into CUDA graphs after two eager steps
 
 
 PRESETS = {
@@ -128,6 +129,9 @@ FLAG_HELP = {
     "keep_last": "keep only the newest K checkpoints (0: keep all)",
     "memory_gib": "memory per rank that --batch-size auto and the plan count on (default: free GPU memory or "
                   "available RAM)",
+    "cuda_graphs": "with --backend cupy: capture each micro-step and the optimizer step into CUDA graphs "
+                   "(after two eager warm-up steps; anything uncapturable runs eagerly, saying why); "
+                   "off: every step eager",
     "recompute": "keep fewer activations: backward recomputes the LayerNorm and GELU outputs (llm.c's -r)",
     "zero": "1: ZeRO-1, each rank keeps 1/ranks of AdamW's moments (gradients reduce-scattered, "
             "parameters all-gathered); 0: every rank keeps all",
@@ -144,7 +148,7 @@ def build_parser():
         description="Train GPT-2 with nanogpt_np (build-nanogpt's recipe by default).",
         argument_default=argparse.SUPPRESS,  # only flags given on the command line are set
     )
-    choices = {"backend": ["numpy", "cupy"], "dtype": ["float32", "float64", "bf16"], "preset": sorted(PRESETS)}
+    choices = {"cuda_graphs": ["on", "off"], "backend": ["numpy", "cupy"], "dtype": ["float32", "float64", "bf16"], "preset": sorted(PRESETS)}
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         default = field.default
@@ -232,6 +236,8 @@ def validate_config(cfg, n_vocab):
                           f"n_embd/n_head channels; pick a head count that divides it ({', '.join(map(str, heads[-6:]))})")
     if cfg.vocab_size < n_vocab:
         raise ConfigError(f"--vocab-size {cfg.vocab_size} is smaller than GPT-2's {n_vocab} tokens")
+    if cfg.cuda_graphs not in ("on", "off"):
+        raise ConfigError(f"--cuda-graphs {cfg.cuda_graphs!r}: on or off")
     if cfg.zero not in (0, 1):
         raise ConfigError(f"--zero {cfg.zero}: 0 (every rank keeps all of AdamW) or 1 (ZeRO-1) only")
     if cfg.batch_size != "auto" and not (isinstance(cfg.batch_size, int) and cfg.batch_size > 0):
