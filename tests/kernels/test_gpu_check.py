@@ -19,6 +19,7 @@ SIZES = dict(
     bf16_rows=(1, 3, 40, 70),
     gemm=[(5, 7, 3)],
     host=(1, 8),
+    graph_steps=4,
     curve=(TINY, 3, 2, 16),
     layernorm=[((2, 3, 40), np.float32), ((1, 2, 40), np.float64)],
     gelu=[((3, 50), np.float32)],
@@ -87,14 +88,19 @@ def test_gpu_check_dry_run(emulator_lib, monkeypatch, tmp_path, capsys):
     assert {r["section"] for r in rows} == {"0", "1", "2", "3", "4", "5", "6", "7"}
     n_kernel_rows = sum(len(SIZES[k]) for k in ("attention", "attention_bf16", "layernorm", "gelu", "cross_entropy",
                                                 "adamw", "gemm")) + 3
-    assert len(rows) == 3 + n_kernel_rows + 6 + 2 + 4 + 4 + 1 + 1 + 3 + 4 + 3  # + the 350M rows, section 7
+    assert len(rows) == 3 + n_kernel_rows + 6 + 2 + 4 + 4 + 1 + 1 + 3 + 4 + 3 + 3 + 1  # + the 350M rows, section 7,
+    # section 4's graph rows (host time with graphs, eager vs graphs, per-kernel time), section 7's --cuda-graphs off
     section7 = [r for r in rows if r["section"] == "7"]
-    assert [r["status"] for r in section7] == ["ok", "ok", "ok"], section7
-    assert "log.txt identical" in section7[1]["result"]
+    assert [r["status"] for r in section7] == ["ok", "ok", "ok", "ok"], section7
+    assert "log.txt identical" in section7[2]["result"] and "--cuda-graphs off" in section7[1]["result"]
     names = {r["name"] for r in rows}
     overlap = next(r for r in rows if r["name"] == "overlapped NCCL allreduce, 1 rank")
     assert overlap["status"] == "ok" and overlap["result"].startswith("3 buckets (want 3)"), overlap
-    assert verdicts <= names and "host time per step (launch overhead)" in names
+    assert verdicts <= names and "host time per step, eager (launch overhead)" in names
+    graphs = next(r for r in rows if r["name"].startswith("eager vs CUDA graphs"))
+    assert "losses bit-identical" in graphs["result"], graphs  # the stand-in refuses capture here: eager both ways
+    timing = next(r for r in rows if r["name"].startswith("per-kernel time"))
+    assert " launches | " in timing["result"] and "gemm" in timing["result"], timing  # all 0 ms here: any 15
     paths = [r["result"].rsplit("path ", 1)[-1] for r in rows if r["name"].startswith("attention") and "bf16" in r["name"]]
     assert "mma" in paths and "widened" in paths
     assert "skipped (--no-compile)" in out
