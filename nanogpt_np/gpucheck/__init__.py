@@ -24,16 +24,19 @@ still run. Sections, in the order they run:
      bf16 peak, the host's time per step, peak GPU memory; build-nanogpt's PyTorch
      recipe (bf16 autocast, flash SDPA, fused AdamW) on the same card in the same
      run, eager and (last, within --budget) torch.compile, and the ratio;
+     the same step with CUDA graphs and eagerly (losses and ms/step), and the time of
+     each kernel of one eager step (CUDA events, the top 15);
   5. the attention kernels' time (float32, bf16) against PyTorch's SDPA at B=16,
      NH=12, T=1024, hs=64;
   6. 50 steps of the 124M model on real text in bf16 against the same 50 steps in
      float32: the loss curves must agree within 1%.
   7. scripts/train.py --backend cupy itself, as a subprocess: validation, samples and
      checkpoints, then --resume from the middle checkpoint (the log must come out
-     identical), then under `mpiexec -n 1` with NANOGPT_MPI=1 (the NCCL path);
+     identical), the same run with --cuda-graphs off, then under `mpiexec -n 1` with NANOGPT_MPI=1 (the NCCL path);
   and, last, within --budget: the 350M preset's shape in bf16, ours against PyTorch
      eager and torch.compile (rows "350M ..." of section 4).
---text: token ids (.npy, e.g. made here by `--prepare-text FILE OUT.npy`, which
+--counts: no GPU needed; one steady-state step counted on a stand-in (gpucheck/counts.py).
+--text (or --data): token ids (.npy, e.g. made here by `--prepare-text FILE OUT.npy`, which
 needs the GPT-2 tokenizer files) or a text file (GPT-2 BPE if the tokenizer is
 installed, else UTF-8 bytes as tokens); without it, the bytes of this Python's
 standard library sources. With $OUT set, the table also goes to $OUT/gpu_check.txt

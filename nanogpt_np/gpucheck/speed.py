@@ -70,18 +70,38 @@ class CountingRunner:
         return getattr(self.inner, name)
 
 
-def make_step(model, opt, idx, targets):
+class FixedBatches:
+    """next_batch() -> the same host (B, T) token ids every time (the data loader's interface)."""
+
+    def __init__(self, idx, targets):
+        self.batch = (idx, targets)
+
+    def next_batch(self):
+        return self.batch
+
+
+def make_step(model, opt, idx, targets, cuda_graphs=True, lines=None):
+    """step() -> loss: scripts/train.py's step on one GPU (kernels/graph.py's GpuTrainStep:
+    one host read, static memory, CUDA graphs from the third step unless cuda_graphs=False)
+    on the host token ids idx, targets, every step."""
+    from nanogpt_np import distributed
+    from nanogpt_np.kernels.graph import GpuTrainStep
+    from nanogpt_np.resilience import StepGuard
+
+    lines = [] if lines is None else lines
+    gpu_step = GpuTrainStep(model, opt, 1, 1.0, distributed.Single(), cuda_graphs=cuda_graphs, log=lines.append)
+    batches, guard = FixedBatches(idx, targets), StepGuard(max_bad_steps=0)
+
     def step():
-        model.zero_grad()
-        model.forward(idx, targets)
-        model.backward()
-        optim.clip_grad_norm(model.grads, 1.0)
-        opt.step(model.grads)
+        return gpu_step(batches, 6e-4, guard)[0]
+
+    step.gpu_step = gpu_step
     return step
 
 
-def ours_step(dtype, tf32, B, T, steps=5, cfg=None):
-    """(ms per step, parameters, {memory}, launches per step) of our 124M training step."""
+def ours_step(dtype, tf32, B, T, steps=5, cfg=None, cuda_graphs=True):
+    """(ms per step, parameters, {memory}, launches per step) of our 124M training step
+    (the launches counted on the second, eager step; a graph's replays run the same)."""
     import cupy as cp
     from nanogpt_np.kernels import gemm, loader
 
@@ -94,20 +114,20 @@ def ours_step(dtype, tf32, B, T, steps=5, cfg=None):
     opt = optim.AdamW(model.parameters(), lr=6e-4, weight_decay=0.1)
     rng = np.random.default_rng(0)
     V = min(50257, cfg.vocab_size)
-    idx, targets = cp.asarray(rng.integers(0, V, (B, T))), cp.asarray(rng.integers(0, V, (B, T)))
-    step = make_step(model, opt, idx, targets)
-    ms = median_ms(step, cp.cuda.Device().synchronize, reps=steps, warmup=2)
+    step = make_step(model, opt, rng.integers(0, V, (B, T)), rng.integers(0, V, (B, T)), cuda_graphs)
+    step()  # eager: NVRTC, the model's buffers
     kernels_runner, gemm_runner = CountingRunner(loader._state["runner"]), CountingRunner(gemm._state["runner"])
     loader.use_runner(kernels_runner)
     gemm.use_runner(gemm_runner)
     try:
-        step()
+        step()  # eager, recording the step's memory: every launch passes the runners
     finally:
         loader.use_runner(kernels_runner.inner)
         gemm.use_runner(gemm_runner.inner)
+    ms = median_ms(step, cp.cuda.Device().synchronize, reps=steps, warmup=1)  # the first captures the graphs
     cp.cuda.Device().synchronize()
     free, total = cp.cuda.runtime.memGetInfo()
-    memory = dict(pool=pool.total_bytes() / 2**30, device=(total - free) / 2**30)
+    memory = dict(pool=pool.total_bytes() / 2**30, device=(total - free) / 2**30, mode=step.gpu_step.mode)
     n = model.num_parameters()
     del model, opt, step
     backend.set_tf32(False)
@@ -142,7 +162,7 @@ def section_speed():
         (ms, n, memory, (launches, gemms)), B = largest_fitting_batch(lambda B: ours_step(dtype, tf32, B, T), B0)
         tok_s, mfu, text = throughput(ms, n, B, T)
         text += (f"; memory: CuPy pool {memory['pool']:.1f} GiB (its high-water mark), device {memory['device']:.1f}"
-                 f" GiB in use; {launches} kernels + {gemms} gemms per step")
+                 f" GiB in use; {launches} kernels + {gemms} gemms per step; {memory['mode']}")
         return dict(result=f"B{B}: " + text, limit="", ok=None,
                     metrics={f"{key}_tok_s": tok_s, f"{key}_mfu": mfu, f"{key}_pool_gib": memory["pool"],
                              f"{key}_launches": launches + gemms, f"{key}_ms": ms})
@@ -150,15 +170,19 @@ def section_speed():
     record("4", f"ours bf16, B{B0} T{T} (or the largest B that fits)", lambda: ours("bf16", False, "ours_bf16"))
     record("4", "ours f32 + TF32 matmuls", lambda: ours(np.float32, True, "ours_tf32"))
 
-    def host():  # the same step where the GPU's work is negligible: what remains is the host's
+    def host(cuda_graphs):  # the same step where the GPU's work is negligible: what remains is the host's
         hB, hT = settings.SIZES["host"]
-        ms, _, _, (launches, gemms) = ours_step("bf16", False, hB, hT, steps=10)
-        return dict(result=f"{ms:.1f} ms of host time per step (B{hB} T{hT}: the GPU is idle most of it), "
-                           f"{launches} kernel launches + {gemms} gemm calls: {1e3 * ms / (launches + gemms):.0f} us "
-                           "each; the GPU keeps busy while this is below its own step time", limit="", ok=None,
-                    metrics={"host_ms": ms})
+        ms, _, memory, (launches, gemms) = ours_step("bf16", False, hB, hT, steps=10, cuda_graphs=cuda_graphs)
+        return dict(result=f"{ms:.1f} ms of host time per step (B{hB} T{hT}: the GPU is idle most of it; "
+                           f"{memory['mode']}), {launches} kernel launches + {gemms} gemm calls: "
+                           f"{1e3 * ms / (launches + gemms):.0f} us each; the GPU keeps busy while this is below "
+                           "its own step time", limit="", ok=None,
+                    metrics={"host_ms" if cuda_graphs else "host_eager_ms": ms})
 
-    record("4", "host time per step (launch overhead)", host)
+    record("4", "host time per step, CUDA graphs", lambda: host(True))
+    record("4", "host time per step, eager (launch overhead)", lambda: host(False))
+    record("4", "eager vs CUDA graphs: losses and ms/step, 10 steps", eager_vs_graphs)
+    record("4", "per-kernel time of one eager bf16 step (top 15)", kernel_times)
 
     def torch_run(compiled):
         ms, n, memory = torch_step_ms(compiled)
@@ -170,6 +194,126 @@ def section_speed():
                              f"{key}_reserved_gib": memory["reserved"]})
 
     record("4", "torch bf16 autocast, eager", lambda: torch_run(False))
+
+
+def _train_steps(cfg, B, T, steps, cuda_graphs):
+    """(losses, ms per step (median), the step's mode) of `steps` training steps from seed 0."""
+    import cupy as cp
+
+    free_gpu_memory()
+    model = GPT(cfg, dtype="bf16", seed=0, backend="cupy")
+    opt = optim.AdamW(model.parameters(), lr=6e-4, weight_decay=0.1)
+    rng = np.random.default_rng(1)
+    V = min(50257, cfg.vocab_size)
+    batches = [(rng.integers(0, V, (B, T)), rng.integers(0, V, (B, T))) for _ in range(steps)]
+    lines = []
+    step = make_step(model, opt, *batches[0], cuda_graphs=cuda_graphs, lines=lines)
+    losses, times = [], []
+    for i in range(steps):
+        t0 = time.perf_counter()
+        losses.append(step.gpu_step(FixedBatches(*batches[i]), 6e-4, _GUARD())[0])
+        cp.cuda.Device().synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    mode = step.gpu_step.mode if not lines else "; ".join(lines)
+    del model, opt, step
+    free_gpu_memory()
+    return losses, float(np.median(times[3:] or times)), mode
+
+
+def _GUARD():
+    from nanogpt_np.resilience import StepGuard
+
+    return StepGuard(max_bad_steps=0)
+
+
+def eager_vs_graphs():
+    """The same 10 steps (same weights, same batches) eagerly and with CUDA graphs: the
+    losses must agree bit for bit (or the row says by how much), and each one's time.
+    A fallback to eager says why, and the row is then information only."""
+    cfg, B, T = settings.SIZES["speed"]
+    steps = settings.SIZES.get("graph_steps", 10)
+    eager, eager_ms, _ = _train_steps(cfg, B, T, steps, False)
+    graphs, graphs_ms, mode = _train_steps(cfg, B, T, steps, True)
+    diffs = [abs(a - b) / max(abs(a), 1e-30) for a, b in zip(eager, graphs)]
+    worst = int(np.argmax(diffs))
+    same = "bit-identical" if eager == graphs else (f"max relative difference {diffs[worst]:.2e} at step {worst} "
+                                                      "(the embedding's float32 atomic adds run in any order)")
+    close = bool(diffs[worst] <= 1e-3)
+    return dict(result=f"losses {same}; eager {eager_ms:.1f} ms/step, {mode} {graphs_ms:.1f} ms/step (B{B} T{T})",
+                limit="rel diff <= 1e-3", ok=(close if mode == "graphs" or not close else None),
+                metrics={"eager_ms": eager_ms, "graphs_ms": graphs_ms})
+
+
+class TimingRunner:
+    """CUDA events around every launch (kernels or gemms) on its way to the real runner."""
+
+    def __init__(self, inner, events):
+        self.inner, self.events = inner, events
+
+    def _timed(self, name, nbytes, flops, run):
+        import cupy as cp
+
+        start, stop = cp.cuda.Event(), cp.cuda.Event()
+        start.record()
+        run()
+        stop.record()
+        self.events.append((name, nbytes, flops, start, stop))
+
+    def launch(self, kernel_file, name, grid, block, args, shared_mem):
+        nbytes = sum(int(a.nbytes) for a in args if hasattr(a, "nbytes") and not isinstance(a, np.generic))
+        self._timed(name, nbytes, 0, lambda: self.inner.launch(kernel_file, name, grid, block, args, shared_mem))
+
+    def gemm_ex(self, *args):
+        m, n, k = args[2:5]
+        nbytes = sum(int(a.nbytes) for a in (args[6], args[9], args[13]))
+        self._timed(f"gemm {n}x{m}x{k}", nbytes, 2 * m * n * k, lambda: self.inner.gemm_ex(*args))
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def kernel_times():
+    """One eager bf16 step at the speed shape, each launch between two CUDA events: the 15
+    kernels (by name, gemms by shape) that take the most time, with bytes and GB/s or TFLOP/s."""
+    import cupy as cp
+    from nanogpt_np.kernels import gemm, loader
+
+    cfg, B, T = settings.SIZES["speed"]
+    free_gpu_memory()
+    model = GPT(cfg, dtype="bf16", seed=0, backend="cupy")
+    opt = optim.AdamW(model.parameters(), lr=6e-4, weight_decay=0.1)
+    rng = np.random.default_rng(0)
+    V = min(50257, cfg.vocab_size)
+    step = make_step(model, opt, rng.integers(0, V, (B, T)), rng.integers(0, V, (B, T)), cuda_graphs=False)
+    step()
+    step()
+    events = []
+    kernels_runner, gemm_runner = TimingRunner(loader._state["runner"], events), TimingRunner(gemm._state["runner"], events)
+    loader.use_runner(kernels_runner)
+    gemm.use_runner(gemm_runner)
+    try:
+        step()
+    finally:
+        loader.use_runner(kernels_runner.inner)
+        gemm.use_runner(gemm_runner.inner)
+    cp.cuda.Device().synchronize()
+    totals = {}
+    for name, nbytes, flops, start, stop in events:
+        t = totals.setdefault(name, [0, 0.0, 0, 0])
+        t[0] += 1
+        t[1] += cp.cuda.get_elapsed_time(start, stop)
+        t[2] += nbytes
+        t[3] += flops
+    del model, opt, step
+    free_gpu_memory()
+    all_ms = sum(t[1] for t in totals.values())
+    top = sorted(totals.items(), key=lambda kv: -kv[1][1])[:15]
+    parts = []
+    for name, (count, ms, nbytes, flops) in top:
+        ms_ = max(ms, 1e-9)
+        rate = f"{flops / ms_ / 1e9:.0f} TFLOP/s" if flops else f"{nbytes / ms_ / 1e6:.0f} GB/s"
+        parts.append(f"{name} x{count}: {ms:.2f} ms, {nbytes / 1e9:.2f} GB, {rate}")
+    return dict(result=f"{all_ms:.1f} ms in {len(events)} launches | " + " | ".join(parts), limit="", ok=None)
 
 
 def section_compile(args):

@@ -3,7 +3,8 @@
 On the prepared text (--text, else the standard library's bytes): a short run with
 validation, sampling and checkpoints; then --resume from its middle checkpoint in a
 second log directory; the resumed steps' losses must equal the uninterrupted run's
-(bit for bit on the same GPU: the same kernels in the same order). Then the same
+(bit for bit on the same GPU: the same kernels in the same order); the same run
+with --cuda-graphs off (the default is on) against it. Then the same
 command under `mpiexec -n 1` with NANOGPT_MPI=1, so one GPU runs the multi-rank
 path (NCCL allreduce in buckets during backward).
 """
@@ -73,7 +74,7 @@ def section_train_script(args):
     def straight():
         source = prepare_shards(data, args.text)
         out = run_train(train_flags(data, work / "a"))
-        state["a"] = train_losses(work / "a")
+        state["a"], state["out_a"] = train_losses(work / "a"), out
         ok = len(state["a"]) == steps and "sample 0:" in out and "val loss" in out
         return dict(result=f"{steps} steps, val + samples + checkpoints at {middle} and {steps}; loss "
                            f"{state['a'][0]:.3f} -> {state['a'][steps - 1]:.3f} on {source}", limit="", ok=bool(ok))
@@ -102,6 +103,17 @@ def section_train_script(args):
         return dict(result=f"mpiexec -n 1 (MPI + NCCL path): {steps} steps, max rel loss diff to the plain run "
                            f"{diff:.1e} (bucketed sums: float32 rounding)", limit="", ok=bool(ok))
 
+    def graphs_off():
+        run_train(train_flags(data, work / "eager") + ["--cuda-graphs", "off"])
+        losses = train_losses(work / "eager")
+        diffs = [abs(losses[s] - state["a"][s]) / abs(state["a"][s]) for s in range(steps)]
+        same = "bit-identical" if all(d == 0 for d in diffs) else f"max rel diff {max(diffs):.1e}"
+        fallback = [line for line in state["out_a"].splitlines() if "cuda graphs off" in line]
+        return dict(result=f"--cuda-graphs off (every step eager) against the default (on): {steps} steps, losses "
+                           f"{same}" + (f"; the default run fell back: {fallback[0][:150]}" if fallback else ""),
+                    limit="rel diff <= 1e-3", ok=bool(len(losses) == steps and max(diffs) <= 1e-3))
+
     record("7", f"scripts/train.py --backend {settings.TRAIN_BACKEND}: {steps} steps", straight)
+    record("7", "scripts/train.py --cuda-graphs off, the same run eagerly", graphs_off)
     record("7", f"scripts/train.py --resume from step {middle}", resumed)
     record("7", "mpiexec -n 1 scripts/train.py (NANOGPT_MPI=1)", one_rank_mpi)

@@ -163,8 +163,9 @@ def test_whole_model_through_the_kernels(emulated, dtype):
         results.append((logits, loss, model.flat_grads.copy()))
     launched = {n.split("<")[0] for n in emulated.launches}
     assert {"flash_attention_forward", "layernorm_forward", "bias_gelu_forward", "cross_entropy_forward",
-            "flash_attention_backward_dkdv", "layernorm_backward_dx", "cross_entropy_backward", "bias_add",
-            "bias_residual", "bias_gelu_backward", "cast_column_sums", "column_sums"} <= launched
+            "flash_attention_backward_dkdv", "layernorm_backward_fused", "cross_entropy_backward", "bias_add",
+            "residual_layernorm_forward", "bias_gelu_backward", "column_sums", "embedding_forward",
+            "embedding_backward", "finish_partials", "loss_mean"} <= launched
     (logits, loss, grads), (logits_ref, loss_ref, grads_ref) = results
     assert_close(logits, logits_ref, dtype, "logits")
     assert_close(loss, loss_ref, dtype, "loss")

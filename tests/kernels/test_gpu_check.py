@@ -19,6 +19,7 @@ SIZES = dict(
     bf16_rows=(1, 3, 40, 70),
     gemm=[(5, 7, 3)],
     host=(1, 8),
+    graph_steps=4,
     curve=(TINY, 3, 2, 16),
     layernorm=[((2, 3, 40), np.float32), ((1, 2, 40), np.float64)],
     gelu=[((3, 50), np.float32)],
@@ -87,18 +88,23 @@ def test_gpu_check_dry_run(emulator_lib, monkeypatch, tmp_path, capsys):
     assert {r["section"] for r in rows} == {"0", "1", "2", "3", "4", "5", "6", "7"}
     n_kernel_rows = sum(len(SIZES[k]) for k in ("attention", "attention_bf16", "layernorm", "gelu", "cross_entropy",
                                                 "adamw", "gemm")) + 3
-    # + the 350M rows, section 7, and section 5's 4 more (bf16 fa2 and mma timed at two shapes)
-    assert len(rows) == 3 + n_kernel_rows + 6 + 2 + 4 + 4 + 1 + 1 + 3 + 4 + 3 + 4
+    # + the 350M rows, section 7, section 5's 4 more (bf16 fa2 and mma timed at two shapes), section 4's
+    # graph rows (host time with graphs, eager vs graphs, per-kernel time), section 7's --cuda-graphs off
+    assert len(rows) == 3 + n_kernel_rows + 6 + 2 + 4 + 4 + 1 + 1 + 3 + 4 + 3 + 4 + 3 + 1
     section5 = [r["name"] for r in rows if r["section"] == "5"]
     assert len(section5) == 8 and sum("124M ours bf16" in n for n in section5) == 2, section5  # fa2, mma
     assert sum("350M" in n for n in section5) == 3, section5  # fa2, mma, SDPA at the 350M shape
     section7 = [r for r in rows if r["section"] == "7"]
-    assert [r["status"] for r in section7] == ["ok", "ok", "ok"], section7
-    assert "log.txt identical" in section7[1]["result"]
+    assert [r["status"] for r in section7] == ["ok", "ok", "ok", "ok"], section7
+    assert "log.txt identical" in section7[2]["result"] and "--cuda-graphs off" in section7[1]["result"]
     names = {r["name"] for r in rows}
     overlap = next(r for r in rows if r["name"] == "overlapped NCCL allreduce, 1 rank")
     assert overlap["status"] == "ok" and overlap["result"].startswith("3 buckets (want 3)"), overlap
-    assert verdicts <= names and "host time per step (launch overhead)" in names
+    assert verdicts <= names and "host time per step, eager (launch overhead)" in names
+    graphs = next(r for r in rows if r["name"].startswith("eager vs CUDA graphs"))
+    assert "losses bit-identical" in graphs["result"], graphs  # the stand-in refuses capture here: eager both ways
+    timing = next(r for r in rows if r["name"].startswith("per-kernel time"))
+    assert " launches | " in timing["result"] and "gemm" in timing["result"], timing  # all 0 ms here: any 15
     paths = [r["result"].rsplit("path ", 1)[-1] for r in rows if r["name"].startswith("attention") and "bf16" in r["name"]]
     assert "fa2" in paths and "widened" in paths
     assert "skipped (--no-compile)" in out
@@ -128,15 +134,17 @@ def test_sections_run_in_their_own_processes(monkeypatch, tmp_path):
     the child appended, and turns a child that dies into a FAIL row, going on with
     the next section. Here (no CuPy) the environment section's rows are errors, and a
     section the child does not know makes it exit with an argparse error."""
+    import time
     import types
 
     load_gpu_check()  # as the script wires it: its own path starts the section processes
-    from nanogpt_np.gpucheck import runner, settings, table
+    from nanogpt_np.gpucheck import runner, table
 
     monkeypatch.setenv("OUT", str(tmp_path))
     monkeypatch.setattr(runner, "SECTIONS", [("environment", None, 120), ("no_such_section", None, 120)])
     monkeypatch.setattr(runner, "summary_rows", lambda: None)
-    args = types.SimpleNamespace(budget=100.0, start=settings.START, no_compile=True, text=None)
+    # the budget counts from now, not from the import: earlier tests in this process take their own time
+    args = types.SimpleNamespace(budget=100.0, start=time.time(), no_compile=True, text=None)
     runner.run_in_subprocesses(args)
     rows = table.all_rows()
     assert [r["name"] for r in rows] == ["environment", "NVRTC compiles every kernel",
