@@ -6,7 +6,8 @@
 #                              and mpich (mpiexec and libmpi, for section 7's MPI row),
 #                              for CPython 3.12 on x86-64, the device image's Python
 # Run here, where PyPI is reachable:   bash scripts/prepare_device.sh [TEXT]
-# The device command that installs and uses them is in docs/gpu_kernels.md.
+# The device command that installs them (pip --prefix, not --target, which drops
+# mpich's bin/ and lib/) and runs gpu_check is in docs/gpu_kernels.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 text="${1:-../shared/data/tinyshakespeare.txt}"
