@@ -113,3 +113,13 @@ def test_hellaswag_script_under_mpiexec(models, tmp_path):
     bad = run_mpi(ROOT / "scripts" / "hellaswag.py", n=2, timeout=60,
                   args=["--llmc-bin", str(models / "tiny.bin"), "--path", str(tmp_path / "none.jsonl")])
     assert bad.returncode != 0 and "check --path" in bad.stderr
+
+
+def test_prepare_device_names_a_missing_text_and_writes_nothing(tmp_path):
+    """scripts/prepare_device.sh (the device run's gpu_data/; it downloads wheels, so
+    only its refusal runs here): a text file that is not there is one error line."""
+    missing = tmp_path / "no_such_text.txt"
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "prepare_device.sh"), str(missing)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == f"error: no text file {missing}; give one: bash scripts/prepare_device.sh PATH/TO/TEXT.txt"
