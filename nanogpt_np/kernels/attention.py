@@ -96,10 +96,8 @@ def forward(qkv, n_head):
         path = os.environ.get(BF16_PATH_ENV, "fa2")
         if path not in BF16_PATHS:
             raise ValueError(f"{BF16_PATH_ENV}={path!r}: use one of {', '.join(BF16_PATHS)}")
-        if hs == MMA_HEAD_SIZE and path == "fa2":
-            return _forward_fa2(qkv, n_head)
-        if hs == MMA_HEAD_SIZE and path == "mma":
-            return _forward_mma(qkv, n_head)
+        if hs == MMA_HEAD_SIZE and path in (_FA2, _MMA):
+            return _forward_tensor_cores(qkv, n_head, path)
         return _forward_widened(qkv, n_head)
     if not uses_kernel(qkv, n_head):
         y, cache = formula.forward(qkv, n_head)
@@ -128,19 +126,22 @@ def _aligned16(a, xp):
     return a if data_pointer(a) % 16 == 0 else xp.array(a, copy=True)
 
 
-def _forward_mma(qkv, n_head):
-    """bf16 qkv -> bf16 y on tensor cores; the cache keeps lse in float32."""
+def _forward_tensor_cores(qkv, n_head, path):
+    """bf16 qkv -> bf16 y on tensor cores, by the first mma kernel (path _MMA: 64 query
+    rows per block) or FlashAttention-2's (_FA2: 128 rows); the cache keeps lse in float32."""
     xp = array_module(qkv)
     B, T, C3 = qkv.shape
     C = C3 // 3
     qkv = _aligned16(kernel_array(qkv, qkv.dtype, xp), xp)
     y = xp.empty((B, T, C), dtype=qkv.dtype)
     lse = xp.empty((B, n_head, T), dtype=np.float32)
+    kernel, rows, threads = {_MMA: ("mma_forward", MMA_TILE, MMA_THREADS),
+                             _FA2: ("fa2_forward", FA2_ROWS, FA2_FWD_THREADS)}[path]
     _mma.launch(
-        f"flash_attention_mma_forward<{MMA_HEAD_SIZE}>", (B * n_head, ceil_div(T, MMA_TILE)), (MMA_THREADS,),
+        f"flash_attention_{kernel}<{MMA_HEAD_SIZE}>", (B * n_head, ceil_div(T, rows)), (threads,),
         (qkv, y, lse, np.int32(T), np.int32(n_head), np.float32(LOG2E / math.sqrt(MMA_HEAD_SIZE))),
     )
-    return y, (_MMA, qkv, y, lse, n_head)
+    return y, (path, qkv, y, lse, n_head)
 
 
 def _backward_mma(dy, cache):
@@ -158,21 +159,6 @@ def _backward_mma(dy, cache):
     _mma.launch(f"flash_attention_mma_backward_dkdv<{MMA_HEAD_SIZE}>", grid, (MMA_THREADS,),
                 (qkv, dy, lse, D, dqkv, np.int32(T), np.int32(n_head)) + scales)
     return dqkv
-
-
-def _forward_fa2(qkv, n_head):
-    """bf16 qkv -> bf16 y, FlashAttention-2's forward; the cache keeps lse in float32."""
-    xp = array_module(qkv)
-    B, T, C3 = qkv.shape
-    C = C3 // 3
-    qkv = _aligned16(kernel_array(qkv, qkv.dtype, xp), xp)
-    y = xp.empty((B, T, C), dtype=qkv.dtype)
-    lse = xp.empty((B, n_head, T), dtype=np.float32)
-    _mma.launch(
-        f"flash_attention_fa2_forward<{MMA_HEAD_SIZE}>", (B * n_head, ceil_div(T, FA2_ROWS)), (FA2_FWD_THREADS,),
-        (qkv, y, lse, np.int32(T), np.int32(n_head), np.float32(LOG2E / math.sqrt(MMA_HEAD_SIZE))),
-    )
-    return y, (_FA2, qkv, y, lse, n_head)
 
 
 def _backward_fa2(dy, cache):
