@@ -37,10 +37,7 @@ def _time_ours(shape, label, path=None):
     import cupy as cp
 
     B, NH, T, hs = shape
-    previous = os.environ.get(kernels.attention.BF16_PATH_ENV)
-    if path:
-        os.environ[kernels.attention.BF16_PATH_ENV] = path
-    try:
+    with kernels.attention.bf16_path(path):
         rng = cp.random.RandomState(0)
         qkv = rng.standard_normal((B, T, 3 * NH * hs), dtype=cp.float32)
         dy = rng.standard_normal((B, T, NH * hs), dtype=cp.float32)
@@ -55,11 +52,6 @@ def _time_ours(shape, label, path=None):
         f = median_ms(lambda: kernels.attention.forward(qkv, NH), sync)
         fb = median_ms(fwd_bwd, sync)
         return f, fb, kernels.attention.path_of(kernels.attention.forward(qkv, NH)[1])
-    finally:
-        if previous is None:
-            os.environ.pop(kernels.attention.BF16_PATH_ENV, None)
-        else:
-            os.environ[kernels.attention.BF16_PATH_ENV] = previous
 
 
 def section_attention_speed():

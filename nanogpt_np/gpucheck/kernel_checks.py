@@ -1,6 +1,5 @@
 """Section 1: every kernel against its NumPy layer on random inputs."""
 import math
-import os
 
 import numpy as np
 
@@ -32,21 +31,15 @@ def check_attention_bf16(B, T, NH, path="fa2"):
     kernels) against float64 attention of the same bf16 inputs."""
     import cupy as cp
 
-    previous = os.environ.get(kernels.attention.BF16_PATH_ENV)
-    os.environ[kernels.attention.BF16_PATH_ENV] = path
-
-    rng = np.random.default_rng(T + 1)
-    qkv = np.asarray(rng.standard_normal((B, T, 3 * NH * 64)) * 1.5, dtype=np.float32).astype(bf16())
-    dy = np.asarray(rng.standard_normal((B, T, NH * 64)), dtype=np.float32).astype(bf16())
-    y, cache = kernels.attention.forward(cp.asarray(qkv), NH)
-    dqkv = kernels.attention.backward(cp.asarray(dy), cache)
-    assert y.dtype == bf16() and dqkv.dtype == bf16()
-    y_ref, cache_ref = layers.attention.forward(qkv.astype(np.float64), NH)
-    dqkv_ref = layers.attention.backward(dy.astype(np.float64), cache_ref)
-    if previous is None:
-        del os.environ[kernels.attention.BF16_PATH_ENV]
-    else:
-        os.environ[kernels.attention.BF16_PATH_ENV] = previous
+    with kernels.attention.bf16_path(path):
+        rng = np.random.default_rng(T + 1)
+        qkv = np.asarray(rng.standard_normal((B, T, 3 * NH * 64)) * 1.5, dtype=np.float32).astype(bf16())
+        dy = np.asarray(rng.standard_normal((B, T, NH * 64)), dtype=np.float32).astype(bf16())
+        y, cache = kernels.attention.forward(cp.asarray(qkv), NH)
+        dqkv = kernels.attention.backward(cp.asarray(dy), cache)
+        assert y.dtype == bf16() and dqkv.dtype == bf16()
+        y_ref, cache_ref = layers.attention.forward(qkv.astype(np.float64), NH)
+        dqkv_ref = layers.attention.backward(dy.astype(np.float64), cache_ref)
     lse = kernels.attention.lse_of(cache)
     row = compare({"y": rel_err(y, y_ref), "lse": rel_err(lse, cache_ref[2]), "dqkv": rel_err(dqkv, dqkv_ref)},
                   settings.BF16_ATTENTION_LIMIT)

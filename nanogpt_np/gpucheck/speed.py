@@ -5,6 +5,7 @@ import time
 import numpy as np
 
 from nanogpt_np import GPT, backend, optim
+from nanogpt_np.kernels.attention import bf16_path
 
 from .environment import device_name
 
@@ -169,6 +170,13 @@ def section_speed():
 
     record("4", f"ours bf16, B{B0} T{T} (or the largest B that fits)", lambda: ours("bf16", False, "ours_bf16"))
     record("4", "ours f32 + TF32 matmuls", lambda: ours(np.float32, True, "ours_tf32"))
+
+    def ours_first_attention():  # the same step on the first mma attention kernels: old and new in one run
+        with bf16_path("mma"):
+            return ours("bf16", False, "ours_bf16_mma")
+
+    record("4", f"ours bf16 with the first mma attention kernels (before FlashAttention-2's), B{B0} T{T}",
+           ours_first_attention)
 
     def host(cuda_graphs):  # the same step where the GPU's work is negligible: what remains is the host's
         hB, hT = settings.SIZES["host"]

@@ -19,6 +19,7 @@ What runs where:
 The tile sizes below are template arguments of the kernels, so this file, the
 launch configuration and the NumPy mirror (flash_reference.py) share them.
 """
+import contextlib
 import math
 import os
 
@@ -65,6 +66,22 @@ _mma = KernelFile("attention_mma.cu", [f"flash_attention_mma_{part}<{MMA_HEAD_SI
 LOG2E = 1.4426950408889634
 BF16_PATH_ENV = "NANOGPT_BF16_ATTENTION"  # "fa2" (default), "mma" (the first tensor-core kernels) or "simt"
 BF16_PATHS = ("fa2", "mma", "simt")
+
+
+@contextlib.contextmanager
+def bf16_path(path):
+    """Within the block, bf16 attention takes `path` (one of BF16_PATHS; None: as set);
+    the variable is restored after, so old and new kernels can be compared in one run."""
+    previous = os.environ.get(BF16_PATH_ENV)
+    if path:
+        os.environ[BF16_PATH_ENV] = path
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(BF16_PATH_ENV, None)
+        else:
+            os.environ[BF16_PATH_ENV] = previous
 
 
 def uses_kernel(qkv, n_head):

@@ -89,8 +89,11 @@ def test_gpu_check_dry_run(emulator_lib, monkeypatch, tmp_path, capsys):
     n_kernel_rows = sum(len(SIZES[k]) for k in ("attention", "attention_bf16", "layernorm", "gelu", "cross_entropy",
                                                 "adamw", "gemm")) + 3
     # + the 350M rows, section 7, section 5's 4 more (bf16 fa2 and mma timed at two shapes), section 4's
-    # graph rows (host time with graphs, eager vs graphs, per-kernel time), section 7's --cuda-graphs off
-    assert len(rows) == 3 + n_kernel_rows + 6 + 2 + 4 + 4 + 1 + 1 + 3 + 4 + 3 + 4 + 3 + 1
+    # graph rows (host time with graphs, eager vs graphs, per-kernel time), section 7's --cuda-graphs off,
+    # and section 4's step on the first mma attention kernels
+    assert len(rows) == 3 + n_kernel_rows + 6 + 2 + 4 + 4 + 1 + 1 + 3 + 4 + 3 + 4 + 3 + 1 + 1
+    first = next(r for r in rows if r["name"].startswith("ours bf16 with the first mma attention"))
+    assert first["result"].startswith("B") and "ours_bf16_mma_tok_s" in first.get("metrics", {}), first
     section5 = [r["name"] for r in rows if r["section"] == "5"]
     assert len(section5) == 8 and sum("124M ours bf16" in n for n in section5) == 2, section5  # fa2, mma
     assert sum("350M" in n for n in section5) == 3, section5  # fa2, mma, SDPA at the 350M shape
