@@ -84,6 +84,23 @@ __global__ void residual_layernorm_forward(const TX* __restrict__ x, const T* __
     }
 }
 
+// The two row means LayerNorm's dx needs, mean(g) and mean(g * xhat) with
+// g = dout * weight, from one warp's pass over a row (both backward kernels use it).
+template <typename TO, typename TX, typename A>
+__device__ __forceinline__ void layernorm_row_means(const TO* __restrict__ dout, const TX* __restrict__ x,
+                                                    const A* __restrict__ weight, long long offset, A m, A r,
+                                                    int C, int lane, A& mean_g, A& mean_g_xhat) {
+    A sum_g = 0, sum_g_xhat = 0;
+    for (int c = lane; c < C; c += 32) {
+        const A xhat = (A(x[offset + c]) - m) * r;
+        const A g = A(dout[offset + c]) * weight[c];
+        sum_g += g;
+        sum_g_xhat += g * xhat;
+    }
+    mean_g = warp_sum(sum_g) / C;
+    mean_g_xhat = warp_sum(sum_g_xhat) / C;
+}
+
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),  g = dout * weight,
 // xhat = (x - mean) * rstd recomputed from the saved statistics. With
 // accumulate != 0 the result is added into dx instead of written (the residual
@@ -100,15 +117,8 @@ __global__ void layernorm_backward_dx(const TO* __restrict__ dout, const TX* __r
     if (row >= N) return;
     const long long offset = (long long)row * C;
     const A m = mean[row], r = rstd[row];
-    A sum_g = 0, sum_g_xhat = 0;
-    for (int c = lane; c < C; c += 32) {
-        const A xhat = (A(x[offset + c]) - m) * r;
-        const A g = A(dout[offset + c]) * weight[c];
-        sum_g += g;
-        sum_g_xhat += g * xhat;
-    }
-    const A mean_g = warp_sum(sum_g) / C;
-    const A mean_g_xhat = warp_sum(sum_g_xhat) / C;
+    A mean_g, mean_g_xhat;
+    layernorm_row_means(dout, x, weight, offset, m, r, C, lane, mean_g, mean_g_xhat);
     for (int c = lane; c < C; c += 32) {
         const A xhat = (A(x[offset + c]) - m) * r;
         const A g = A(dout[offset + c]) * weight[c];
@@ -187,15 +197,8 @@ __global__ void layernorm_backward_fused(const TO* __restrict__ dout, const TX* 
     for (int row = r0 + warp; row < r1; row += n_warps) {
         const long long offset = (long long)row * C;
         const A m = mean[row], r = rstd[row];
-        A sum_g = 0, sum_g_xhat = 0;
-        for (int c = lane; c < C; c += 32) {
-            const A xhat = (A(x[offset + c]) - m) * r;
-            const A g = A(dout[offset + c]) * weight[c];
-            sum_g += g;
-            sum_g_xhat += g * xhat;
-        }
-        const A mean_g = warp_sum(sum_g) / C;
-        const A mean_g_xhat = warp_sum(sum_g_xhat) / C;
+        A mean_g, mean_g_xhat;
+        layernorm_row_means(dout, x, weight, offset, m, r, C, lane, mean_g, mean_g_xhat);
         for (int c = lane, j = 0; c < C; c += 32, ++j) {
             const A xhat = (A(x[offset + c]) - m) * r;
             const A d = A(dout[offset + c]);
