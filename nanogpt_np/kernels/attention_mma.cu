@@ -189,6 +189,30 @@ __device__ __forceinline__ float quad_max(float v) {
     return max_(v, __shfl_xor_sync(0xffffffffu, v, 2));
 }
 
+// The online softmax's step for one key tile, shared by both forward kernels: with
+// this tile's scaled scores s (log2 units, -inf where masked) and each row's
+// tile_max, raise the running max m, rescale the running sum l and the output o by
+// alpha = 2^(m_old - m_new), and turn s into p = 2^(s - m) added into l.
+__device__ __forceinline__ void online_softmax_tile(float (&s)[8][4], const float (&tile_max)[2], float (&m)[2],
+                                                    float (&l)[2], float (&o)[8][4]) {
+    float alpha[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const float m_new = max_(m[r], quad_max(tile_max[r]));  // finite: key 0 is seen by every row
+        alpha[r] = exp2f(m[r] - m_new);
+        m[r] = m_new;
+        l[r] *= alpha[r];
+    }
+#pragma unroll
+    for (int n = 0; n < 8; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            s[n][i] = exp2f(s[n][i] - m[i / 2]);  // p; 0 where masked
+            l[i / 2] += s[n][i];
+            o[n][i] *= alpha[i / 2];
+        }
+}
+
 // Forward. Grid (B*NH, ceil(T / 64)), 128 threads. Per warp, rows i of its 16 and
 // each key tile up to the block's last row (m, l per row, o per row and dim):
 //   s = q_i . k_j * scale * log2(e), -inf where j > i
@@ -242,22 +266,7 @@ __global__ void __launch_bounds__(MMA_THREADS, MMA_MIN_BLOCKS) flash_attention_m
                 s[n][i] = key <= row && key < seq_len ? s[n][i] * scale_log2 : neg_inf<float>();
                 tile_max[i / 2] = max_(tile_max[i / 2], s[n][i]);
             }
-        float alpha[2];
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const float m_new = max_(m[r], quad_max(tile_max[r]));  // finite: key 0 is seen by every row
-            alpha[r] = exp2f(m[r] - m_new);
-            m[r] = m_new;
-            l[r] *= alpha[r];
-        }
-#pragma unroll
-        for (int n = 0; n < 8; ++n)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                s[n][i] = exp2f(s[n][i] - m[i / 2]);  // p; 0 where masked
-                l[i / 2] += s[n][i];
-                o[n][i] *= alpha[i / 2];
-            }
+        online_softmax_tile(s, tile_max, m, l, o);
         unsigned pa[4][4];
         accumulators_to_a(pa, s);
         mma_a_by_rows(o, pa, v_tile);
@@ -649,22 +658,7 @@ __global__ void __launch_bounds__(FA2_FWD_THREADS, 1) flash_attention_fa2_forwar
                 s[n][i] = !diagonal || key <= row ? s[n][i] * scale_log2 : neg_inf<float>();
                 tile_max[i / 2] = max_(tile_max[i / 2], s[n][i]);
             }
-        float alpha[2];
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const float m_new = max_(m[r], quad_max(tile_max[r]));  // finite: key 0 is seen by every row
-            alpha[r] = exp2f(m[r] - m_new);
-            m[r] = m_new;
-            l[r] *= alpha[r];
-        }
-#pragma unroll
-        for (int n = 0; n < 8; ++n)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                s[n][i] = exp2f(s[n][i] - m[i / 2]);  // p; 0 where masked
-                l[i / 2] += s[n][i];
-                o[n][i] *= alpha[i / 2];
-            }
+        online_softmax_tile(s, tile_max, m, l, o);
         unsigned pa[4][4];
         accumulators_to_a(pa, s);
         mma_a_by_swizzled(o, pa, kv[j % 2][1]);
