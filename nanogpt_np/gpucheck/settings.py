@@ -35,8 +35,9 @@ SIZES = dict(
     speed=(GPTConfig(vocab_size=50304), 16, 1024),  # build-nanogpt's 124M step
     speed_350m=(GPTConfig(vocab_size=50304, n_layer=24, n_head=16, n_embd=1024), 16, 1024),  # the 350M preset
     train_script=dict(n_layer=4, n_head=4, n_embd=256, T=256, B=4, tokens=2048, steps=30),  # section 7
-    host=(1, 64),
-    graph_steps=10,  # the eager-versus-graphs row's steps (the same weights and batches both ways)  # B, T of the step whose GPU work is negligible: its time is the host's
+    host=(1, 64),  # B, T of the step whose GPU work is negligible: its time is the host's
+    graph_steps=10,  # the eager-versus-graphs row's steps (the same weights and batches both ways)
+    timing_reps=None,  # a cap on every timed row's repetitions (table.median_ms); None: each row's own
     curve=(GPTConfig(vocab_size=50304), 50, 8, 1024),  # config, steps, B, T
 )
 TORCH_DEVICE = "cuda"

@@ -128,6 +128,11 @@ def host_f64(a):
 
 
 def median_ms(fn, sync, reps=10, warmup=2):
+    """Median milliseconds of `reps` timed calls after `warmup` untimed ones (both capped
+    by SIZES["timing_reps"] where set: the CPU dry run proves the rows, not the times)."""
+    cap = settings.SIZES.get("timing_reps")
+    if cap:
+        reps, warmup = min(reps, cap), min(warmup, 1)
     for _ in range(warmup):
         fn()
     sync()

@@ -16,16 +16,16 @@ _cu = KernelFile("reduce.cu",
                  + [f"loss_mean<{t}>" for t in ("float", "double")]
                  + [f"finish_partials<{t}>" for t in ("float", "double")])
 THREADS = 256
-SUM_SQUARES_BLOCKS = 264  # two per SM of an H100/H200: the partial sums the finish kernel adds
+SUM_SQUARES_BLOCKS = 264  # two per SM of an H100/H200: at most this many partial sums for the finish kernel
+SUM_SQUARES_MIN_PER_THREAD = 32  # fewer blocks for a small g: no thread starts for fewer elements than this
 
 
 def sum_squares(g, loss, report, part):
     """report = [loss[0], sum(g * g)] over the 1-D array g, in float64 (report: 2
     elements, part: SUM_SQUARES_BLOCKS, both float64; loss: a 1-element array)."""
-    _cu.launch(f"sum_squares_partial<{ctype(g.dtype)}>", (SUM_SQUARES_BLOCKS,), (THREADS,),
-               (g, np.int64(g.size), part))
-    _cu.launch(f"sum_squares_finish<{ctype(loss.dtype)}>", (1,), (THREADS,),
-               (part, np.int32(part.size), loss, report))
+    blocks = max(1, min(SUM_SQUARES_BLOCKS, ceil_div(g.size, THREADS * SUM_SQUARES_MIN_PER_THREAD)))
+    _cu.launch(f"sum_squares_partial<{ctype(g.dtype)}>", (blocks,), (THREADS,), (g, np.int64(g.size), part))
+    _cu.launch(f"sum_squares_finish<{ctype(loss.dtype)}>", (1,), (THREADS,), (part, np.int32(blocks), loss, report))
     return report
 
 

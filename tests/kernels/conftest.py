@@ -14,6 +14,18 @@ def emulator_lib(tmp_path_factory):
     return emulator.build(tmp_path_factory.mktemp("cuda_emulator"))
 
 
+@pytest.fixture(scope="session")
+def fast_emulator_lib(tmp_path_factory):
+    """The emulator without its race detector (emulator.FAST_FLAGS), for tests that run
+    a whole model step: the kernel-level tests (the `emulated` fixture) run every
+    kernel under the detector, so here it would only cost time."""
+    if shutil.which("g++") is None:
+        pytest.skip("g++ is not on PATH: the CUDA emulator cannot be built")
+    from tests.kernels import emulator
+
+    return emulator.build(tmp_path_factory.mktemp("cuda_emulator_fast"), race_detector=False)
+
+
 @pytest.fixture
 def emulated(emulator_lib, monkeypatch):
     """Kernel launches go to the CPU emulator, and gemm calls to a NumPy model of

@@ -39,6 +39,7 @@
 #pragma once
 #include <math.h>
 #include <dlfcn.h>
+#include <setjmp.h>
 #include <ucontext.h>
 
 #include <algorithm>
@@ -112,8 +113,15 @@ struct EmuCopy {  // one cp.async: bytes read at issue, written to shared memory
     const void* pc;  // where it was issued, for race reports
 };
 
+// Switching fibers. makecontext gives a fiber its stack and entry point, and it is
+// entered once with setcontext; every later switch is a _setjmp/_longjmp pair, which
+// (unlike swapcontext) makes no system call to save the signal mask: a barrier costs
+// one switch per thread, so this is most of the emulator's time otherwise.
+// (Build with _FORTIFY_SOURCE off: its longjmp check refuses a jump to another stack.)
 struct EmuFiber {
-    ucontext_t context;
+    ucontext_t context;  // the entry context: getcontext once, makecontext per block
+    jmp_buf jump;        // where the fiber resumes once it has started
+    bool started = false;
     std::unique_ptr<char[]> stack;
     dim3 index;
     EmuState state = EmuState::ready;
@@ -129,7 +137,7 @@ struct EmuBlock {
     std::vector<int> warp_arrived;  // lanes of each warp waiting in a shuffle
     std::vector<int> warp_size;
     alignas(8) unsigned char slots[2][1024][8];  // shuffle values, by parity and linear thread index
-    ucontext_t scheduler;
+    jmp_buf scheduler;  // where a fiber that waits (or returns) gives control back
     std::string error;
     bool direct = false;          // threads run as plain calls: no barrier may be reached
     bool reached_barrier = false;
@@ -145,7 +153,7 @@ static const std::size_t EMU_STACK_BYTES = 256 * 1024;
 EMU_RUNTIME inline void emu_wait(EmuState state) {
     EmuFiber& self = g_block->fibers[g_block->current];
     self.state = state;
-    swapcontext(&self.context, &g_block->scheduler);
+    if (!_setjmp(self.jump)) _longjmp(g_block->scheduler, 1);
 }
 
 // ---- the shared-memory race detector ----
@@ -457,22 +465,25 @@ EMU_RUNTIME static void emu_fiber_main() {
         if (b.error.empty()) b.error = e.what();
     }
     b.fibers[b.current].state = EmuState::done;
-    setcontext(&b.scheduler);
+    _longjmp(b.scheduler, 1);
 }
 
 // Run one block to completion; returns an error message, empty on success.
 EMU_RUNTIME static std::string emu_run_block(EmuBlock& b) {
     for (std::size_t t = 0; t < b.fibers.size(); ++t) {
         EmuFiber& f = b.fibers[t];
-        if (!f.stack) f.stack.reset(new char[EMU_STACK_BYTES]);
+        if (!f.stack) {
+            f.stack.reset(new char[EMU_STACK_BYTES]);
+            getcontext(&f.context);  // a system call: once per fiber, not per block
+            f.context.uc_stack.ss_sp = f.stack.get();
+            f.context.uc_stack.ss_size = EMU_STACK_BYTES;
+            f.context.uc_link = nullptr;  // emu_fiber_main never returns: it jumps back
+        }
         f.state = EmuState::ready;
+        f.started = false;
         f.copy_groups.clear();
         f.open_copies.clear();
         f.warp_ops = 0;
-        getcontext(&f.context);
-        f.context.uc_stack.ss_sp = f.stack.get();
-        f.context.uc_stack.ss_size = EMU_STACK_BYTES;
-        f.context.uc_link = &b.scheduler;
         makecontext(&f.context, emu_fiber_main, 0);
     }
     b.at_syncthreads = 0;
@@ -493,7 +504,12 @@ EMU_RUNTIME static std::string emu_run_block(EmuBlock& b) {
                     b.current = t;
                     threadIdx = b.fibers[t].index;
                     g_in_kernel = true;
-                    swapcontext(&b.scheduler, &b.fibers[t].context);
+                    if (!_setjmp(b.scheduler)) {
+                        EmuFiber& f = b.fibers[t];
+                        if (f.started) _longjmp(f.jump, 1);
+                        f.started = true;
+                        setcontext(&f.context);
+                    }
                     g_in_kernel = false;
                     ran = warp_ran = true;
                     if (!b.error.empty()) return b.error;

@@ -61,14 +61,21 @@ def generated_source(kernel_dir=None, files=None):
 # names. Hidden visibility and no STB_GNU_UNIQUE symbols keep each library's
 # __shared__ arrays its own when a test loads a second (modified) library.
 COMPILE_FLAGS = ("-std=c++17", "-O1", "-g", "-fPIC", "-pthread", "-w", "-fsanitize=thread",
-                 "--param", "tsan-instrument-func-entry-exit=0", "-fvisibility=hidden", "-fno-gnu-unique")
+                 "--param", "tsan-instrument-func-entry-exit=0", "-fvisibility=hidden", "-fno-gnu-unique",
+                 "-U_FORTIFY_SOURCE")  # cuda_emulation.h: its fibers longjmp between stacks
+# The same kernels without the race detector, optimised: for the model-level tests
+# (a whole step, gpu_check's dry run), which run kernels the kernel-level tests have
+# already run under the detector at awkward shapes, and pay for it only in time.
+FAST_FLAGS = ("-std=c++17", "-O2", "-fPIC", "-pthread", "-w", "-fvisibility=hidden", "-fno-gnu-unique",
+              "-U_FORTIFY_SOURCE")
 
 
-def build(directory, extra_flags=(), replace=None, files=None):
+def build(directory, extra_flags=(), replace=None, files=None, race_detector=True):
     """Compile the emulator library into `directory`; returns its path.
     replace: {kernel file name: new text}, for tests that break a kernel on
     purpose (the library is then built from a modified copy of kernels/);
-    files: the .cu files to build (default all), to keep such builds short."""
+    files: the .cu files to build (default all), to keep such builds short;
+    race_detector: False builds FAST_FLAGS (no race reports, several times faster)."""
     directory = Path(directory)
     kernel_dir = None
     if replace:
@@ -79,10 +86,11 @@ def build(directory, extra_flags=(), replace=None, files=None):
                 (kernel_dir / path.name).write_text(replace.get(path.name, path.read_text()))
     folder = kernel_dir or loader.KERNEL_DIR
     texts = "".join(path.read_text() for path in sorted(folder.iterdir()) if path.suffix in (".cu", ".cuh"))
-    return build_source(directory, generated_source(kernel_dir, files), extra_flags, texts)
+    flags = COMPILE_FLAGS if race_detector else FAST_FLAGS
+    return build_source(directory, generated_source(kernel_dir, files), extra_flags, texts, flags)
 
 
-def build_source(directory, source, extra_flags=(), included=""):
+def build_source(directory, source, extra_flags=(), included="", flags=COMPILE_FLAGS):
     """Compile one C++ translation unit that includes cuda_emulation.h (and
     defines emu_registry) into an emulator library in `directory`; returns its
     path. `included`: the text of the files it includes, which the library's
@@ -91,13 +99,13 @@ def build_source(directory, source, extra_flags=(), included=""):
     if gxx is None:
         raise RuntimeError("g++ not found")
     directory = Path(directory)
-    inputs = source + included + (HERE / "cuda_emulation.h").read_text() + " ".join(COMPILE_FLAGS + tuple(extra_flags))
+    inputs = source + included + (HERE / "cuda_emulation.h").read_text() + " ".join(tuple(flags) + tuple(extra_flags))
     digest = hashlib.sha256(inputs.encode()).hexdigest()[:16]
     lib = directory / f"libcuda_emulation_{digest}.so"
     if not lib.exists():
         cpp, obj = directory / f"emulation_{digest}.cpp", directory / f"emulation_{digest}.o"
         cpp.write_text(source)
-        steps = ([gxx, *COMPILE_FLAGS, f"-I{HERE}", *extra_flags, "-c", str(cpp), "-o", str(obj)],
+        steps = ([gxx, *flags, f"-I{HERE}", *extra_flags, "-c", str(cpp), "-o", str(obj)],
                  [gxx, "-shared", "-pthread", str(obj), "-o", str(lib)])
         for cmd in steps:
             result = subprocess.run(cmd, capture_output=True, text=True)

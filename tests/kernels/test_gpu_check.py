@@ -20,6 +20,7 @@ SIZES = dict(
     gemm=[(5, 7, 3)],
     host=(1, 8),
     graph_steps=4,
+    timing_reps=1,
     curve=(TINY, 3, 2, 16),
     layernorm=[((2, 3, 40), np.float32), ((1, 2, 40), np.float64)],
     gelu=[((3, 50), np.float32)],
@@ -53,11 +54,11 @@ def test_time_limit_stops_a_long_row():
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not on PATH: no CUDA emulator")
-def test_gpu_check_dry_run(emulator_lib, monkeypatch, tmp_path, capsys):
+def test_gpu_check_dry_run(fast_emulator_lib, monkeypatch, tmp_path, capsys):
     from tests.kernels import emulator, fake_cupy
 
     fake_cupy.install(monkeypatch)
-    monkeypatch.setattr(emulator.EmulatedCupyRunner, "lib_path", emulator_lib)
+    monkeypatch.setattr(emulator.EmulatedCupyRunner, "lib_path", fast_emulator_lib)
     monkeypatch.setattr(loader, "CupyRunner", emulator.EmulatedCupyRunner)
     previous = loader.use_runner(emulator.EmulatedCupyRunner())
     previous_gemm = gemm.use_runner(emulator.NumpyCublas())
