@@ -229,8 +229,12 @@ class PinnedUpload:
         return self._staging[slot]
 
     def upload(self, host):
-        if tuple(np.shape(host)) != self.shape:
-            raise ValueError(f"upload: shape {tuple(np.shape(host))} is not this buffer's {self.shape}")
+        """host: an array of this buffer's shape, or a tuple of arrays, one per index of
+        its first axis (copied side by side into the staging buffer: no host stack)."""
+        parts = host if isinstance(host, tuple) else None
+        shape = (len(parts), *np.shape(parts[0])) if parts is not None else tuple(np.shape(host))
+        if shape != self.shape or (parts is not None and any(np.shape(p) != self.shape[1:] for p in parts)):
+            raise ValueError(f"upload: shape {shape} is not this buffer's {self.shape}")
         if self.device is None:
             return np.asarray(host, dtype=self.dtype)
         slot = self._turn % len(self._staging)
@@ -239,7 +243,8 @@ class PinnedUpload:
         if event is not None and not event.done:
             event.synchronize()  # only when every staging buffer is still queued
         staging = self._pinned(slot)
-        np.copyto(staging, host, casting="unsafe")
+        for k, part in enumerate(parts if parts is not None else (host,)):
+            np.copyto(staging[k] if parts is not None else staging, part, casting="unsafe")
         stream = self.xp.cuda.get_current_stream()
         self.device.set(staging, stream=stream)
         self._copied[slot] = stream.record()

@@ -117,8 +117,21 @@ class GPT(GPTWeights):
             targets = self._check_tokens(targets, "targets")
             if targets.shape != idx.shape:
                 raise ValueError(f"targets shape {tuple(targets.shape)} differs from idx shape {tuple(idx.shape)}")
+        if targets is not None and self.xp is not np and array_module(idx) is np and array_module(targets) is np:
+            return self._batch_on_device(idx, targets)
         idx = self._on_device(idx, "idx")
         return idx, (None if targets is None else self._on_device(targets, "targets"))
+
+    def _batch_on_device(self, idx, targets):
+        """Host idx and targets on the GPU in one copy: one (2, B, T) int32 buffer kept
+        per shape, from pinned memory (a training step's one host-to-device copy of its
+        batch) -> its two (B, T) halves, views of that buffer."""
+        uploads = self.__dict__.setdefault("_uploads", {})
+        key = ("batch", idx.shape)
+        if key not in uploads:
+            uploads[key] = PinnedUpload(self.xp, (2, *idx.shape), np.int32)
+        both = uploads[key].upload((idx, targets))  # (2, B, T)
+        return both[0], both[1]
 
     def forward(self, idx, targets=None):
         """idx, targets: (B, T) ints -> logits (B, T, V), loss (float, or None without targets).

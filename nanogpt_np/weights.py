@@ -123,10 +123,13 @@ class GPTWeights:
         self._grads_are_zero = True
 
     def _flat_offset(self, name):
-        """Where parameter `name` starts in flat_params / flat_grads."""
-        offset = 0
-        for other, shape in self._shapes:
-            if other == name:
-                return offset
-            offset += math.prod(shape)
-        raise KeyError(name)
+        """Where parameter `name` starts in flat_params / flat_grads (a table made on
+        first use: backward asks every step)."""
+        offsets = self.__dict__.get("_offsets")
+        if offsets is None:
+            offsets, offset = {}, 0
+            for other, shape in self._shapes:
+                offsets[other] = offset
+                offset += math.prod(shape)
+            self._offsets = offsets
+        return offsets[name]

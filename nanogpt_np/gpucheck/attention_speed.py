@@ -1,7 +1,7 @@
 """Section 5: the attention kernels' time against PyTorch's SDPA."""
-import os
 
 from nanogpt_np import kernels
+from nanogpt_np.kernels import loader
 
 from . import settings
 from .table import bf16, free_gpu_memory, median_ms, record
@@ -55,7 +55,7 @@ def _time_ours(shape, label, path=None):
 
 
 def section_attention_speed():
-    os.environ["NANOGPT_CUDA_SYNC"] = "0"
+    loader.sync_each_launch(False)
     (_, shape124), _ = _shapes()
     ours = {}
 

@@ -77,19 +77,26 @@ _next_address = [1 << 40]
 
 
 def _nbytes(a):
-    return int(a.size) * np.dtype(a.dtype).itemsize if isinstance(a, (CountingArray, np.ndarray)) else 0
+    return a.size * a.dtype.itemsize if isinstance(a, (CountingArray, np.ndarray)) else 0
+
+
+_TEMPLATES = {}  # (shape, dtype) -> template: read-only, so arrays of one shape share one
 
 
 def _template(shape, dtype):
     """A NumPy array of this shape and dtype, C-contiguous, over one element of memory:
     indexing and reshaping it computes views' shapes and strides and never reads."""
-    dtype = np.dtype(dtype)
-    strides, step = [], dtype.itemsize
-    for n in reversed(shape):
-        strides.append(step)
-        step *= max(int(n), 1)
-    return np.lib.stride_tricks.as_strided(np.zeros(1, dtype), shape=tuple(shape), strides=tuple(reversed(strides)),
-                                           writeable=False)
+    key = (tuple(shape), dtype)
+    template = _TEMPLATES.get(key)
+    if template is None:
+        dtype = np.dtype(dtype)
+        strides, step = [], dtype.itemsize
+        for n in reversed(shape):
+            strides.append(step)
+            step *= max(int(n), 1)
+        template = _TEMPLATES[key] = np.lib.stride_tricks.as_strided(
+            np.zeros(1, dtype), shape=tuple(shape), strides=tuple(reversed(strides)), writeable=False)
+    return template
 
 
 def _address(t):
@@ -101,20 +108,20 @@ class CountingArray:
 
     __array_priority__ = 100
 
+    __slots__ = ("_t", "shape", "dtype", "size", "ndim", "base", "_memory", "_addr", "__weakref__")
+
     def __init__(self, template, owner=None, memory=None):
         self._t = template
+        # read as often as CuPy's own attributes are: plain attributes, not properties
+        self.shape, self.dtype, self.size, self.ndim = template.shape, template.dtype, template.size, template.ndim
         if owner is None:  # a new array: from the current allocator (memory), else from the pool
-            self.base, self._origin = None, _address(template)
+            self.base = None
             self._memory = memory if memory is not None else _pool_malloc(_nbytes(template))
             self._addr = self._memory.ptr
         else:
-            self.base, self._origin, self._addr = owner, owner._origin, owner._addr
+            self.base, self._addr = owner, owner._addr
 
     # ---- what the code under test reads ----
-    shape = property(lambda self: self._t.shape)
-    dtype = property(lambda self: self._t.dtype)
-    size = property(lambda self: self._t.size)
-    ndim = property(lambda self: self._t.ndim)
     strides = property(lambda self: self._t.strides)
     itemsize = property(lambda self: self._t.itemsize)
     nbytes = property(lambda self: _nbytes(self))
@@ -122,8 +129,9 @@ class CountingArray:
     T = property(lambda self: self.transpose())
 
     @property
-    def data(self):
-        return types.SimpleNamespace(ptr=self._addr + _address(self._t) - self._origin)
+    def data(self):  # a view's address: the owner's, plus the view's offset into the owner's template
+        origin = (self.base if self.base is not None else self)._t
+        return types.SimpleNamespace(ptr=self._addr + _address(self._t) - _address(origin))
 
     def __len__(self):
         return self.shape[0]
@@ -292,7 +300,7 @@ def _pool_malloc(nbytes):
 
 
 def empty(shape, dtype=np.float64, order="C"):
-    shape = (shape,) if np.isscalar(shape) else tuple(shape)
+    shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
     template = _template(shape, dtype)
     allocator = _CAPTURE["allocator"]
     return CountingArray(template, memory=None if allocator is None else allocator(_nbytes(template)))
@@ -558,17 +566,30 @@ class CountingGemm:
         LEDGER.launch("gemm", _nbytes(A) + _nbytes(B) + _nbytes(C), gemm=True)
 
 
-def installed():
-    """Install the stand-in (sys.modules['cupy'], the kernel and gemm runners); returns
-    an undo function."""
+class NoopKernels:
+    """A kernel runner that does nothing: what remains of a launch is the host's own
+    work (the wrappers, the argument checks), which host_cost times."""
+
+    def launch(self, kernel_file, name, grid, block, args, shared_mem):
+        pass
+
+
+class NoopGemm:
+    def gemm_ex(self, *args):
+        pass
+
+
+def installed(counting=True):
+    """Install the stand-in (sys.modules['cupy'], the kernel and gemm runners: counting,
+    or no-op ones); returns an undo function."""
     from nanogpt_np.kernels import gemm, loader
 
     saved = {k: sys.modules.get(k) for k in ("cupy", "cupy._core", "cupy._core._routines_linalg")}
     cupy = make_module()
     sys.modules["cupy"], sys.modules["cupy._core"] = cupy, cupy._core
     sys.modules["cupy._core._routines_linalg"] = cupy._core._routines_linalg
-    previous_kernels = loader.use_runner(CountingKernels())
-    previous_gemm = gemm.use_runner(CountingGemm())
+    previous_kernels = loader.use_runner(CountingKernels() if counting else NoopKernels())
+    previous_gemm = gemm.use_runner(CountingGemm() if counting else NoopGemm())
 
     def undo():
         loader.use_runner(previous_kernels)
@@ -621,22 +642,24 @@ def _trainer_step(config, B, T, accum, dtype, recompute, cuda_graphs):
 WARM_UP_STEPS = 3  # eager, eager recording StepMemory, capturing the graphs
 
 
-def count_step(config=None, B=16, T=1024, accum=1, dtype="bf16", recompute=False, cuda_graphs=True):
+def count_step(config=None, B=16, T=1024, accum=1, dtype="bf16", recompute=False, cuda_graphs=True, counting=True):
     """(ledger summary, launches by kind, bytes by kind) of one steady-state training
     step, after the warm-up steps, on the counting stand-in. Every operation a graph
-    launch runs counts as one launch."""
+    launch runs counts as one launch. counting=False: the kernel and gemm runners do
+    nothing, not even count (LEDGER.host_seconds, the step's CPU time, is then the
+    host's own work)."""
     from nanogpt_np.config import GPTConfig
 
     config = config or GPTConfig(vocab_size=50304)
-    undo = installed()
+    undo = installed(counting)
     try:
         step = _trainer_step(config, B, T, accum, dtype, recompute, cuda_graphs)
         for i in range(WARM_UP_STEPS):
             step(i)
         LEDGER.reset()
-        t0 = time.perf_counter()
+        t0 = time.thread_time()  # CPU time: what the step costs the host, whatever else the machine runs
         gpu_step, lines = step(WARM_UP_STEPS)
-        LEDGER.host_seconds = time.perf_counter() - t0
+        LEDGER.host_seconds = time.thread_time() - t0
         for line in lines:  # a fallback to eager, and why
             print(line)
         return LEDGER.summary(), dict(LEDGER.kinds), dict(LEDGER.kind_bytes)
@@ -644,18 +667,21 @@ def count_step(config=None, B=16, T=1024, accum=1, dtype="bf16", recompute=False
         undo()
 
 
-def host_cost(B=16, T=1024, repeats=3):
+def host_cost(B=16, T=1024, repeats=5):
     """(host seconds of one eager steady-state step, of one with graphs, launches of the
-    eager step): the counting stand-in launches nothing, so its step's time is the
-    host's own work (our wrappers, argument checks, the stand-in's bookkeeping: an
-    upper bound on what CuPy's launch path adds to it is not measured here)."""
+    eager step), the fastest of `repeats`: the kernel and gemm runners do nothing, so a
+    step's time is the host's own work (our wrappers and argument checks, StepMemory,
+    and the stand-in's arrays, which cost about what CuPy's do). What CuPy's own launch
+    path adds (argument packing, cuLaunchKernel) is not in it: gpu_check's host rows
+    measure that on a GPU."""
+    launches = count_step(B=B, T=T, cuda_graphs=False)[0]["launches"]
     eager, graphs = [], []
     for _ in range(repeats):
-        summary = count_step(B=B, T=T, cuda_graphs=False)[0]
+        count_step(B=B, T=T, cuda_graphs=False, counting=False)
         eager.append(LEDGER.host_seconds)
-        count_step(B=B, T=T, cuda_graphs=True)
+        count_step(B=B, T=T, cuda_graphs=True, counting=False)
         graphs.append(LEDGER.host_seconds)
-    return min(eager), min(graphs), summary["launches"]
+    return min(eager), min(graphs), launches
 
 
 def main(B=16, T=1024, accum=1):

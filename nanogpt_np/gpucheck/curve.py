@@ -1,8 +1,9 @@
 """Section 6: bf16 tracks float32 on real text."""
-import os
 from pathlib import Path
 
 import numpy as np
+
+from nanogpt_np.kernels import loader
 
 from . import settings
 from .table import free_gpu_memory, record
@@ -47,7 +48,7 @@ def section_curve(args):
     stream = stream[stream < cfg.vocab_size]
 
     def run():
-        os.environ["NANOGPT_CUDA_SYNC"] = "0"
+        loader.sync_each_launch(False)
         low, _ = train(cfg, "cupy", stream, steps, B, T, dtype="bf16", lr=6e-4, warmup=10)
         free_gpu_memory()
         full, _ = train(cfg, "cupy", stream, steps, B, T, dtype=np.float32, lr=6e-4, warmup=10)

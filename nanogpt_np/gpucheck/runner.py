@@ -8,6 +8,7 @@ from pathlib import Path
 
 
 from nanogpt_np import backend
+from nanogpt_np.kernels import loader
 
 from . import settings
 from .table import add_row, all_rows, save, table
@@ -45,7 +46,7 @@ def run_section(name, args):
         backend.set_tf32(False)
     except RuntimeError:  # no CuPy: the section's rows say so one by one
         pass
-    os.environ["NANOGPT_CUDA_SYNC"] = "1"  # correctness rows: an error names its kernel
+    loader.sync_each_launch(True)  # correctness rows: an error names its kernel
     fn(args)
 
 

@@ -1,5 +1,4 @@
 """Section 4: a 124M training step, ours against build-nanogpt's PyTorch recipe."""
-import os
 import time
 
 import numpy as np
@@ -106,7 +105,7 @@ def ours_step(dtype, tf32, B, T, steps=5, cfg=None, cuda_graphs=True):
     import cupy as cp
     from nanogpt_np.kernels import gemm, loader
 
-    os.environ["NANOGPT_CUDA_SYNC"] = "0"
+    loader.sync_each_launch(False)
     free_gpu_memory()
     backend.set_tf32(tf32)
     cfg = cfg or settings.SIZES["speed"][0]

@@ -39,21 +39,31 @@ COMPUTE_32F, COMPUTE_64F, COMPUTE_32F_FAST_TF32 = 68, 70, 77
 GEMM_DEFAULT_TENSOR_OP = 99  # "let cuBLAS pick, tensor cores allowed" (the same as DEFAULT since CUDA 11)
 
 
+_CUDA_TYPES = {}  # dtype -> its cudaDataType: looked up on every gemm, worked out once
+
+
 def cuda_type(dtype):
+    found = _CUDA_TYPES.get(dtype)
+    if found is not None:
+        return found
     dtype = np.dtype(dtype)
     if dtype == np.float32:
-        return CUDA_R_32F
-    if dtype == np.float64:
-        return CUDA_R_64F
-    if dtype.name == "bfloat16":
-        return CUDA_R_16BF
-    raise TypeError(f"no cuBLAS gemm for dtype {dtype}")
+        found = CUDA_R_32F
+    elif dtype == np.float64:
+        found = CUDA_R_64F
+    elif dtype.name == "bfloat16":
+        found = CUDA_R_16BF
+    else:
+        raise TypeError(f"no cuBLAS gemm for dtype {dtype}")
+    _CUDA_TYPES[dtype] = found
+    return found
 
 
 def compute_type(in_dtype):
-    if np.dtype(in_dtype) == np.float64:
+    kind = cuda_type(in_dtype)
+    if kind == CUDA_R_64F:
         return COMPUTE_64F
-    if np.dtype(in_dtype) == np.float32 and tf32_enabled():
+    if kind == CUDA_R_32F and tf32_enabled():
         return COMPUTE_32F_FAST_TF32
     return COMPUTE_32F
 
@@ -78,7 +88,6 @@ def matmul(a, b, out=None, trans_a=False, trans_b=False, beta=0.0, out_dtype=Non
     """out = op(a) @ op(b) + beta * out (see the module docstring); returns out.
 
     out=None allocates it, in out_dtype (default: a's dtype). beta != 0 needs out."""
-    xp = array_module(a, b)
     if a.dtype != b.dtype:
         raise TypeError(f"gemm: operands differ in dtype ({a.dtype}, {b.dtype})")
     if out is None:
@@ -86,8 +95,9 @@ def matmul(a, b, out=None, trans_a=False, trans_b=False, beta=0.0, out_dtype=Non
             raise ValueError("gemm: beta != 0 adds into `out`, so pass one")
         M = a.shape[1] if trans_a else a.shape[0]
         N = b.shape[0] if trans_b else b.shape[1]
-        out = xp.empty((M, N), dtype=a.dtype if out_dtype is None else out_dtype)
-    if out.dtype != a.dtype and not (np.dtype(out.dtype) == np.float32 and a.dtype.name == "bfloat16"):
+        out = array_module(a, b).empty((M, N), dtype=a.dtype if out_dtype is None else out_dtype)
+    in_type, out_type = cuda_type(a.dtype), cuda_type(out.dtype)
+    if out_type != in_type and not (out_type == CUDA_R_32F and in_type == CUDA_R_16BF):
         raise TypeError(f"gemm: {a.dtype} operands cannot write a {out.dtype} result")
     transa, transb, m, n, k, first, lda, second, ldb, ldc = gemm_arguments(a, b, out, trans_a, trans_b)
     if m == 0 or n == 0:
@@ -95,10 +105,9 @@ def matmul(a, b, out=None, trans_a=False, trans_b=False, beta=0.0, out_dtype=Non
     if k == 0:  # cuBLAS would leave out alone; the product of empty operands is zero
         out[...] = 0 if not beta else out * beta
         return out
-    scalar = np.float64 if np.dtype(a.dtype) == np.float64 else np.float32  # alpha, beta as the compute type
-    _state["runner"].gemm_ex(transa, transb, m, n, k, scalar(1.0), first, cuda_type(first.dtype), lda,
-                             second, cuda_type(second.dtype), ldb, scalar(beta), out, cuda_type(out.dtype), ldc,
-                             compute_type(a.dtype))
+    scalar = np.float64 if in_type == CUDA_R_64F else np.float32  # alpha, beta as the compute type
+    _state["runner"].gemm_ex(transa, transb, m, n, k, scalar(1.0), first, in_type, lda, second, in_type, ldb,
+                             scalar(beta), out, out_type, ldc, compute_type(a.dtype))
     return out
 
 
@@ -147,13 +156,27 @@ class CublasRunner:
     def gemm_ex(self, transa, transb, m, n, k, alpha, A, a_type, lda, B, b_type, ldb, beta, C, c_type, ldc,
                 compute):
         handle = self._handle()
-        alpha_host, beta_host = np.array(alpha), np.array(beta)  # kept alive through the call
         i = ctypes.c_int
         _check(self._library().cublasGemmEx(
-            handle, i(transa), i(transb), i(m), i(n), i(k), ctypes.c_void_p(alpha_host.ctypes.data),
+            handle, i(transa), i(transb), i(m), i(n), i(k), _host_scalar(alpha),
             ctypes.c_void_p(data_pointer(A)), i(a_type), i(lda), ctypes.c_void_p(data_pointer(B)), i(b_type), i(ldb),
-            ctypes.c_void_p(beta_host.ctypes.data), ctypes.c_void_p(data_pointer(C)), i(c_type), i(ldc), i(compute),
+            _host_scalar(beta), ctypes.c_void_p(data_pointer(C)), i(c_type), i(ldc), i(compute),
             i(GEMM_DEFAULT_TENSOR_OP)), "cublasGemmEx")
+
+
+_HOST_SCALARS = {}  # (type, value) -> (host array, a pointer to it): alpha and beta are 0 or 1
+
+
+def _host_scalar(value):
+    """A pointer to a host copy of `value` (np.float32/np.float64) that outlives the
+    call (cuBLAS reads alpha and beta through pointers, host ones by default); made
+    once per value, since every gemm passes the same few."""
+    key = (type(value), float(value))
+    found = _HOST_SCALARS.get(key)
+    if found is None:
+        host = np.array(value)
+        found = _HOST_SCALARS[key] = (host, ctypes.c_void_p(host.ctypes.data))
+    return found[1]
 
 
 def _check(status, what):

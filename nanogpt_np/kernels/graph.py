@@ -33,7 +33,6 @@ clip_grad_norm, StepGuard.judge, AdamW.step); tests/kernels/test_capture.py hold
 graph replays to eager steps bit for bit on the CPU stand-ins.
 """
 import math
-import weakref
 
 import numpy as np
 
@@ -76,9 +75,7 @@ class StepMemory:
         self.cursor += 1
         block = self.blocks[k]
         block[2] = True
-        lease = _Lease()
-        weakref.finalize(lease, self._release, k)
-        memory = self.xp.cuda.memory.UnownedMemory(block[0].ptr, size, lease)
+        memory = self.xp.cuda.memory.UnownedMemory(block[0].ptr, size, _Lease(block))
         return self.xp.cuda.memory.MemoryPointer(memory, 0)
 
     def _free_block(self, size):
@@ -88,16 +85,23 @@ class StepMemory:
         self.blocks.append([self.xp.get_default_memory_pool().malloc(size), size, False])
         return len(self.blocks) - 1
 
-    def _release(self, k):
-        self.blocks[k][2] = False
-
     @property
     def nbytes(self):
         return sum(b[1] for b in self.blocks)
 
 
 class _Lease:
-    """The owner of one handed-out block: when the last array on it is gone, so is this."""
+    """The owner of one handed-out block: when the last array on it is gone, so is
+    this, and the block is free again. (__del__ rather than weakref.finalize: a few
+    hundred of these per micro-step, and finalize costs several times more.)"""
+
+    __slots__ = ("block",)
+
+    def __init__(self, block):
+        self.block = block
+
+    def __del__(self):
+        self.block[2] = False
 
 
 class GpuTrainStep:

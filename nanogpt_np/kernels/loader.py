@@ -14,8 +14,9 @@ Every launch goes through `KernelFile.launch`, which checks the arguments first:
     float as a double and a Python int as a 64-bit integer, which a kernel taking
     `float` or `int` would misread without any error.
 Launch failures raise at once. Errors inside a running kernel (an illegal address)
-surface at the next synchronisation; set NANOGPT_CUDA_SYNC=1 to synchronise after
-every launch, so the error names the kernel that caused it.
+surface at the next synchronisation; set NANOGPT_CUDA_SYNC=1 (read once, at the
+first launch; `sync_each_launch` changes it later) to synchronise after every
+launch, so the error names the kernel that caused it.
 
 The object that actually launches is swappable (`use_runner`): the tests run
 the same wrappers and the same CUDA source on the CPU through an emulator.
@@ -31,7 +32,7 @@ KERNEL_DIR = Path(__file__).resolve().parent
 NVRTC_OPTIONS = ("--std=c++17",)
 STATIC_SHARED_LIMIT = 48 * 1024  # bytes a block may use without opting in
 _INCLUDE = re.compile(r'^#include "([^"]+)"\s*$', re.M)
-_SCALAR_TYPES = (np.float32, np.float64, np.int32, np.int64)
+_SCALAR_TYPES = frozenset((np.float32, np.float64, np.int32, np.int64))
 
 ALL_FILES = []  # every KernelFile, in import order: the compile tests walk this
 
@@ -42,6 +43,7 @@ class KernelFile:
     def __init__(self, filename, names):
         self.filename = filename
         self.names = tuple(names)
+        self._declared = frozenset(self.names)  # a set: the check runs on every launch
         ALL_FILES.append(self)
 
     @property
@@ -66,29 +68,32 @@ class KernelFile:
 
     def launch(self, name, grid, block, args, shared_mem=0):
         """Run kernel `name` (one of self.names) on grid x block threads."""
-        if name not in self.names:
+        if name not in self._declared:
             raise KeyError(f"{name!r} is not declared in {self.filename}'s KernelFile names")
         check_args(name, args)
         _state["runner"].launch(self, name, tuple(grid), tuple(block), tuple(args), int(shared_mem))
 
 
 def check_args(name, args):
-    """Raise unless every argument is a C-contiguous array or a sized NumPy scalar."""
+    """Raise unless every argument is a C-contiguous array or a sized NumPy scalar.
+    Every launch pays for this, so the common cases come first and cost a type lookup
+    (a scalar) or one attribute read (an array's contiguity)."""
     for k, a in enumerate(args):
+        if type(a) in _SCALAR_TYPES:
+            continue
         if isinstance(a, np.generic):
-            if not isinstance(a, _SCALAR_TYPES):
-                raise TypeError(f"{name}: argument {k} has type {type(a).__name__}; use one of "
-                                "np.float32, np.float64, np.int32, np.int64")
-        elif hasattr(a, "flags") and hasattr(a, "dtype") and hasattr(a, "shape"):  # a NumPy or CuPy array
-            # (not `hasattr(a, "__cuda_array_interface__")`: CuPy may raise from that
-            # property for a bf16 array, and hasattr only swallows AttributeError)
-            if not a.flags.c_contiguous:
-                raise ValueError(f"{name}: argument {k} is not C-contiguous; kernels index raw memory")
-        else:
+            raise TypeError(f"{name}: argument {k} has type {type(a).__name__}; use one of "
+                            "np.float32, np.float64, np.int32, np.int64")
+        try:  # a NumPy or CuPy array (not `__cuda_array_interface__`: CuPy may raise from
+            contiguous = a.flags.c_contiguous  # that property for a bf16 array)
+            a.dtype, a.shape
+        except AttributeError:
             raise TypeError(
                 f"{name}: argument {k} is a {type(a).__name__}; pass scalars as np.float32/np.float64/"
                 "np.int32/np.int64 so the kernel receives exactly the C type it declares"
-            )
+            ) from None
+        if not contiguous:
+            raise ValueError(f"{name}: argument {k} is not C-contiguous; kernels index raw memory")
 
 
 class CupyRunner:
@@ -97,6 +102,7 @@ class CupyRunner:
     def __init__(self):
         self._modules = {}
         self._functions = {}
+        self.sync_each_launch = os.environ.get("NANOGPT_CUDA_SYNC", "0") not in ("", "0")  # read once
 
     def function(self, kernel_file, name):
         key = (kernel_file.filename, name)
@@ -128,7 +134,7 @@ class CupyRunner:
             # more than 48 KB of dynamic shared memory must be requested explicitly
             fn.max_dynamic_shared_size_bytes = shared_mem
         fn(grid, block, args, shared_mem=shared_mem)
-        if os.environ.get("NANOGPT_CUDA_SYNC", "0") not in ("", "0"):
+        if self.sync_each_launch:
             try:
                 cupy.cuda.get_current_stream().synchronize()
             except Exception as e:
@@ -138,6 +144,15 @@ class CupyRunner:
 _state = {"runner": CupyRunner()}
 
 
+def sync_each_launch(on):
+    """Synchronise after every launch (so an error inside a kernel names it) or not:
+    NANOGPT_CUDA_SYNC, read once when the runner is made; this changes it later (for
+    this process's runner, and for processes started from now on)."""
+    os.environ["NANOGPT_CUDA_SYNC"] = "1" if on else "0"
+    if hasattr(_state["runner"], "sync_each_launch"):
+        _state["runner"].sync_each_launch = bool(on)
+
+
 def use_runner(runner):
     """Launch kernels through `runner` from now on; returns the previous one."""
     previous = _state["runner"]
@@ -145,17 +160,26 @@ def use_runner(runner):
     return previous
 
 
+_CTYPES = {}  # dtype -> its C name: every launch names a kernel by it
+
+
 def ctype(dtype):
     """The C name of a float dtype, as it appears in a kernel's template arguments:
     float, double, or bf16 (common.cuh's type, laid out as ml_dtypes.bfloat16)."""
+    found = _CTYPES.get(dtype)
+    if found is not None:
+        return found
     dtype = np.dtype(dtype)
     if dtype == np.float32:
-        return "float"
-    if dtype == np.float64:
-        return "double"
-    if dtype.name == "bfloat16":
-        return "bf16"
-    raise TypeError(f"no kernel instantiation for dtype {dtype}")
+        found = "float"
+    elif dtype == np.float64:
+        found = "double"
+    elif dtype.name == "bfloat16":
+        found = "bf16"
+    else:
+        raise TypeError(f"no kernel instantiation for dtype {dtype}")
+    _CTYPES[dtype] = found
+    return found
 
 
 def accumulate_dtype(dtype):
@@ -175,5 +199,8 @@ def ceil_div(a, b):
 
 
 def kernel_array(a, dtype, xp):
-    """`a` as a C-contiguous array of `dtype` (a copy only when it is not one already)."""
+    """`a` as a C-contiguous array of `dtype` (a copy only when it is not one already;
+    that case, the common one, returns before asking the array module)."""
+    if a.dtype == dtype and a.flags.c_contiguous and isinstance(a, xp.ndarray):
+        return a
     return xp.ascontiguousarray(a, dtype=dtype)

@@ -49,4 +49,4 @@ def test_the_step_syncs_once_and_allocates_nothing_after_warm_up():
                                               cuda_graphs=graphs)
         assert summary["syncs"] == 1 and summary["allocations"] == 0, (accum, recompute, graphs, summary)
         assert not [k for k in kinds if k.startswith("cupy:")]  # no CuPy kernels: only the project's
-        assert kinds["copy H2D"] == 2 * accum + 1  # idx, targets per micro-step; the hyperparameters
+        assert kinds["copy H2D"] == accum + 1  # idx and targets in one copy per micro-step; the hyperparameters

@@ -27,9 +27,11 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _gpu_available(), reason="
 def cp(monkeypatch):
     import cupy
 
-    monkeypatch.setenv("NANOGPT_CUDA_SYNC", "1")  # an error inside a kernel names that kernel
+    monkeypatch.setenv("NANOGPT_CUDA_SYNC", "1")
+    loader.sync_each_launch(True)  # an error inside a kernel names that kernel
     backend.set_tf32(False)
-    return cupy
+    yield cupy
+    loader.sync_each_launch(False)
 
 
 def test_every_kernel_compiles_with_nvrtc_on_this_gpu(cp):
