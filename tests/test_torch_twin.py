@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from nanogpt_np import GPT, GPTConfig, optim
+from nanogpt_np.gpucheck.recipe import text_batches
 from nanogpt_np.gpucheck.training_checks import markov_tokens
 
 torch = pytest.importorskip("torch")
@@ -15,8 +16,7 @@ CFG = GPTConfig(block_size=16, vocab_size=37, n_layer=2, n_head=2, n_embd=32)
 
 def batches(steps, B, T, seed=0):
     stream = markov_tokens(CFG.vocab_size, steps * B * T + 1, seed)  # a loss that can fall
-    return [(stream[i * B * T : (i + 1) * B * T].reshape(B, T), stream[i * B * T + 1 : (i + 1) * B * T + 1].reshape(B, T))
-            for i in range(steps)]
+    return text_batches(stream, B, T, steps)
 
 
 def numpy_curve(model, data, lrs):
