@@ -46,11 +46,7 @@ def train_step_ms(cfg, B, T, device, compile_model, steps, median_ms, free_memor
     torch.manual_seed(0)
     torch.set_float32_matmul_precision("high")
     model = TorchGPT(cfg).to(device)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    fused = dict(fused=True) if device == "cuda" else {}
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=6e-4, betas=(0.9, 0.95), eps=1e-8, **fused)
+    opt = recipe_optimizer(model, device)
     run = torch.compile(model) if compile_model else model
     idx = torch.randint(0, min(50257, cfg.vocab_size), (B, T), device=device)
     targets = torch.randint(0, min(50257, cfg.vocab_size), (B, T), device=device)
@@ -73,6 +69,63 @@ def train_step_ms(cfg, B, T, device, compile_model, steps, median_ms, free_memor
     del model, run, opt
     free_memory()
     return ms, n, memory
+
+
+def recipe_optimizer(model, device):
+    """build-nanogpt's configure_optimizers: AdamW, betas (0.9, 0.95), eps 1e-8, weight
+    decay 0.1 on the 2-D parameters only, fused on CUDA."""
+    import torch
+
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    fused = dict(fused=True) if device == "cuda" else {}
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                             lr=6e-4, betas=(0.9, 0.95), eps=1e-8, **fused)
+
+
+def train_curve(cfg, weights, batches, lrs, device, compile_model, bf16=True):
+    """(losses, seconds since the first step began, after each step) of build-nanogpt's
+    training loop from `weights` ({GPT-2 name: float32 host array}, e.g. nanogpt_np's
+    initial weights, lm_head.weight included) over the host (idx, targets) `batches`,
+    at learning rate lrs[i] on step i: bf16 autocast (unless bf16=False: float32
+    throughout), clip at 1.0, recipe_optimizer's AdamW, torch.compile if asked.
+    Each step reads its loss (build-nanogpt logs it every step); the first step's
+    time includes torch.compile's."""
+    import time
+
+    import numpy as np
+    import torch
+
+    from tests.torch_gpt import TorchGPT
+
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if bf16 else "highest")  # build-nanogpt's "high": TF32
+    model = TorchGPT(cfg).to(device)
+    model.load_state_dict({name: torch.from_numpy(np.array(w, dtype=np.float32)) for name, w in weights.items()})
+    opt = recipe_optimizer(model, device)
+    run = torch.compile(model) if compile_model else model
+    losses, seconds = [], []
+    sync(device)
+    t0 = time.perf_counter()
+    try:
+        for (x, y), lr in zip(batches, lrs):
+            idx, targets = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
+                _, loss = run(idx, targets)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            losses.append(loss.item())
+            seconds.append(time.perf_counter() - t0)
+        sync(device)  # the last step's update too
+        seconds[-1] = time.perf_counter() - t0
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    del model, run, opt
+    return losses, seconds
 
 
 def sdpa_ms(B, NH, T, hs, label, device, median_ms):

@@ -29,7 +29,12 @@ still run. Sections, in the order they run:
   5. the attention kernels' time (float32, bf16) against PyTorch's SDPA at B=16,
      NH=12, T=1024, hs=64;
   6. 50 steps of the 124M model on real text in bf16 against the same 50 steps in
-     float32: the loss curves must agree within 1%.
+     float32: the loss curves must agree within 1%; and (after torch.compile's
+     row, within --budget) the same work as the recipe it replaces: 50 bf16 steps
+     from the same initial weights over the same batches of the text at the same
+     learning rates, ours against build-nanogpt's loop under torch.compile: loss
+     curves within 1% at every step, each side's wall time and the ratio
+     (gpucheck/recipe.py).
   7. scripts/train.py --backend cupy itself, as a subprocess: validation, samples and
      checkpoints, then --resume from the middle checkpoint (the log must come out
      identical), the same run with --cuda-graphs off, then under `mpiexec -n 1` with NANOGPT_MPI=1 (the NCCL path);

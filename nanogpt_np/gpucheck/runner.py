@@ -17,6 +17,7 @@ from .curve import section_curve
 from .environment import section_environment
 from .kernel_checks import section_kernels
 from .model_checks import section_model
+from .recipe import section_recipe
 from .speed import section_compile, section_speed, section_speed_350m, summary_rows
 from .train_script import section_train_script
 from .training_checks import section_training
@@ -36,6 +37,7 @@ SECTIONS = [
     ("training", lambda args: section_training(), 120),
     ("train_script", section_train_script, 420),
     ("compile", section_compile, 600),
+    ("recipe", section_recipe, 240),  # after "compile": its torch.compile finds that one's cache
     ("speed_350m", section_speed_350m, 600),
 ]
 

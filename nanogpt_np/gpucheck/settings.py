@@ -39,6 +39,7 @@ SIZES = dict(
     graph_steps=10,  # the eager-versus-graphs row's steps (the same weights and batches both ways)
     timing_reps=None,  # a cap on every timed row's repetitions (table.median_ms); None: each row's own
     curve=(GPTConfig(vocab_size=50304), 50, 8, 1024),  # config, steps, B, T
+    recipe=(GPTConfig(vocab_size=50304), 50, 16, 1024),  # ours vs build-nanogpt's loop: config, steps, B, T
 )
 TORCH_DEVICE = "cuda"
 F32_LIMIT, F64_LIMIT = 1e-4, 1e-10  # kernel rows: float32 vs a float64 reference, float64 vs float64

@@ -22,6 +22,7 @@ SIZES = dict(
     graph_steps=4,
     timing_reps=1,
     curve=(TINY, 3, 2, 16),
+    recipe=(TINY, 3, 2, 16),
     layernorm=[((2, 3, 40), np.float32), ((1, 2, 40), np.float64)],
     gelu=[((3, 50), np.float32)],
     cross_entropy=[(1, 3, 70, np.float32), (2, 2, 33, np.float64)],
@@ -91,8 +92,8 @@ def test_gpu_check_dry_run(fast_emulator_lib, monkeypatch, tmp_path, capsys):
                                                 "adamw", "gemm")) + 3
     # + the 350M rows, section 7, section 5's 4 more (bf16 fa2 and mma timed at two shapes), section 4's
     # graph rows (host time with graphs, eager vs graphs, per-kernel time), section 7's --cuda-graphs off,
-    # and section 4's step on the first mma attention kernels
-    assert len(rows) == 3 + n_kernel_rows + 6 + 2 + 4 + 4 + 1 + 1 + 3 + 4 + 3 + 4 + 3 + 1 + 1
+    # and section 4's step on the first mma attention kernels, and section 6's ours vs build-nanogpt
+    assert len(rows) == 3 + n_kernel_rows + 6 + 2 + 4 + 4 + 1 + 1 + 3 + 4 + 3 + 4 + 3 + 1 + 1 + 1
     first = next(r for r in rows if r["name"].startswith("ours bf16 with the first mma attention"))
     assert first["result"].startswith("B") and "ours_bf16_mma_tok_s" in first.get("metrics", {}), first
     section5 = [r["name"] for r in rows if r["section"] == "5"]
@@ -116,6 +117,11 @@ def test_gpu_check_dry_run(fast_emulator_lib, monkeypatch, tmp_path, capsys):
     assert (tmp_path / "gpu_check.json").exists()
     curve = next(r for r in rows if r["section"] == "6")
     assert len(curve["metrics"]["curve_bf16"]) == SIZES["curve"][1]
+    recipe = next(r for r in rows if r["name"].endswith("ours vs build-nanogpt"))
+    assert recipe["status"] == "ok" and "torch.compile skipped: --no-compile" in recipe["result"], recipe
+    steps = SIZES["recipe"][1]
+    assert [len(recipe["metrics"][k]) for k in ("curve_ours_bf16", "curve_torch_bf16")] == [steps, steps], recipe
+    assert recipe["metrics"]["recipe_ours_s"] > 0 and recipe["metrics"]["recipe_torch_s"] > 0
 
 
 def test_prepare_text_writes_token_ids(tmp_path):
