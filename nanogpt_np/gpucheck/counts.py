@@ -542,9 +542,18 @@ def _layernorm_fused_bytes(args):
     return read_write + with_cast * _nbytes(args[13]) + n_chunks * (2 + with_cast) * C * args[7].itemsize
 
 
+def _dq_store_sums_bytes(args):
+    """dq_sum read, dqkv (q written, k and v read: each element once), and the
+    (n_chunks, 3C) partial sums written into a slot that spans its whole block's."""
+    dq_sum, dqkv, part = args[:3]
+    n_chunks = -(-int(args[5]) // int(args[6]))  # ceil(N / rows per chunk)
+    return _nbytes(dq_sum) + _nbytes(dqkv) + n_chunks * dqkv.shape[-1] * part.itemsize
+
+
 # kernels that touch a small part of an array argument: the bytes they do touch
 _SPARSE = {"finish_partials": _finish_partials_bytes, "layernorm_backward_params": _layernorm_params_bytes,
-           "layernorm_backward_fused": _layernorm_fused_bytes}
+           "layernorm_backward_fused": _layernorm_fused_bytes,
+           "flash_attention_fa2_backward_dq_store_sums": _dq_store_sums_bytes}
 
 
 class CountingKernels:

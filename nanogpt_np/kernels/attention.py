@@ -58,10 +58,11 @@ MMA_THREADS = 128  # = MMA_WARPS * 32 in the .cu, whose tile loads assume exactl
 FA2_ROWS, FA2_KEYS, FA2_QUERIES = 128, 64, 32
 FA2_FWD_THREADS, FA2_BWD_THREADS = 256, 128
 FA2_DOT_ROWS = 8  # rows per block (one warp each) of the D = dy . y kernel
+FA2_SUM_THREADS = 128  # column pairs per block of the dq store that also sums dqkv's columns
 _mma = KernelFile("attention_mma.cu", [f"flash_attention_mma_{part}<{MMA_HEAD_SIZE}>"
                                        for part in ("forward", "backward_dq", "backward_dkdv")]
                   + [f"flash_attention_fa2_{part}<{MMA_HEAD_SIZE}>"
-                     for part in ("forward", "backward_dot", "backward", "backward_dq_store")]
+                     for part in ("forward", "backward_dot", "backward", "backward_dq_store", "backward_dq_store_sums")]
                   + ["mma_layout_check"])
 LOG2E = 1.4426950408889634
 BF16_PATH_ENV = "NANOGPT_BF16_ATTENTION"  # "fa2" (default), "mma" (the first tensor-core kernels) or "simt"
@@ -178,9 +179,10 @@ def _backward_mma(dy, cache):
     return dqkv
 
 
-def _backward_fa2(dy, cache):
+def _backward_fa2(dy, cache, part):
     """FlashAttention-2's backward: D = dy . y (and dq's float32 sums zeroed), one
-    pass over key blocks (dk, dv; dq by atomicAdd), dq rounded into dqkv."""
+    pass over key blocks (dk, dv; dq by atomicAdd), dq rounded into dqkv; with part,
+    that last kernel also writes dqkv's column partial sums (_store_dq_and_sums)."""
     _, qkv, y, lse, n_head = cache
     xp = array_module(dy)
     B, T, C = y.shape
@@ -195,10 +197,34 @@ def _backward_fa2(dy, cache):
     _mma.launch(f"flash_attention_fa2_backward<{MMA_HEAD_SIZE}>", (B * n_head, ceil_div(T, FA2_KEYS)),
                 (FA2_BWD_THREADS,), (qkv, dy, lse, D, dq_sum, dqkv, np.int32(T), np.int32(n_head),
                                      np.float32(scale), np.float32(scale * LOG2E)))
+    if part is not None:
+        _store_dq_and_sums(dq_sum, dqkv, part, n_head)
+        return dqkv
     pairs = rows * MMA_HEAD_SIZE // 2
     _mma.launch(f"flash_attention_fa2_backward_dq_store<{MMA_HEAD_SIZE}>", (min(ceil_div(pairs, 256), 4096),), (256,),
                 (dq_sum, dqkv, np.int32(T), np.int32(n_head), np.int64(pairs)))
     return dqkv
+
+
+def _store_dq_and_sums(dq_sum, dqkv, part, n_head):
+    """dq_sum (B, NH, T, hs) float32 rounded into dqkv's q part, and dqkv (B, T, 3C)
+    summed over rows as fused.column_sums sums it, into part=(array, stride):
+
+        dqkv[:, :, :C] = dq_sum.transpose(0, 2, 1, 3).reshape(B, T, C).astype(bf16)
+        rows = dqkv.reshape(-1, 3 * C).astype(float32)      # N = B * T rows
+        for k in range(n_chunks):                            # fused._chunks(N)
+            array[k * stride : k * stride + 3 * C] = rows[k * rows_per_chunk : (k + 1) * rows_per_chunk].sum(0)
+
+    each column's rows added in order from 0.0 in float32, as column_sums does: the
+    same bits, and one launch fewer (no pass that reads dqkv back)."""
+    B, T, C3 = dqkv.shape
+    N = B * T
+    rows_per_chunk, n_chunks = fused._chunks(N)
+    array, stride = part
+    _mma.launch(f"flash_attention_fa2_backward_dq_store_sums<{MMA_HEAD_SIZE}>",
+                (ceil_div(C3 // 2, FA2_SUM_THREADS), n_chunks), (FA2_SUM_THREADS,),
+                (dq_sum, dqkv, array, np.int32(T), np.int32(n_head), np.int32(N), np.int32(rows_per_chunk),
+                 np.int32(stride)))
 
 
 def mma_layout_check(a, b):
@@ -216,10 +242,23 @@ def _forward_widened(qkv, n_head):
     return fused.cast(y, qkv.dtype), (_WIDENED, cache, qkv.dtype)
 
 
-def backward(dy, cache):
-    """dy: (B, T, C)  ->  dqkv: (B, T, 3C)"""
+def backward(dy, cache, part=None):
+    """dy: (B, T, C)  ->  dqkv: (B, T, 3C)
+
+    part=(array, stride): dqkv's column partial sums (fused.column_sums' layout, a
+    slot of reduce.Partials: the bias gradient of the c_attn that made qkv) are
+    written there too: by FlashAttention-2's last kernel on the way (the bf16 path),
+    by fused.column_sums after the others."""
     if cache[0] == _FA2:
-        return _backward_fa2(dy, cache)
+        return _backward_fa2(dy, cache, part)
+    dqkv = _backward_unfused(dy, cache)
+    if part is not None:
+        fused.column_sums(dqkv, part=part)
+    return dqkv
+
+
+def _backward_unfused(dy, cache):
+    """backward on every path but FlashAttention-2's: dqkv alone."""
     if cache[0] == _MMA:
         return _backward_mma(dy, cache)
     if cache[0] == _WIDENED:

@@ -483,7 +483,8 @@ __global__ void mma_layout_check(const bf16* __restrict__ A, const bf16* __restr
 //   - backward in FlashAttention-2's order: D = rowsum(dO * O) first (a small
 //     kernel), then one block per 64 keys walks the query tiles (32 rows each)
 //     with dK, dV in registers; dQ's share of each (key block, query tile) goes
-//     into a float32 buffer with atomicAdd, and a last kernel rounds it into dqkv.
+//     into a float32 buffer with atomicAdd, and a last kernel rounds it into dqkv
+//     (and, when asked, sums dqkv's columns on the way: c_attn's bias gradient).
 //     5 tile products per (key block, query tile) instead of the 7 above.
 // The arithmetic per row is that of the kernels above (same roundings), so
 // flash_reference.fa2_forward / fa2_backward mirror it.
@@ -827,4 +828,41 @@ __global__ void __launch_bounds__(256) flash_attention_fa2_backward_dq_store(con
         const float* src = dq_sum + row * HS + d;
         store_bf16x2(dqkv + ((long long)b * seq_len + t) * 3 * n_head * HS + h * HS + d, pack_bf16x2(src[0], src[1]));
     }
+}
+
+// Backward, last, when the caller also wants dqkv's column sums (the block's schedule,
+// kernels/block.py: c_attn's bias gradient is dqkv summed over rows): the same dq
+// store, laid out as fused.cu's column_sums, so that the sums need no pass of their
+// own. Block (bx, by) takes rows [by * rows_per_chunk, ...) of dqkv's B*T and column
+// pairs bx * 128 + threadIdx.x of its 3C; a thread walks its rows in order, stores
+// its two q dims (rounded from dq_sum) where its columns are q's, and sums its two
+// columns as they lie in dqkv: its own rounded q, or the dk, dv the main kernel
+// wrote. Row by of part (n_chunks, part_stride) gets the sums: bit for bit what
+// column_sums would write, in the same order, without reading q back. A warp's 64
+// columns are one head of q, k or v (C is a multiple of 64), so the q / kv branch
+// never diverges. 128 threads; grid (ceil(3C / 256), n_chunks).
+template <int HS>
+__global__ void __launch_bounds__(128) flash_attention_fa2_backward_dq_store_sums(
+    const float* __restrict__ dq_sum, bf16* __restrict__ dqkv, float* __restrict__ part, int seq_len, int n_head,
+    int n_rows, int rows_per_chunk, int part_stride) {
+    const int C = n_head * HS, c = 2 * (blockIdx.x * blockDim.x + threadIdx.x);  // columns c, c + 1
+    if (c >= 3 * C) return;
+    const int r0 = blockIdx.y * rows_per_chunk, r1 = min_(n_rows, r0 + rows_per_chunk);
+    float lo = 0.0f, hi = 0.0f;
+    for (int r = r0; r < r1; ++r) {  // r = b * T + t
+        bf16* at = dqkv + (long long)r * 3 * C + c;
+        unsigned w;
+        if (c < C) {  // q: head c / HS, dim c % HS; dq_sum is (B, NH, T, HS)
+            const float* src = dq_sum + (((long long)(r / seq_len) * n_head + c / HS) * seq_len + r % seq_len) * HS + c % HS;
+            w = pack_bf16x2(src[0], src[1]);
+            store_bf16x2(at, w);
+        } else {
+            w = load_bf16x2(at);
+        }
+        lo += bf16x2_lo(w);  // the stored bf16, widened: column_sums' A(in[i])
+        hi += bf16x2_hi(w);
+    }
+    float* out = part + (long long)blockIdx.y * part_stride + c;
+    out[0] = lo;
+    out[1] = hi;
 }

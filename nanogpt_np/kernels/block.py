@@ -196,11 +196,12 @@ def block_backward(model, i, dx, cache, finish=False):
     # forward: x = x + (y @ W.T + b)   (attn.c_proj and the residual)
     dy = _linear_backward(model, h + "attn.c_proj", d, y2)  # (N, C)
     del d
-    # forward: y = attention(qkv)
-    dqkv = attention.backward(dy.reshape(dx.shape), attn).reshape(-1, 3 * C)  # (N, 3C)
+    # forward: y = attention(qkv); dqkv's column sums (c_attn's bias) come with it: on the
+    # bf16 path from FlashAttention-2's last kernel, with no pass of their own
+    dqkv = attention.backward(dy.reshape(dx.shape), attn, part=slot("attn.c_attn.bias", 3 * C))
+    dqkv = dqkv.reshape(-1, 3 * C)  # (N, 3C)
     del dy, attn
     # forward: qkv = a @ W.T + b   (attn.c_attn)
-    fused.column_sums(dqkv, part=slot("attn.c_attn.bias", 3 * C))
     da = _linear_backward(model, h + "attn.c_attn", dqkv, a2)  # (N, C)
     del dqkv
     # forward: a = ln_1(x);  dx += its gradient, and the block before's mlp.c_proj operand

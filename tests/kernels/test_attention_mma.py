@@ -81,6 +81,48 @@ def test_fa2_attention(emulated, B, T, NH):
                                       flash_reference.fa2_forward, flash_reference.fa2_backward)
 
 
+def _nan_partials(N, C):
+    """A reduce.Partials laid out as a block's (c_attn's 3C columns between others'),
+    every element a NaN."""
+    scope = [("h.before", C), ("h.attn.c_attn.bias", 3 * C), ("h.after", 2 * C)]
+    parts = kernels.reduce.Partials(np, kernels.fused.n_chunks(N), np.float32, [scope])
+    parts.part[...] = np.nan
+    return parts
+
+
+@pytest.mark.parametrize("path,B,T,NH", [
+    ("fa2", 1, 1, 1),  # T=1, B=1, one head: one row, one chunk
+    ("fa2", 2, 7, 2),  # odd T, two batches, two heads: 14 rows, a chunk each
+    ("fa2", 3, 43, 1),  # N = 129: chunks of 2 rows, the last one row
+    ("fa2", 1, 131, 2),  # odd T, three key blocks, N = 131: 66 chunks, the last one row
+    ("mma", 2, 7, 2),  # the first tensor-core kernels: dqkv, then column_sums
+])
+def test_backward_writes_the_column_partials_of_dqkv_as_column_sums_does(emulated, monkeypatch, path, B, T, NH):
+    """attention.backward(part=slot): dqkv's column partial sums, bit for bit those of
+    fused.column_sums over the returned dqkv, in the slot and nowhere else, and dqkv
+    itself unchanged; FlashAttention-2 folds them into its dq store (no column_sums)."""
+    monkeypatch.setenv(kernels.attention.BF16_PATH_ENV, path)
+    qkv, dy = _inputs(B, T, NH, seed=B * T)
+    C, N = NH * 64, B * T
+    _, cache = kernels.attention.forward(qkv, NH)
+    plain = kernels.attention.backward(dy, cache)
+    emulated.launches.clear()
+    got, want = _nan_partials(N, C), _nan_partials(N, C)
+    dqkv = kernels.attention.backward(dy, cache, part=got.slot("h.attn.c_attn.bias"))
+    launched = [n.split("<")[0] for n in emulated.launches]
+    if path == "fa2":
+        assert launched[-1] == "flash_attention_fa2_backward_dq_store_sums" and "column_sums" not in launched
+    else:
+        assert launched[-1] == "column_sums"
+    assert np.array_equal(dqkv.view(np.uint16), plain.view(np.uint16))  # the same dq store
+    kernels.fused.column_sums(dqkv.reshape(-1, 3 * C), part=want.slot("h.attn.c_attn.bias"))
+    assert np.array_equal(got.part.view(np.uint32), want.part.view(np.uint32))  # NaN where neither wrote
+    rows = got.part.reshape(got.n_chunks, 6 * C)
+    sums = rows[:, C:4 * C]  # the slot's columns, every one written; the others' untouched
+    assert not np.isnan(sums).any() and np.isnan(rows[:, :C]).all() and np.isnan(rows[:, 4 * C:]).all()
+    assert rel_err(sums.sum(axis=0, dtype=np.float64), dqkv.reshape(N, 3 * C).astype(np.float64).sum(axis=0)) < 1e-5
+
+
 @pytest.mark.parametrize("B,T,NH", SHAPES)
 def test_mma_attention(emulated, B, T, NH, monkeypatch):
     monkeypatch.setenv(kernels.attention.BF16_PATH_ENV, "mma")
