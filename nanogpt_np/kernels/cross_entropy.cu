@@ -1,5 +1,6 @@
 // Fused softmax + cross-entropy. The NumPy formula they match is
-// nanogpt_np/layers/cross_entropy.py.
+// nanogpt_np/layers/cross_entropy.py (for the training step's one-kernel version,
+// reference_forward_backward in nanogpt_np/kernels/cross_entropy.py).
 //
 // logits: (N, V) row-major, N = B*T; targets: (N,) int32; lse, losses: (N,) in
 // A = acc_t<T>, the type the softmax is computed in.
@@ -72,9 +73,9 @@ __global__ void cross_entropy_backward(T* __restrict__ logits, const int* __rest
 // and would cut the blocks per SM to one or two for bf16's 100 KB. The second pass
 // reads a row its block has just read, which L2 may still hold (not measured yet).
 // Every logit is read and written by one thread only, so no barrier is needed
-// between the passes. Each row's loss is written by the thread whose share holds the target, from the
-// value it reads just before it overwrites it; thread 0 writes NaN for a target
-// outside [0, V), whose row gets softmax * scale with no -1 anywhere.
+// between the passes. Each row's loss is written by the thread whose share holds
+// the target, from the value it reads just before it overwrites it; thread 0 writes
+// NaN for a target outside [0, V), whose row gets softmax * scale with no -1 anywhere.
 // scale is dloss / N. Launch like the forward.
 template <typename T>
 __global__ void cross_entropy_forward_backward(T* __restrict__ logits, const int* __restrict__ targets,
