@@ -148,13 +148,21 @@ class GPT(GPTWeights):
         logits, loss = self.forward_on_device(idx, targets)
         return logits, (None if loss is None else float(loss))
 
-    def forward_on_device(self, idx, targets=None, loss_scale=1.0, accumulate_loss=False, refresh=True):
+    def forward_on_device(self, idx, targets=None, loss_scale=1.0, accumulate_loss=False, refresh=True,
+                          backward_follows=False):
         """forward() without reading the loss on the host: loss is a 0-d array on the
         model's device (on the GPU kernels, a buffer the next such forward overwrites;
         a float on NumPy), times loss_scale. On the GPU kernels accumulate_loss=True
         adds it into that buffer instead (the mean over micro-steps, on the device).
         refresh=False skips casting the bf16 weight copies, for a caller that knows they
-        are current (kernels/graph.py's step: its AdamW writes them)."""
+        are current (kernels/graph.py's step: its AdamW writes them).
+        backward_follows=True (a training step: needs targets) promises that backward()
+        comes next and that nothing reads the logits: the logits returned are None, and
+        on the GPU kernels the cross-entropy's backward runs in the forward's kernel
+        (one launch; dlogits are written over the logits at once)."""
+        if backward_follows and targets is None:
+            raise ValueError("backward_follows=True needs targets (a forward without targets has no "
+                             "backward); pass targets, or leave backward_follows False")
         idx, targets = self._check_inputs(idx, targets)
         self._caches = None  # free the previous step's activations first
         p, keep = self.params, targets is not None
@@ -175,12 +183,12 @@ class GPT(GPTWeights):
             logits, loss, head_cache = self._head_forward(x, targets, logits_out)
             loss = None if loss is None else loss * loss_scale
         else:
-            logits, losses, head_cache = self.fused.head_forward(self, x, targets, logits_out, ln)
+            logits, losses, head_cache = self.fused.head_forward(self, x, targets, logits_out, ln, backward_follows)
             loss = None if losses is None else self.fused.loss_on_device(self, losses, loss_scale, accumulate_loss)
         if not keep:
             return logits, None
         self._caches = (emb_cache, block_caches, head_cache)
-        return logits, loss
+        return (None if backward_follows else logits), loss
 
     def _head_forward(self, x, targets, logits_out=None):
         """ln_f, lm_head (tied to wte) and the loss: x (B, T, C) -> logits (B, T, V),

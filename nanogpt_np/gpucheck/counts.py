@@ -550,16 +550,24 @@ def _dq_store_sums_bytes(args):
     return _nbytes(dq_sum) + _nbytes(dqkv) + n_chunks * dqkv.shape[-1] * part.itemsize
 
 
-# kernels that touch a small part of an array argument: the bytes they do touch
+def _cross_entropy_forward_backward_bytes(args):
+    """The logits (args[0]): read twice (the logsumexp, then the gradient) and written
+    once (dlogits, in place); the targets read, the losses written."""
+    return 3 * _nbytes(args[0]) + _nbytes(args[1]) + _nbytes(args[2])
+
+
+# kernels that touch a small part of an array argument, or an argument more than
+# once: the bytes they do move
 _SPARSE = {"finish_partials": _finish_partials_bytes, "layernorm_backward_params": _layernorm_params_bytes,
            "layernorm_backward_fused": _layernorm_fused_bytes,
-           "flash_attention_fa2_backward_dq_store_sums": _dq_store_sums_bytes}
+           "flash_attention_fa2_backward_dq_store_sums": _dq_store_sums_bytes,
+           "cross_entropy_forward_backward": _cross_entropy_forward_backward_bytes}
 
 
 class CountingKernels:
     """kernels.loader's runner: records each RawKernel launch (name, bytes of its array
     arguments, each once; _SPARSE says what the few kernels that index a large array
-    sparsely really touch)."""
+    sparsely, or read an array twice, really move)."""
 
     def launch(self, kernel_file, name, grid, block, args, shared_mem):
         kind = name.split("<")[0]

@@ -18,7 +18,10 @@ readable block to float64 rounding), arranged for a GPU:
     (cast_column_sums turns the float32 residual gradient into the matmul's
     operand; bias_gelu_backward sums dpre while it writes it);
   * LayerNorm writes its output in the compute dtype, and its backward adds dx
-    into the residual stream's gradient (`dx += ...`) in the same kernel.
+    into the residual stream's gradient (`dx += ...`) in the same kernel;
+  * in a training step (backward_follows) the loss and dlogits come from one
+    cross-entropy kernel over the logits; a forward whose logits are handed out
+    (evaluation) runs the loss alone and backward, if any, runs the rest later.
 
 Mixed precision (bf16). The residual stream x and its gradient stay float32, as do
 LayerNorm's statistics, the loss, and every gradient that reaches a parameter.
@@ -36,6 +39,7 @@ from .loader import accumulate_dtype
 
 WTE = "transformer.wte.weight"
 LN_F = "transformer.ln_f"
+DLOSS = 1.0  # backward's seed, d(mean loss)/d(mean loss); the step scales the gradients later
 
 
 def _weight_grad(model, name, dout2, act2):
@@ -212,14 +216,17 @@ def block_backward(model, i, dx, cache, finish=False):
     return dx
 
 
-def head_forward(model, x, targets, logits_out=None, lnf=None):
+def head_forward(model, x, targets, logits_out=None, lnf=None, backward_follows=False):
     """ln_f, lm_head (tied to wte) and, with targets, the loss.
 
     x: (B, T, C) -> logits (B, T, V), losses (N,) per position (None without targets),
     cache (None without targets). With targets the logits are in the compute dtype,
     written into logits_out if given; without, they are a fresh array in the parameter
     dtype (the bf16 product is accumulated in float32 and written as float32).
-    lnf: ln_f's (output, cache) as the last block computed them (None: computed here)."""
+    lnf: ln_f's (output, cache) as the last block computed them (None: computed here).
+    backward_follows (a training step; needs targets): the cross-entropy's backward
+    runs in the forward's kernel, writing dlogits over the logits at once, and the
+    logits returned are None (the buffer no longer holds them)."""
     p, w = model.params, model.compute_params
     B, T, C = x.shape
     if lnf is None:
@@ -233,15 +240,20 @@ def head_forward(model, x, targets, logits_out=None, lnf=None):
         return logits.reshape(B, T, V), None, None
     out = None if logits_out is None else logits_out.reshape(-1, V)
     logits = gemm.matmul(xf2, w[WTE], out=out, trans_b=True).reshape(B, T, V)
+    if backward_follows:  # one kernel: losses, and dlogits over the logits
+        losses, dlogits = cross_entropy.forward_backward(logits, targets, DLOSS)
+        return None, losses, (lnf, xf2, None, dlogits)
     losses, ce = cross_entropy.forward_losses(logits, targets)
-    return logits, losses, (lnf, xf2, ce)
+    return logits, losses, (lnf, xf2, ce, None)
 
 
 def head_backward(model, cache, finish=False):
     """-> dx: (B, T, C), the gradient at ln_f's input (parameter dtype)."""
-    lnf, xf2, ce = cache
+    lnf, xf2, ce, dlogits = cache
     w = model.compute_params
-    dlogits = cross_entropy.backward(1.0, ce)  # (B, T, V), over the logits
+    if dlogits is None:  # forward left the logits: their gradient now, written over them
+        dlogits = cross_entropy.backward(DLOSS, ce)  # (B, T, V)
+    del ce
     dlogits2 = dlogits.reshape(-1, dlogits.shape[-1])  # (N, V)
     # forward: logits = xf @ wte.T  (lm_head, tied: the embedding's gradient is added later)
     _weight_grad(model, WTE, dlogits2, xf2)

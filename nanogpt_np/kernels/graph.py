@@ -192,7 +192,7 @@ class GpuTrainStep:
         if first:
             model.zero_grad(fill_zeros=False)  # the kernels' backward writes every gradient
         model.forward_on_device(idx, targets, loss_scale=1.0 / self.accum, accumulate_loss=not first,
-                                refresh=not self.copy_fresh)
+                                refresh=not self.copy_fresh, backward_follows=True)
         self.copy_fresh = model.mixed
         model.backward(grads_final=buckets.ready if buckets is not None and last else None)
 

@@ -32,10 +32,11 @@ def accumulate_gradients(model, loader, accum, dist, bucket_bytes=DEFAULT_BUCKET
     loss_sum = 0.0
     for micro in range(accum):
         x, y = loader.next_batch()
-        _, loss = model.forward(to_device(x, model.xp), to_device(y, model.xp))
+        # backward comes next: on the GPU kernels the cross-entropy's backward runs in its forward's kernel
+        _, loss = model.forward_on_device(to_device(x, model.xp), to_device(y, model.xp), backward_follows=True)
         last = micro == accum - 1  # earlier micro-steps still add into every gradient
         model.backward(grads_final=buckets.ready if buckets and last else None)
-        loss_sum += loss
+        loss_sum += float(loss)
     if buckets:
         buckets.finish()  # flat_grads now holds the sum over ranks and micro-steps
         if started is not None and buckets.compute_done is not None:  # this rank's GPU time, for stragglers

@@ -61,6 +61,57 @@ def test_fused_backward_reports_final_gradient_suffixes(emulated):
         np.testing.assert_array_equal(snapshot, model.flat_grads[offset:])
 
 
+def _cross_entropy_launches(monkeypatch):
+    """The cross-entropy kernels launched from now on, by name (the runner still runs them)."""
+    names, launch = [], kernels.cross_entropy._cu.launch
+
+    def recording(name, *args, **kwargs):
+        names.append(name.split("<")[0])
+        return launch(name, *args, **kwargs)
+
+    monkeypatch.setattr(kernels.cross_entropy._cu, "launch", recording)
+    return names
+
+
+def _head_both_ways(model, monkeypatch):
+    """From zeroed gradients, forward + backward as evaluation-then-backward runs them
+    (forward_losses, then backward: two kernels) and as the training step does
+    (backward_follows=True: one kernel) -> [(logits, loss, flat grads, kernels launched)]."""
+    launched = _cross_entropy_launches(monkeypatch)
+    runs = []
+    for follows in (False, True):
+        model.zero_grad()
+        del launched[:]
+        logits, loss = model.forward_on_device(*_batches(1)[0], backward_follows=follows)
+        logits = None if logits is None else to_host(logits).copy()  # backward overwrites them
+        model.backward()
+        runs.append((logits, to_host(loss).copy(), to_host(model.flat_grads).copy(), list(launched)))
+    return runs
+
+
+def _assert_one_kernel_same_bits(runs):
+    (logits, loss, grads, launched), (no_logits, loss_one, grads_one, launched_one) = runs
+    assert launched == ["cross_entropy_forward", "cross_entropy_backward"]
+    assert launched_one == ["cross_entropy_forward_backward"]
+    assert logits is not None and no_logits is None  # the training step's buffer holds dlogits: not handed out
+    np.testing.assert_array_equal(loss_one, loss)
+    np.testing.assert_array_equal(grads_one, grads)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_training_forward_fuses_the_cross_entropy_backward(emulated, monkeypatch, dtype):
+    model = GPT(CFG, dtype=dtype, seed=3)
+    model.ops = kernels
+    _assert_one_kernel_same_bits(_head_both_ways(model, monkeypatch))
+    with pytest.raises(ValueError, match="backward_follows=True needs targets"):
+        model.forward_on_device(_batches(1)[0][0], backward_follows=True)
+
+
+def test_bf16_training_forward_fuses_the_cross_entropy_backward(fake_gpu, monkeypatch):
+    model = GPT(CFG, dtype="bf16", seed=3, backend="cupy")
+    _assert_one_kernel_same_bits(_head_both_ways(model, monkeypatch))
+
+
 @pytest.fixture
 def bf16_pair(fake_gpu):
     gpu = GPT(CFG, dtype="bf16", seed=3, backend="cupy")

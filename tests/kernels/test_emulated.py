@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from nanogpt_np import GPT, GPTConfig, kernels, layers, optim
-from tests.helpers import DTYPES, assert_close, randn
+from nanogpt_np.backend import bfloat16
+from nanogpt_np.kernels import loader
+from tests.helpers import DTYPES, assert_close, randn, rel_err
 
 ATTN_SHAPES = [  # B, T, NH (head size 64, the kernels')
     (1, 1, 1),  # T=1, B=1, one head
@@ -112,6 +114,65 @@ def test_cross_entropy_kernels(emulated, B, T, V, dtype):
     dlogits_ref = layers.cross_entropy.backward(0.5, cache_ref)
     assert np.shares_memory(dlogits, mine)  # written over the logits
     assert_close(dlogits, dlogits_ref, dtype, "dlogits")
+
+
+CE_FUSED_SHAPES = [  # B, T, V, against cross_entropy.THREADS = 256 threads per row
+    (1, 1, 1),  # N=1, V=1: the target is 0 and V-1
+    (1, 1, 300),  # N=1, V not a multiple of the block: the target V-1 in the second stride
+    (2, 3, 5),  # V smaller than the block: most threads hold nothing
+    (1, 4, 256),  # V exactly the block
+    (3, 2, 1000),  # several strides, the last one short
+]
+
+
+def _bits(a):
+    """a's raw bits, so that NaN and -0.0 compare exactly too."""
+    return np.ascontiguousarray(a).view(f"u{np.dtype(a.dtype).itemsize}")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bf16"])
+@pytest.mark.parametrize("B,T,V", CE_FUSED_SHAPES)
+def test_cross_entropy_forward_backward_equals_the_two_kernels(emulated, B, T, V, dtype):
+    """The training step's one launch gives the losses and the dlogits of the
+    separate forward and backward kernels, bit for bit, and the NumPy formula beside
+    its wrapper to rounding."""
+    dtype = bfloat16() if dtype == "bf16" else np.dtype(dtype)
+    rng = np.random.default_rng(V)
+    logits = (rng.standard_normal((B, T, V)) * 4).astype(dtype)
+    targets = rng.integers(0, V, (B, T))
+    targets[0, 0], targets[-1, -1] = 0, V - 1  # the first and the last class
+    two, one = logits.copy(), logits.copy()
+    losses_two, cache = kernels.cross_entropy.forward_losses(two, targets)
+    dlogits_two = kernels.cross_entropy.backward(0.7, cache)
+    del emulated.launches[:]
+    losses, dlogits = kernels.cross_entropy.forward_backward(one, targets, 0.7)
+    assert emulated.launches == [f"cross_entropy_forward_backward<{loader.ctype(dtype)}>"]
+    assert np.shares_memory(dlogits, one) and dlogits.shape == logits.shape  # written over the logits
+    assert losses.dtype == losses_two.dtype == loader.accumulate_dtype(dtype) and losses.shape == (B * T,)
+    np.testing.assert_array_equal(_bits(losses), _bits(losses_two))
+    np.testing.assert_array_equal(_bits(dlogits), _bits(dlogits_two))
+    wide = logits.astype(np.float64)  # the formula on the very values the kernel read
+    losses_ref, dlogits_ref = kernels.cross_entropy.reference_forward_backward(0.7, wide, targets)
+    if dtype == bfloat16():  # float32 arithmetic, then dlogits rounded to bf16 (a relative 2^-8)
+        assert_close(losses, losses_ref, np.float32, "losses")
+        assert rel_err(dlogits, dlogits_ref) <= 2.0**-8, "dlogits"
+    else:
+        assert_close(losses, losses_ref, dtype, "losses")
+        assert_close(dlogits, dlogits_ref, dtype, "dlogits")
+
+
+def test_cross_entropy_forward_backward_with_a_target_out_of_range(emulated):
+    """A target outside [0, V): a NaN loss and a row of softmax * scale, as the two kernels give."""
+    rng = np.random.default_rng(8)
+    logits = rng.standard_normal((1, 3, 40)).astype(np.float32)
+    targets = np.array([[5, -1, 40]])
+    two, one = logits.copy(), logits.copy()
+    losses_two, cache = kernels.cross_entropy.forward_losses(two, targets)
+    dlogits_two = kernels.cross_entropy.backward(1.0, cache)
+    losses, dlogits = kernels.cross_entropy.forward_backward(one, targets, 1.0)
+    assert np.isnan(losses[1:]).all() and np.isfinite(losses[0])
+    np.testing.assert_array_equal(_bits(losses), _bits(losses_two))
+    np.testing.assert_array_equal(_bits(dlogits), _bits(dlogits_two))
 
 
 def test_cross_entropy_large_logits_are_stable(emulated):
