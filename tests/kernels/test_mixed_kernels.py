@@ -64,6 +64,50 @@ def test_layernorm_float32_in_bf16_out(emulated, shape):
     close_f32(db, db_ref, "dbias")
 
 
+def warp_sums_in_lane_order(v, W):
+    """layernorm.cu's row sums in NumPy, in the kernels' order: lane l adds channels
+    [W l + 32 W k, ... + W) for k = 0, 1, ... one after another, then warp_sum's
+    butterfly (lane l adds lane l ^ offset's sum, offset 16, 8, 4, 2, 1). (N,)"""
+    N, C = v.shape
+    lanes = np.zeros((N, 32), dtype=v.dtype)
+    for c0 in range(0, C, 32 * W):
+        for j in range(W):
+            c = c0 + W * np.arange(32) + j
+            inside = c < C
+            lanes[:, inside] = lanes[:, inside] + v[:, c[inside]]
+    for offset in (16, 8, 4, 2, 1):
+        lanes = lanes + lanes[:, np.arange(32) ^ offset]
+    return lanes[:, 0]
+
+
+def layernorm_in_lane_order(x, w, b, W, out_dtype, eps=np.float32(1e-5)):
+    """layernorm_forward's (out, mean, rstd) in float32 NumPy, operation by operation."""
+    mean = warp_sums_in_lane_order(x, W) / np.float32(x.shape[1])
+    d = x - mean[:, None]
+    rstd = np.float32(1) / np.sqrt(warp_sums_in_lane_order(d * d, W) / np.float32(x.shape[1]) + eps)
+    return (d * rstd[:, None] * w + b).astype(out_dtype), mean, rstd
+
+
+@pytest.mark.parametrize("out", [np.float32, "bf16"])
+@pytest.mark.parametrize("N, C", [(1, 40), (7, 768), (3, 13), (5, 36)])
+def test_layernorm_rows_follow_their_lane_order_bit_for_bit(emulated, out, N, C):
+    """16-byte row access (aligned, C a multiple of the width) and one channel at a time
+    (a misaligned x) each give exactly the NumPy model of their lane order: the width
+    changes which channels a lane adds, never what a channel computes."""
+    rng = np.random.default_rng(9)
+    out_dtype = BF16 if out == "bf16" else np.dtype(np.float32)
+    x = (rng.standard_normal((N, C)) * 2 + 0.5).astype(np.float32)
+    w, b = rng.standard_normal(C).astype(np.float32), rng.standard_normal(C).astype(np.float32)
+    width = fused.per16(np.float32, out_dtype)
+    for misaligned in (False, True):
+        W = 1 if misaligned or C % width else width
+        got, cache = kernels.layernorm.forward(placed(x, misaligned), w, b, out_dtype=out_dtype)
+        want, mean, rstd = layernorm_in_lane_order(x, w, b, W, out_dtype)
+        np.testing.assert_array_equal(cache[2].reshape(-1), mean)
+        np.testing.assert_array_equal(cache[3].reshape(-1), rstd)
+        np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_layernorm_backward_adds_into_dx_out(emulated, dtype):
     rng = np.random.default_rng(1)
