@@ -302,8 +302,7 @@ __device__ __forceinline__ void layernorm_backward_fused_rows(
     const TO* __restrict__ dout, const TX* __restrict__ x, const A* __restrict__ weight, const A* __restrict__ mean,
     const A* __restrict__ rstd, TX* __restrict__ dx, int accumulate, A* __restrict__ part, long long part_offset,
     int part_stride, int N, int C, int rows_per_chunk, TO* __restrict__ cast_out, long long rpart_offset,
-    int rpart_stride, int with_cast) {
-    __shared__ A column[LN_MAX_COLUMNS_PER_LANE * 32];
+    int rpart_stride, int with_cast, A* column) {
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
     A dw[LN_MAX_COLUMNS_PER_LANE], db[LN_MAX_COLUMNS_PER_LANE], dr[LN_MAX_COLUMNS_PER_LANE];
     for (int j = 0; j < LN_MAX_COLUMNS_PER_LANE; ++j) dw[j] = db[j] = dr[j] = A(0);
@@ -361,10 +360,11 @@ __global__ void layernorm_backward_fused(const TO* __restrict__ dout, const TX* 
                                          int N, int C, int rows_per_chunk, TO* __restrict__ cast_out,
                                          long long rpart_offset, int rpart_stride, int with_cast) {
     constexpr int G = per16<TX, TO>();
+    __shared__ acc_t<TX> column[LN_MAX_COLUMNS_PER_LANE * 32];  // one array for both widths' code
     if (rows_allow<G>(C, dout, x, weight, dx, cast_out))
         layernorm_backward_fused_rows<G>(dout, x, weight, mean, rstd, dx, accumulate, part, part_offset, part_stride,
-                                         N, C, rows_per_chunk, cast_out, rpart_offset, rpart_stride, with_cast);
+                                         N, C, rows_per_chunk, cast_out, rpart_offset, rpart_stride, with_cast, column);
     else
         layernorm_backward_fused_rows<1>(dout, x, weight, mean, rstd, dx, accumulate, part, part_offset, part_stride,
-                                         N, C, rows_per_chunk, cast_out, rpart_offset, rpart_stride, with_cast);
+                                         N, C, rows_per_chunk, cast_out, rpart_offset, rpart_stride, with_cast, column);
 }
