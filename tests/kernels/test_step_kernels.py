@@ -161,3 +161,23 @@ def test_one_kernel_layernorm_backward_equals_the_two_kernels(emulated, monkeypa
     np.testing.assert_array_equal(cast1, dx1.reshape(N, C).astype(out_dtype))
     assert_close(sums1, sums2, dtype, "column sums")  # the same sums, added in another order
     assert_close(sums1[2 * C:], dx1.reshape(N, C).sum(axis=0), dtype, "residual column sums")
+
+
+def test_every_kernel_argument_of_the_124m_step_is_16_byte_aligned(monkeypatch):
+    """The 16-byte paths are the ones the real step takes: in one steady-state bf16 step
+    of GPT-2 124M (the counting stand-in: CuPy's pool addresses, 512-byte rounded, and
+    every view the step makes of them) no kernel receives an array off a 16-byte
+    boundary, and every row width is a multiple of 8 (C = 768, 2304, 3072)."""
+    from nanogpt_np.gpucheck import counts
+
+    misaligned = set()
+    launch = counts.CountingKernels.launch
+
+    def checking(self, kernel_file, name, grid, block, args, shared_mem):
+        misaligned.update((name, k) for k, a in enumerate(args)
+                          if isinstance(a, counts.CountingArray) and a.data.ptr % 16)
+        return launch(self, kernel_file, name, grid, block, args, shared_mem)
+
+    monkeypatch.setattr(counts.CountingKernels, "launch", checking)
+    counts.count_step()
+    assert not misaligned
