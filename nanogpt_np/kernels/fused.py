@@ -129,7 +129,8 @@ def bias_residual(x, a, bias):
     plus its bias, added to the residual stream x (float32/float64). A new array."""
     xp = array_module(x)
     out = xp.empty_like(x)
-    _cu.launch(f"bias_residual<{ctype(x.dtype)}, {ctype(a.dtype)}>", elementwise_grid(x.size, x.dtype, a.dtype), (THREADS,),
+    _cu.launch(f"bias_residual<{ctype(x.dtype)}, {ctype(a.dtype)}>", elementwise_grid(x.size, x.dtype, a.dtype),
+               (THREADS,),
                (kernel_array(x, x.dtype, xp), kernel_array(a, a.dtype, xp), kernel_array(bias, x.dtype, xp), out,
                 np.int64(x.size), np.int32(x.shape[-1])))
     return out

@@ -17,7 +17,8 @@ def forward(x):
     xp = array_module(x)
     x = kernel_array(x, x.dtype, xp)
     out = xp.empty_like(x)
-    _cu.launch(f"gelu_forward<{ctype(x.dtype)}>", elementwise_grid(x.size, x.dtype), (THREADS,), (x, out, np.int64(x.size)))
+    _cu.launch(f"gelu_forward<{ctype(x.dtype)}>", elementwise_grid(x.size, x.dtype), (THREADS,),
+               (x, out, np.int64(x.size)))
     return out, x
 
 
@@ -27,5 +28,6 @@ def backward(dout, cache):
     x = cache
     dout = kernel_array(dout, x.dtype, xp)
     dx = xp.empty_like(dout)
-    _cu.launch(f"gelu_backward<{ctype(x.dtype)}>", elementwise_grid(x.size, x.dtype), (THREADS,), (x, dout, dx, np.int64(x.size)))
+    _cu.launch(f"gelu_backward<{ctype(x.dtype)}>", elementwise_grid(x.size, x.dtype), (THREADS,),
+               (x, dout, dx, np.int64(x.size)))
     return dx
