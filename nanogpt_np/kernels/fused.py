@@ -27,7 +27,7 @@ MAX_BLOCKS = 65536  # grid-stride loops cover the rest
 COLUMN_BLOCK = (32, 8)  # column-sum kernels: 32 threads of V columns each, times COLUMN_ROWS (fused.cu) row lanes
 # Row chunks summed separately, then added up (reduce.Partials' rows). Two blocks per SM
 # of a 132-SM H100/H200 for layernorm_backward_fused, which launches one block per chunk
-# (128 left 4 SMs idle and the rest half full); the other column-sum kernels launch
+# (128 left 4 SMs idle and 8 warps on each of the others); the other column-sum kernels launch
 # ceil(C / (32 V)) times as many. More chunks cost partials: n_chunks floats per column.
 ROW_CHUNKS = 264
 
