@@ -3,6 +3,7 @@ parameter, in one pass over the flat buffers. nanogpt_np/optim.py holds the
 formula (`_adam_chunk`) and calls this when its buffers are CuPy arrays."""
 import numpy as np
 
+from .fused import per16
 from .loader import KernelFile, ceil_div, ctype, scalar
 
 _cu = KernelFile("adamw.cu", [f"adamw_step<{t}>" for t in ("float", "double")]
@@ -60,7 +61,7 @@ def apply(p, g, m, v, runs, n_runs, longest, hyper, report, copy=None):
     """AdamW with clipping folded in, everything per-step read from device memory
     (hyper, report: see adamw.cu). runs: runs_table(...) on the device, n_runs rows,
     the longest `longest` elements. copy: the bf16 weights to write (None: none)."""
-    blocks = max(1, min(ceil_div(longest, THREADS), 1024))
+    blocks = max(1, min(ceil_div(longest, THREADS * per16(p.dtype)), 1024))  # threads take per16 elements a step
     write = copy is not None
     copy = g if copy is None else copy  # not written (write_copy 0); g is of the right type and only read
     _cu.launch(f"adamw_apply<{ctype(p.dtype)}, {ctype(copy.dtype)}>", (blocks, n_runs), (THREADS,),

@@ -34,6 +34,68 @@ struct bf16 {
     __device__ explicit operator float() const { return __uint_as_float((unsigned)bits << 16); }
 };
 
+// 16-byte (128-bit) global memory accesses: one instruction moves 8 bf16, 4 float or
+// 2 double instead of one, so a memory-bound kernel issues a fraction of the load and
+// store instructions for the same bytes. Pack<T, N> is N values of T, aligned as the
+// access needs (N * sizeof(T) a multiple of 8: a 16-byte access per 16 bytes, or one
+// 8-byte access for a pack of 8 bytes); load_pack/store_pack move one between
+// registers and the address p, which must be aligned to 16 bytes (8 for an 8-byte
+// pack): kernels check `aligned16` on their pointers (and that no pack straddles a
+// row) and take a scalar path otherwise. The emulator checks the alignment of every
+// such access, so a wrong guard fails the tests instead of faulting on the GPU.
+template <typename T, int N>
+struct alignas(sizeof(T) * N >= 16 ? 16 : 8) Pack {
+    T v[N];
+};
+
+// Values of T per 16-byte access; for kernels reading several types, the largest
+// count over them (so the narrowest type moves 16 bytes and the wider ones 32 or 64).
+template <typename T> __host__ __device__ constexpr int per16() { return 16 / (int)sizeof(T); }
+template <typename T, typename U> __host__ __device__ constexpr int per16() { return per16<T>() > per16<U>() ? per16<T>() : per16<U>(); }
+
+__device__ __forceinline__ bool aligned16(const void* p) { return ((unsigned long long)p & 15ull) == 0; }
+
+template <int N, typename T>
+__device__ __forceinline__ Pack<T, N> load_pack(const T* p) {
+    constexpr int bytes = (int)sizeof(T) * N;
+    static_assert(bytes % 8 == 0 && (bytes == 8 || bytes % 16 == 0), "a pack is 8 bytes or a multiple of 16");
+    Pack<T, N> r;
+#ifdef NANOGPT_EMULATION
+    emu_check_aligned(p, bytes >= 16 ? 16 : 8);
+    memcpy(&r, p, bytes);
+#else
+    if constexpr (bytes == 8) {
+        *reinterpret_cast<uint2*>(&r) = *reinterpret_cast<const uint2*>(p);
+    } else {
+#pragma unroll
+        for (int k = 0; k < bytes / 16; ++k) reinterpret_cast<uint4*>(&r)[k] = reinterpret_cast<const uint4*>(p)[k];
+    }
+#endif
+    return r;
+}
+
+template <int N, typename T>
+__device__ __forceinline__ void store_pack(T* p, const Pack<T, N>& x) {
+    constexpr int bytes = (int)sizeof(T) * N;
+    static_assert(bytes % 8 == 0 && (bytes == 8 || bytes % 16 == 0), "a pack is 8 bytes or a multiple of 16");
+#ifdef NANOGPT_EMULATION
+    emu_check_aligned(p, bytes >= 16 ? 16 : 8);
+    memcpy(p, &x, bytes);
+#else
+    if constexpr (bytes == 8) {
+        *reinterpret_cast<uint2*>(p) = *reinterpret_cast<const uint2*>(&x);
+    } else {
+#pragma unroll
+        for (int k = 0; k < bytes / 16; ++k) reinterpret_cast<uint4*>(p)[k] = reinterpret_cast<const uint4*>(&x)[k];
+    }
+#endif
+}
+
+// for (k = this thread's index in the grid; k < count; k += threads in the grid): a
+// grid-stride loop, with which any grid covers any count.
+#define GRID_STRIDE(k, count) \
+    for (long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x; k < (count); k += (long long)gridDim.x * blockDim.x)
+
 // Two bf16 in one 32-bit register, `lo` in the low half: the operand format of
 // the tensor-core mma instructions (the element with the smaller index is low).
 __device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {

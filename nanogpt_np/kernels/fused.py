@@ -24,12 +24,27 @@ _cu = KernelFile(
 )
 THREADS = 256
 MAX_BLOCKS = 65536  # grid-stride loops cover the rest
-COLUMN_THREADS = 256  # columns per block in the column-sum kernels
-ROW_CHUNKS = 128  # row chunks summed separately, then added up
+COLUMN_BLOCK = (32, 8)  # column-sum kernels: 32 threads of V columns each, times COLUMN_ROWS (fused.cu) row lanes
+# Row chunks summed separately, then added up (reduce.Partials' rows). Two blocks per SM
+# of a 132-SM H100/H200 for layernorm_backward_fused, which launches one block per chunk
+# (128 left 4 SMs idle and 8 warps on each of the others); the other column-sum kernels launch
+# ceil(C / (32 V)) times as many. More chunks cost partials: n_chunks floats per column.
+ROW_CHUNKS = 264
 
 
-def _grid(n):
-    return (max(1, min(ceil_div(n, THREADS), MAX_BLOCKS)),)
+def elementwise_grid(n, *dtypes):
+    """Blocks for an elementwise kernel over n elements whose threads take per16(dtypes)
+    elements a step (fused.cu): one step per thread, capped (grid-stride loops)."""
+    return (max(1, min(ceil_div(n, THREADS * per16(*dtypes)), MAX_BLOCKS)),)
+
+
+def per16(*dtypes):
+    """Elements per 16-byte access of the narrowest of dtypes: common.cuh's per16."""
+    return 16 // min(np.dtype(d).itemsize for d in dtypes)
+
+
+def _column_grid(C, n_chunks, *dtypes):
+    return (ceil_div(C, COLUMN_BLOCK[0] * per16(*dtypes)), n_chunks)
 
 
 def _rows(a):
@@ -44,7 +59,7 @@ def cast(a, dtype, out=None):
     out = xp.empty(a.shape, dtype=dtype) if out is None else out
     if out.shape != a.shape or np.dtype(out.dtype) != np.dtype(dtype):
         raise ValueError(f"cast: out is {out.dtype} {out.shape}, wanted {np.dtype(dtype)} {a.shape}")
-    _cu.launch(f"cast<{ctype(a.dtype)}, {ctype(dtype)}>", _grid(a.size), (THREADS,),
+    _cu.launch(f"cast<{ctype(a.dtype)}, {ctype(dtype)}>", elementwise_grid(a.size, a.dtype, dtype), (THREADS,),
                (a, out, np.int64(a.size)))
     return out
 
@@ -52,7 +67,7 @@ def cast(a, dtype, out=None):
 def bias_add(out, bias):
     """out += bias, broadcast over rows, in place (out: (..., C), contiguous)."""
     xp = array_module(out)
-    _cu.launch(f"bias_add<{ctype(out.dtype)}>", _grid(out.size), (THREADS,),
+    _cu.launch(f"bias_add<{ctype(out.dtype)}>", elementwise_grid(out.size, out.dtype), (THREADS,),
                (out, kernel_array(bias, accumulate_dtype(out.dtype), xp), np.int64(out.size),
                 np.int32(out.shape[-1])))
     return out
@@ -62,7 +77,7 @@ def bias_gelu_forward(pre, bias):
     """out = gelu(pre + bias)  (pre: (..., C); the sum is not stored: backward recomputes it)"""
     xp = array_module(pre)
     out = xp.empty_like(pre)
-    _cu.launch(f"bias_gelu_forward<{ctype(pre.dtype)}>", _grid(pre.size), (THREADS,),
+    _cu.launch(f"bias_gelu_forward<{ctype(pre.dtype)}>", elementwise_grid(pre.size, pre.dtype), (THREADS,),
                (pre, kernel_array(bias, accumulate_dtype(pre.dtype), xp), out, np.int64(pre.size),
                 np.int32(pre.shape[-1])))
     return out
@@ -103,7 +118,7 @@ def bias_gelu_backward(dout, pre, bias, part=None, out=None):
     acc = accumulate_dtype(pre.dtype)
     own = None if part is not None else _part(xp, None, n_chunks, C, acc)
     buf, stride = part or own
-    _cu.launch(f"bias_gelu_backward<{ctype(pre.dtype)}>", (ceil_div(C, COLUMN_THREADS), n_chunks), (COLUMN_THREADS,),
+    _cu.launch(f"bias_gelu_backward<{ctype(pre.dtype)}>", _column_grid(C, n_chunks, pre.dtype), COLUMN_BLOCK,
                (pre, kernel_array(bias, acc, xp), kernel_array(dout, pre.dtype, xp), dpre, buf,
                 np.int32(N), np.int32(C), np.int32(rows_per_chunk), np.int32(stride)))
     return dpre, _summed(part, own, n_chunks, C)
@@ -114,7 +129,8 @@ def bias_residual(x, a, bias):
     plus its bias, added to the residual stream x (float32/float64). A new array."""
     xp = array_module(x)
     out = xp.empty_like(x)
-    _cu.launch(f"bias_residual<{ctype(x.dtype)}, {ctype(a.dtype)}>", _grid(x.size), (THREADS,),
+    _cu.launch(f"bias_residual<{ctype(x.dtype)}, {ctype(a.dtype)}>", elementwise_grid(x.size, x.dtype, a.dtype),
+               (THREADS,),
                (kernel_array(x, x.dtype, xp), kernel_array(a, a.dtype, xp), kernel_array(bias, x.dtype, xp), out,
                 np.int64(x.size), np.int32(x.shape[-1])))
     return out
@@ -130,8 +146,8 @@ def cast_column_sums(a, dtype, part=None, out=None):
     out = xp.empty(a.shape, dtype=dtype) if out is None else out
     own = None if part is not None else _part(xp, None, n_chunks, C, accumulate_dtype(a.dtype))
     buf, stride = part or own
-    _cu.launch(f"cast_column_sums<{ctype(a.dtype)}, {ctype(dtype)}>", (ceil_div(C, COLUMN_THREADS), n_chunks),
-               (COLUMN_THREADS,), (kernel_array(a, a.dtype, xp), out, buf, np.int32(N), np.int32(C),
+    _cu.launch(f"cast_column_sums<{ctype(a.dtype)}, {ctype(dtype)}>", _column_grid(C, n_chunks, a.dtype, dtype),
+               COLUMN_BLOCK, (kernel_array(a, a.dtype, xp), out, buf, np.int32(N), np.int32(C),
                                    np.int32(rows_per_chunk), np.int32(stride)))
     return out, _summed(part, own, n_chunks, C)
 
@@ -144,7 +160,7 @@ def column_sums(a, part=None):
     rows_per_chunk, n_chunks = _chunks(N)
     own = None if part is not None else _part(xp, None, n_chunks, C, accumulate_dtype(a.dtype))
     buf, stride = part or own
-    _cu.launch(f"column_sums<{ctype(a.dtype)}>", (ceil_div(C, COLUMN_THREADS), n_chunks), (COLUMN_THREADS,),
+    _cu.launch(f"column_sums<{ctype(a.dtype)}>", _column_grid(C, n_chunks, a.dtype), COLUMN_BLOCK,
                (kernel_array(a, a.dtype, xp), buf, np.int32(N), np.int32(C), np.int32(rows_per_chunk),
                 np.int32(stride)))
     return _summed(part, own, n_chunks, C)

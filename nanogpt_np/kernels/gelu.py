@@ -6,15 +6,10 @@ bf16 arrays are computed in float32 and rounded once on the way out.
 import numpy as np
 
 from ..backend import array_module
-from .loader import KernelFile, ceil_div, ctype, kernel_array
+from .fused import THREADS, elementwise_grid
+from .loader import KernelFile, ctype, kernel_array
 
 _cu = KernelFile("gelu.cu", [f"gelu_{part}<{t}>" for part in ("forward", "backward") for t in ("float", "double", "bf16")])
-THREADS = 256
-MAX_BLOCKS = 65536  # grid-stride loops cover the rest
-
-
-def _grid(n):
-    return (max(1, min(ceil_div(n, THREADS), MAX_BLOCKS)),)
 
 
 def forward(x):
@@ -22,7 +17,8 @@ def forward(x):
     xp = array_module(x)
     x = kernel_array(x, x.dtype, xp)
     out = xp.empty_like(x)
-    _cu.launch(f"gelu_forward<{ctype(x.dtype)}>", _grid(x.size), (THREADS,), (x, out, np.int64(x.size)))
+    _cu.launch(f"gelu_forward<{ctype(x.dtype)}>", elementwise_grid(x.size, x.dtype), (THREADS,),
+               (x, out, np.int64(x.size)))
     return out, x
 
 
@@ -32,5 +28,6 @@ def backward(dout, cache):
     x = cache
     dout = kernel_array(dout, x.dtype, xp)
     dx = xp.empty_like(dout)
-    _cu.launch(f"gelu_backward<{ctype(x.dtype)}>", _grid(x.size), (THREADS,), (x, dout, dx, np.int64(x.size)))
+    _cu.launch(f"gelu_backward<{ctype(x.dtype)}>", elementwise_grid(x.size, x.dtype), (THREADS,),
+               (x, dout, dx, np.int64(x.size)))
     return dx

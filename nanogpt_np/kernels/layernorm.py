@@ -12,6 +12,7 @@ adds dx into `a` (the residual stream's gradient) instead of returning a new arr
 import numpy as np
 
 from ..backend import array_module
+from .fused import ROW_CHUNKS
 from .loader import KernelFile, accumulate_dtype, ceil_div, ctype, kernel_array, scalar
 
 # (x, out) type pairs: single precision, and the mixed-precision float32 -> bf16
@@ -27,7 +28,7 @@ FUSED_MAX_C = 32 * 32  # LN_MAX_COLUMNS_PER_LANE lanes' worth: the one-kernel ba
 FUSED_THREADS = 256
 ROWS_PER_BLOCK = 8  # one warp per row, so 256 threads per block
 PARAM_THREADS = 256  # columns per block in the dweight/dbias kernel
-PARAM_CHUNKS = 128  # row chunks summed separately for dweight/dbias (as fused.ROW_CHUNKS: a block shares one partials array)
+PARAM_CHUNKS = ROW_CHUNKS  # row chunks summed separately for dweight/dbias (a block's kernels share one partials array)
 
 
 def forward(x, weight, bias, eps=1e-5, out_dtype=None):

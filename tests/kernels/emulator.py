@@ -30,6 +30,7 @@ from nanogpt_np.kernels import gemm, loader
 HERE = Path(__file__).resolve().parent
 POINTER_DTYPES = {"F": np.float32, "D": np.float64, "I": np.int32, "Q": np.int64, "H": bfloat16()}
 GUARD = 256  # elements of guard zone on each side of every array argument
+ALIGN = 16  # the copies keep their arrays' addresses modulo this (a 16-byte vector access's alignment)
 SCALAR_TYPES = {"f": (np.float32, ctypes.c_float), "d": (np.float64, ctypes.c_double),
                 "i": (np.int32, ctypes.c_int32), "q": (np.int64, ctypes.c_int64)}
 
@@ -176,8 +177,13 @@ class EmulatedRunner:
 
 def _guarded_copy(a, k):
     """a's values, flattened, between two guard zones of GUARD elements that
-    depend on the argument index k."""
-    padded = np.empty(a.size + 2 * GUARD, dtype=a.dtype)
+    depend on the argument index k. The copy starts at the same address modulo 16
+    as `a` (a view that starts mid-vector stays misaligned), so the kernels' vector
+    accesses (common.cuh's load_pack) meet the alignment the GPU would give them."""
+    nbytes = (a.size + 2 * GUARD) * a.itemsize
+    raw = np.empty(nbytes + ALIGN, dtype=np.uint8)
+    shift = (a.ctypes.data - GUARD * a.itemsize - raw.ctypes.data) % ALIGN
+    padded = raw[shift:shift + nbytes].view(a.dtype)
     if a.dtype.kind == "f":  # a quiet NaN whose payload names the argument
         bits = padded.view(np.uint32 if a.itemsize == 4 else np.uint64)
         bits[...] = (0x7FC00000 if a.itemsize == 4 else 0x7FF8000000000000) | (0x5A00 + k)
@@ -187,6 +193,18 @@ def _guarded_copy(a, k):
         padded[...] = np.iinfo(a.dtype).min + 7 + k
     padded[GUARD:GUARD + a.size] = a.reshape(-1)
     return padded
+
+
+def placed(a, misaligned):
+    """A copy of a in a C-contiguous view that starts at a 16-byte boundary, or one
+    element past one (so a kernel's 16-byte accesses must take the scalar path): the
+    launches keep each argument's address modulo ALIGN (_guarded_copy)."""
+    buf = np.empty(a.size + 2 * ALIGN, dtype=a.dtype)
+    start = (-buf.ctypes.data % ALIGN) // a.itemsize + (1 if misaligned else 0)
+    view = buf[start:start + a.size].reshape(a.shape)
+    view[...] = a
+    assert (view.ctypes.data % ALIGN != 0) == misaligned
+    return view
 
 
 def _bits(a):

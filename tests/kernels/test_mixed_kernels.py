@@ -16,6 +16,7 @@ from nanogpt_np import kernels, layers
 from nanogpt_np.backend import bfloat16
 from nanogpt_np.kernels import fused, gemm
 from tests.helpers import assert_close, rel_err
+from tests.kernels.emulator import placed
 
 BF16 = bfloat16()
 BF16_TOL = 2.0**-8  # one rounding to bf16, relative to the largest value
@@ -61,6 +62,50 @@ def test_layernorm_float32_in_bf16_out(emulated, shape):
     close_f32(dx, dx_ref, "dx", tol=1e-4)
     close_f32(dw, dw_ref, "dweight", tol=1e-4)
     close_f32(db, db_ref, "dbias")
+
+
+def warp_sums_in_lane_order(v, W):
+    """layernorm.cu's row sums in NumPy, in the kernels' order: lane l adds channels
+    [W l + 32 W k, ... + W) for k = 0, 1, ... one after another, then warp_sum's
+    butterfly (lane l adds lane l ^ offset's sum, offset 16, 8, 4, 2, 1). (N,)"""
+    N, C = v.shape
+    lanes = np.zeros((N, 32), dtype=v.dtype)
+    for c0 in range(0, C, 32 * W):
+        for j in range(W):
+            c = c0 + W * np.arange(32) + j
+            inside = c < C
+            lanes[:, inside] = lanes[:, inside] + v[:, c[inside]]
+    for offset in (16, 8, 4, 2, 1):
+        lanes = lanes + lanes[:, np.arange(32) ^ offset]
+    return lanes[:, 0]
+
+
+def layernorm_in_lane_order(x, w, b, W, out_dtype, eps=np.float32(1e-5)):
+    """layernorm_forward's (out, mean, rstd) in float32 NumPy, operation by operation."""
+    mean = warp_sums_in_lane_order(x, W) / np.float32(x.shape[1])
+    d = x - mean[:, None]
+    rstd = np.float32(1) / np.sqrt(warp_sums_in_lane_order(d * d, W) / np.float32(x.shape[1]) + eps)
+    return (d * rstd[:, None] * w + b).astype(out_dtype), mean, rstd
+
+
+@pytest.mark.parametrize("out", [np.float32, "bf16"])
+@pytest.mark.parametrize("N, C", [(1, 40), (7, 768), (3, 13), (5, 36)])
+def test_layernorm_rows_follow_their_lane_order_bit_for_bit(emulated, out, N, C):
+    """16-byte row access (aligned, C a multiple of the width) and one channel at a time
+    (a misaligned x) each give exactly the NumPy model of their lane order: the width
+    changes which channels a lane adds, never what a channel computes."""
+    rng = np.random.default_rng(9)
+    out_dtype = BF16 if out == "bf16" else np.dtype(np.float32)
+    x = (rng.standard_normal((N, C)) * 2 + 0.5).astype(np.float32)
+    w, b = rng.standard_normal(C).astype(np.float32), rng.standard_normal(C).astype(np.float32)
+    width = fused.per16(np.float32, out_dtype)
+    for misaligned in (False, True):
+        W = 1 if misaligned or C % width else width
+        got, cache = kernels.layernorm.forward(placed(x, misaligned), w, b, out_dtype=out_dtype)
+        want, mean, rstd = layernorm_in_lane_order(x, w, b, W, out_dtype)
+        np.testing.assert_array_equal(cache[2].reshape(-1), mean)
+        np.testing.assert_array_equal(cache[3].reshape(-1), rstd)
+        np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -150,6 +195,137 @@ def test_fused_kernels_match_their_formulas(emulated, dtype, shape):
     check(fused.column_sums(a), f64(a).reshape(-1, C).sum(axis=0), "column_sums")
     added = a.copy()
     check(fused.bias_add(added, bias), f64(a) + f64(bias), "bias_add")
+
+
+def bits(a):
+    return np.asarray(a).view(np.uint8)
+
+
+def both_paths(run, *arrays):
+    """run(*arrays) with every array 16-byte aligned (the vector path where the shape
+    allows) and with the first one misaligned (the scalar path): results as uint8 bits."""
+    results = []
+    for misaligned in (False, True):
+        placed_arrays = [placed(a, misaligned and k == 0) for k, a in enumerate(arrays)]
+        results.append([bits(r) for r in run(*placed_arrays)])
+    return results
+
+
+# C a multiple of 8 (every dtype's vector path), of 4 only, of 2 only, odd; N = 1 and odd N
+VECTOR_SHAPES = [(1, 1, 3), (1, 1, 8), (3, 5, 16), (1, 7, 12), (2, 3, 6), (1, 9, 13), (4, 33, 24)]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, "bf16"])
+@pytest.mark.parametrize("shape", VECTOR_SHAPES)
+def test_fused_vector_and_scalar_paths_give_the_same_bits(emulated, dtype, shape):
+    """16-byte accesses change only how the elements are loaded: the aligned call (vector
+    path) and the misaligned one (scalar path) agree bit for bit, and the kernels whose
+    formula NumPy evaluates in the same precision agree with NumPy bit for bit."""
+    rng = np.random.default_rng(6)
+    low = dtype == "bf16"
+    act = BF16 if low else np.dtype(dtype)
+    resid = np.dtype(np.float32) if low else act
+    C = shape[-1]
+    pre, dout, a = (rng.standard_normal(shape).astype(np.float32).astype(act) for _ in range(3))
+    x = rng.standard_normal(shape).astype(resid)
+    bias = rng.standard_normal(C).astype(resid)
+    aligned, misaligned = both_paths(lambda a_, x_, b_: [fused.bias_residual(x_, a_, b_)], a, x, bias)
+    np.testing.assert_array_equal(aligned[0], misaligned[0])
+    want = (x + (a.astype(resid) + bias)).astype(resid)  # TX(A(x) + (A(a) + bias)), as NumPy rounds it
+    np.testing.assert_array_equal(bits(fused.bias_residual(x, a, bias)), bits(want))
+    added = placed(a, False)
+    fused.bias_add(added, bias)
+    np.testing.assert_array_equal(bits(added), bits((a.astype(resid) + bias).astype(act)))
+    shifted = placed(a, True)
+    fused.bias_add(shifted, bias)
+    np.testing.assert_array_equal(bits(shifted), bits(added))
+    for run, arrays in [
+        (lambda p_, b_: [fused.bias_gelu_forward(p_, b_)], (pre, bias)),
+        (lambda d_, p_, b_: fused.bias_gelu_backward(d_, p_, b_), (dout, pre, bias)),
+        (lambda x_: fused.cast_column_sums(x_, act), (x,)),
+        (lambda a_: [fused.column_sums(a_)], (a,)),
+        (lambda x_: [kernels.gelu.forward(x_)[0]], (pre,)),
+        (lambda d_, x_: [kernels.gelu.backward(d_, x_)], (dout, pre)),
+    ]:
+        aligned, misaligned = both_paths(run, *arrays)
+        for u, v in zip(aligned, misaligned):
+            np.testing.assert_array_equal(u, v)
+    for to in ({act, resid} if low else {act}):  # the casts, each way
+        src = x if to == act else a
+        aligned, misaligned = both_paths(lambda s_: [fused.cast(s_, to)], src)
+        np.testing.assert_array_equal(aligned[0], misaligned[0])
+        np.testing.assert_array_equal(aligned[0], bits(src.astype(to)))
+
+
+def sums_in_kernel_order(a, rows_per_chunk, n_chunks, lanes):
+    """fused.cu's column partial sums in NumPy, in the kernels' order: chunk k, row
+    lane y sums rows r0 + y, r0 + y + lanes, ... one after another, then the lanes'
+    sums are added in lane order. (n_chunks, C), in a's accumulate dtype."""
+    acc = np.float32 if a.dtype == BF16 else a.dtype
+    a = a.reshape(-1, a.shape[-1]).astype(acc)
+    N, C = a.shape
+    out = np.zeros((n_chunks, C), dtype=acc)
+    for k in range(n_chunks):
+        r0, r1 = k * rows_per_chunk, min(N, (k + 1) * rows_per_chunk)
+        lane_sums = []
+        for y in range(lanes):
+            s = np.zeros(C, dtype=acc)
+            for r in range(r0 + y, r1, lanes):
+                s = s + a[r]
+            lane_sums.append(s)
+        total = lane_sums[0]
+        for s in lane_sums[1:]:
+            total = total + s
+        out[k] = total
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, "bf16"])
+@pytest.mark.parametrize("N, C", [(1, 3), (37, 24), (301, 13), (600, 40)])
+def test_column_sums_follow_their_fixed_order_bit_for_bit(emulated, monkeypatch, dtype, N, C):
+    """The partial sums are the NumPy model's, bit for bit, on both paths: more row lanes
+    and chunks change the order of the additions, never make it depend on timing."""
+    monkeypatch.setattr(fused, "ROW_CHUNKS", 4)  # several chunks, the last one short, at test sizes
+    rng = np.random.default_rng(7)
+    act = BF16 if dtype == "bf16" else np.dtype(dtype)
+    acc = np.float32 if dtype == "bf16" else act
+    a = rng.standard_normal((N, C)).astype(np.float32).astype(act)
+    rows_per_chunk, n_chunks = fused._chunks(N)
+    want = sums_in_kernel_order(a, rows_per_chunk, n_chunks, fused.COLUMN_BLOCK[1])
+    for misaligned in (False, True):
+        part = np.full(n_chunks * C, np.nan, dtype=acc)
+        fused.column_sums(placed(a, misaligned), part=(part, C))
+        np.testing.assert_array_equal(part.reshape(n_chunks, C), want)
+        part[...] = np.nan  # cast_column_sums reads the float32 residual stream (bf16 values here)
+        cast, _ = fused.cast_column_sums(placed(a.astype(acc), misaligned), act, part=(part, C))
+        np.testing.assert_array_equal(part.reshape(n_chunks, C), want)
+        np.testing.assert_array_equal(bits(cast), bits(a))
+
+
+def test_a_vector_access_without_its_guard_fails_in_the_emulator(tmp_path):
+    """The emulator faults a misaligned 16-byte access as the GPU does, so a wrong guard
+    cannot pass the tests: gelu_forward with its alignment check removed, given a
+    misaligned view."""
+    import shutil
+
+    from nanogpt_np.kernels import gelu, loader
+    from tests.kernels import emulator
+
+    if shutil.which("g++") is None:
+        pytest.skip("g++ is not on PATH")
+    source = (loader.KERNEL_DIR / "gelu.cu").read_text()
+    guard = "aligned16(x) && aligned16(out) ? n / V : 0"
+    assert guard in source
+    lib = emulator.build(tmp_path, replace={"gelu.cu": source.replace(guard, "n / V")}, files=["gelu.cu"],
+                         race_detector=False)
+    previous = loader.use_runner(emulator.EmulatedRunner(lib))
+    try:
+        x = np.arange(40, dtype=np.float32)
+        gelu.forward(placed(x, False))  # aligned: the unguarded vector path is fine
+        with pytest.raises(RuntimeError, match="16-byte vector access at a misaligned address"):
+            gelu.forward(placed(x, True))
+    finally:
+        loader.use_runner(previous)
 
 
 def test_cast_rounds_to_nearest_even_as_ml_dtypes(emulated):
