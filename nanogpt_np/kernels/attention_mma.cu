@@ -837,8 +837,9 @@ __global__ void __launch_bounds__(256) flash_attention_fa2_backward_dq_store(con
 // pairs bx * 128 + threadIdx.x of its 3C; a thread walks its rows in order, stores
 // its two q dims (rounded from dq_sum) where its columns are q's, and sums its two
 // columns as they lie in dqkv: its own rounded q, or the dk, dv the main kernel
-// wrote. Row by of part (n_chunks, part_stride) gets the sums: bit for bit what
-// column_sums would write, in the same order, without reading q back. A warp's 64
+// wrote, in column_sums' order (COLUMN_ROWS row lanes, each in row order, then the
+// lanes in order). Row by of part (n_chunks, part_stride) gets the sums: bit for bit
+// what column_sums would write, without reading q back. A warp's 64
 // columns are one head of q, k or v (C is a multiple of 64), so the q / kv branch
 // never diverges. 128 threads; grid (ceil(3C / 256), n_chunks).
 template <int HS>
@@ -848,21 +849,35 @@ __global__ void __launch_bounds__(128) flash_attention_fa2_backward_dq_store_sum
     const int C = n_head * HS, c = 2 * (blockIdx.x * blockDim.x + threadIdx.x);  // columns c, c + 1
     if (c >= 3 * C) return;
     const int r0 = blockIdx.y * rows_per_chunk, r1 = min_(n_rows, r0 + rows_per_chunk);
-    float lo = 0.0f, hi = 0.0f;
-    for (int r = r0; r < r1; ++r) {  // r = b * T + t
-        bf16* at = dqkv + (long long)r * 3 * C + c;
-        unsigned w;
-        if (c < C) {  // q: head c / HS, dim c % HS; dq_sum is (B, NH, T, HS)
-            const float* src = dq_sum + (((long long)(r / seq_len) * n_head + c / HS) * seq_len + r % seq_len) * HS + c % HS;
-            w = pack_bf16x2(src[0], src[1]);
-            store_bf16x2(at, w);
-        } else {
-            w = load_bf16x2(at);
+    float lo[COLUMN_ROWS], hi[COLUMN_ROWS];  // column_sums' row lanes: lane k has rows r0 + k, r0 + k + 8, ...
+#pragma unroll
+    for (int k = 0; k < COLUMN_ROWS; ++k) lo[k] = hi[k] = 0.0f;
+    for (int base = r0; base < r1; base += COLUMN_ROWS) {
+#pragma unroll
+        for (int k = 0; k < COLUMN_ROWS; ++k) {
+            const int r = base + k;  // r = b * T + t
+            if (r >= r1) break;
+            bf16* at = dqkv + (long long)r * 3 * C + c;
+            unsigned w;
+            if (c < C) {  // q: head c / HS, dim c % HS; dq_sum is (B, NH, T, HS)
+                const float* src =
+                    dq_sum + (((long long)(r / seq_len) * n_head + c / HS) * seq_len + r % seq_len) * HS + c % HS;
+                w = pack_bf16x2(src[0], src[1]);
+                store_bf16x2(at, w);
+            } else {
+                w = load_bf16x2(at);
+            }
+            lo[k] += bf16x2_lo(w);  // the stored bf16, widened: column_sums' A(in[i])
+            hi[k] += bf16x2_hi(w);
         }
-        lo += bf16x2_lo(w);  // the stored bf16, widened: column_sums' A(in[i])
-        hi += bf16x2_hi(w);
+    }
+    float lo_total = lo[0], hi_total = hi[0];  // the lanes added in order, as write_column_chunk does
+#pragma unroll
+    for (int k = 1; k < COLUMN_ROWS; ++k) {
+        lo_total += lo[k];
+        hi_total += hi[k];
     }
     float* out = part + (long long)blockIdx.y * part_stride + c;
-    out[0] = lo;
-    out[1] = hi;
+    out[0] = lo_total;
+    out[1] = hi_total;
 }

@@ -92,7 +92,7 @@ __global__ void bias_gelu_forward(const T* __restrict__ pre, const acc_t<T>* __r
 // and rows r0 + ty, r0 + ty + COLUMN_ROWS, ... of chunk by (rows [r0, r0 + rows_per_chunk)),
 // summing each column in row order; write_column_chunk then adds the COLUMN_ROWS
 // threads' sums in ty order. blockDim = (32, COLUMN_ROWS), gridDim = (ceil(C / (32 V)), n_chunks).
-#define COLUMN_ROWS 8
+// (COLUMN_ROWS is in common.cuh: FlashAttention-2's dq store sums its columns in this order too.)
 
 // part[c] = sum over ty of sums[ty][c] for this block's 32 * V columns (c < C), added
 // in ty order (a fixed order, no atomics: the same bits every run). Every thread calls it.

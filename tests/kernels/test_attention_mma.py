@@ -97,11 +97,15 @@ def _nan_partials(N, C):
     ("fa2", 1, 131, 2),  # odd T, three key blocks, N = 131: 66 chunks, the last one row
     ("mma", 2, 7, 2),  # the first tensor-core kernels: dqkv, then column_sums
 ])
-def test_backward_writes_the_column_partials_of_dqkv_as_column_sums_does(emulated, monkeypatch, path, B, T, NH):
+@pytest.mark.parametrize("row_chunks", [None, 3])  # the step's chunking; 3 chunks: 5 to 44 rows each, lanes of several rows
+def test_backward_writes_the_column_partials_of_dqkv_as_column_sums_does(emulated, monkeypatch, path, B, T, NH,
+                                                                         row_chunks):
     """attention.backward(part=slot): dqkv's column partial sums, bit for bit those of
     fused.column_sums over the returned dqkv, in the slot and nowhere else, and dqkv
     itself unchanged; FlashAttention-2 folds them into its dq store (no column_sums)."""
     monkeypatch.setenv(kernels.attention.BF16_PATH_ENV, path)
+    if row_chunks:
+        monkeypatch.setattr(kernels.fused, "ROW_CHUNKS", row_chunks)
     qkv, dy = _inputs(B, T, NH, seed=B * T)
     C, N = NH * 64, B * T
     _, cache = kernels.attention.forward(qkv, NH)
