@@ -24,6 +24,7 @@ captured; kernels/graph.py), then the counted, steady-state step. Nothing here n
 """
 import collections
 import json
+import os
 import time
 import sys
 import types
@@ -659,12 +660,13 @@ def _trainer_step(config, B, T, accum, dtype, recompute, cuda_graphs):
 WARM_UP_STEPS = 3  # eager, eager recording StepMemory, capturing the graphs
 
 
-def count_step(config=None, B=16, T=1024, accum=1, dtype="bf16", recompute=False, cuda_graphs=True, counting=True):
+def count_step(config=None, B=16, T=1024, accum=1, dtype="bf16", recompute=False, cuda_graphs=True, counting=True,
+               profile=None):
     """(ledger summary, launches by kind, bytes by kind) of one steady-state training
     step, after the warm-up steps, on the counting stand-in. Every operation a graph
     launch runs counts as one launch. counting=False: the kernel and gemm runners do
     nothing, not even count (LEDGER.host_seconds, the step's CPU time, is then the
-    host's own work)."""
+    host's own work). profile: a cProfile.Profile to run over the counted step."""
     from nanogpt_np.config import GPTConfig
 
     config = config or GPTConfig(vocab_size=50304)
@@ -675,7 +677,11 @@ def count_step(config=None, B=16, T=1024, accum=1, dtype="bf16", recompute=False
             step(i)
         LEDGER.reset()
         t0 = time.thread_time()  # CPU time: what the step costs the host, whatever else the machine runs
+        if profile is not None:
+            profile.enable()
         gpu_step, lines = step(WARM_UP_STEPS)
+        if profile is not None:
+            profile.disable()
         LEDGER.host_seconds = time.thread_time() - t0
         for line in lines:  # a fallback to eager, and why
             print(line)
@@ -701,12 +707,43 @@ def host_cost(B=16, T=1024, repeats=5):
     return min(eager), min(graphs), launches
 
 
+def package_share(B=16, T=1024):
+    """The fraction of an eager no-op step's host time spent in the package's own code
+    (nanogpt_np, this stand-in excluded), by cProfile with a CPU-time clock: each
+    function's own time, plus the time of the builtins and library functions it calls
+    directly (cProfile keeps, per caller, what a function spent on its behalf). The
+    rest is the stand-in's arrays and what they call. Profiling slows every call
+    alike, so the fraction is what the figure is good for, not the seconds."""
+    import cProfile
+    import pstats
+
+    profile = cProfile.Profile(time.thread_time)
+    count_step(B=B, T=T, cuda_graphs=False, counting=False, profile=profile)
+    stats = pstats.Stats(profile).stats
+    stand_in = os.path.abspath(__file__)
+
+    def ours(func):
+        return "nanogpt_np" in func[0] and os.path.abspath(func[0]) != stand_in
+
+    package = total = 0.0
+    for func, (_, _, own, _, callers) in stats.items():
+        total += own
+        if ours(func):
+            package += own
+        elif os.path.abspath(func[0]) != stand_in:  # a builtin or a library function: the time our code called it for
+            package += sum(entry[2] for caller, entry in callers.items() if ours(caller))
+    return package / total if total else 0.0
+
+
 def main(B=16, T=1024, accum=1):
     eager, graphs, eager_launches = host_cost(B, T)
+    share = package_share(B, T)
     summary, kinds, kind_bytes = count_step(B=B, T=T, accum=accum)
+    per_launch = eager / eager_launches * 1e6
     print(f"one steady-state step: GPT-2 124M, bf16, B={B}, T={T}, accumulation {accum} (counting stand-in)")
-    print(f"host time per step, no-op launches: eager {eager * 1e3:.1f} ms ({eager / eager_launches * 1e6:.1f} us "
-          f"per launch), CUDA graphs {graphs * 1e3:.1f} ms")
+    print(f"host time per step, no-op launches: eager {eager * 1e3:.1f} ms ({per_launch:.1f} us per launch), "
+          f"CUDA graphs {graphs * 1e3:.1f} ms; of the eager time the package's own code {share:.0%} "
+          f"(~{share * per_launch:.0f} us per launch, by cProfile), the rest the stand-in's arrays")
     print(f"{'launches':>8}  {'GB':>7}  kind")
     for kind, n in sorted(kinds.items(), key=lambda kv: (-kind_bytes[kv[0]], kv[0])):
         print(f"{n:8d}  {kind_bytes[kind] / 1e9:7.3f}  {kind}")

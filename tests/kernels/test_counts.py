@@ -19,6 +19,12 @@ def test_counts_command_prints_one_json_object_last():
     assert list(last) == KEYS
     assert "gemm" in out and last["gemms"] >= 12 * 12  # every linear layer's three products, at least
     assert last["launches"] > last["gemms"] > 0 and last["gbytes"] > 0
+    assert "of the eager time the package's own code" in out
+
+
+def test_the_package_share_of_host_time_is_a_fraction_that_sees_the_package():
+    share = counts.package_share(B=2, T=64)
+    assert 0.05 < share < 0.99  # both the package's wrappers and the stand-in's arrays take some time
 
 
 def test_counting_arrays_hold_no_data():
