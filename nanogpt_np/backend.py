@@ -232,9 +232,12 @@ class PinnedUpload:
         """host: an array of this buffer's shape, or a tuple of arrays, one per index of
         its first axis (copied side by side into the staging buffer: no host stack)."""
         parts = host if isinstance(host, tuple) else None
-        shape = (len(parts), *np.shape(parts[0])) if parts is not None else tuple(np.shape(host))
-        if shape != self.shape or (parts is not None and any(np.shape(p) != self.shape[1:] for p in parts)):
-            raise ValueError(f"upload: shape {shape} is not this buffer's {self.shape}")
+        if parts is not None:
+            if len(parts) != self.shape[0] or any(np.shape(p) != self.shape[1:] for p in parts):
+                raise ValueError(f"upload: parts of shapes {[np.shape(p) for p in parts]}; this buffer takes "
+                                 f"{self.shape[0]} parts of shape {self.shape[1:]}")
+        elif tuple(np.shape(host)) != self.shape:
+            raise ValueError(f"upload: shape {tuple(np.shape(host))} is not this buffer's {self.shape}")
         if self.device is None:
             return np.asarray(host, dtype=self.dtype)
         slot = self._turn % len(self._staging)

@@ -99,11 +99,15 @@ class GPT(GPTWeights):
         allocation and no wait for the copy (backend.PinnedUpload)."""
         if self.xp is np or array_module(a) is not np:
             return self.xp.asarray(a)
+        return self._upload_buffer(what, a.shape).upload(a)
+
+    def _upload_buffer(self, what, shape):
+        """The PinnedUpload of int32 ids kept for (what, shape), made on first use."""
         uploads = self.__dict__.setdefault("_uploads", {})
-        key = (what, a.shape)
+        key = (what, tuple(shape))
         if key not in uploads:
-            uploads[key] = PinnedUpload(self.xp, a.shape, np.int32)
-        return uploads[key].upload(a)
+            uploads[key] = PinnedUpload(self.xp, shape, np.int32)
+        return uploads[key]
 
     def _check_inputs(self, idx, targets):
         idx = self._check_tokens(idx, "idx")
@@ -126,11 +130,7 @@ class GPT(GPTWeights):
         """Host idx and targets on the GPU in one copy: one (2, B, T) int32 buffer kept
         per shape, from pinned memory (a training step's one host-to-device copy of its
         batch) -> its two (B, T) halves, views of that buffer."""
-        uploads = self.__dict__.setdefault("_uploads", {})
-        key = ("batch", idx.shape)
-        if key not in uploads:
-            uploads[key] = PinnedUpload(self.xp, (2, *idx.shape), np.int32)
-        both = uploads[key].upload((idx, targets))  # (2, B, T)
+        both = self._upload_buffer("batch", (2, *idx.shape)).upload((idx, targets))  # (2, B, T)
         return both[0], both[1]
 
     def forward(self, idx, targets=None):

@@ -1,6 +1,6 @@
 """gpu_check: check the CuPy backend on a GPU, in one command, and print a table.
 
-    python scripts/gpu_check.py --text gpu_data/shakespeare.npy      # about 3 minutes on an H200
+    python scripts/gpu_check.py --text gpu_data/shakespeare.npy      # minutes on an H200 (not yet timed with the graph and recipe rows)
     python scripts/gpu_check.py --budget 200 --no-compile
 
 Needs only this repository (run it as scripts/gpu_check.py, which wires in the

@@ -712,8 +712,9 @@ def package_share(B=16, T=1024):
     (nanogpt_np, this stand-in excluded), by cProfile with a CPU-time clock: each
     function's own time, plus the time of the builtins and library functions it calls
     directly (cProfile keeps, per caller, what a function spent on its behalf). The
-    rest is the stand-in's arrays and what they call. Profiling slows every call
-    alike, so the fraction is what the figure is good for, not the seconds."""
+    rest is the stand-in's arrays and what they call. cProfile adds a fixed cost to
+    every call, so the share is an estimate; the seconds under the profiler are not
+    used."""
     import cProfile
     import pstats
 

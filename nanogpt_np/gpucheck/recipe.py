@@ -8,13 +8,13 @@ faster), over all the steps and without the first (where torch.compile compiles 
 our step compiles its kernels and grows its buffers; our CUDA graphs are captured on
 step 3, inside the rest). --no-compile, or less than COMPILE_NEEDS seconds of
 --budget, runs PyTorch eagerly, and the row says so."""
-import os
 import time
 
 import numpy as np
 
 from nanogpt_np import GPT, optim
 from nanogpt_np.backend import to_host
+from nanogpt_np.kernels import loader
 
 from . import settings
 from .curve import text_tokens
@@ -46,7 +46,7 @@ def ours_curve(cfg, batches, lrs):
     import cupy as cp
     from nanogpt_np.resilience import StepGuard
 
-    os.environ["NANOGPT_CUDA_SYNC"] = "0"
+    loader.sync_each_launch(False)  # timed: no sync after each launch (run_section turned it on)
     free_gpu_memory()
     model = GPT(cfg, dtype="bf16", seed=0, backend="cupy")
     weights = {name: np.array(to_host(a), dtype=np.float32) for name, a in model.state_dict().items()}

@@ -3,8 +3,7 @@ parameter, in one pass over the flat buffers. nanogpt_np/optim.py holds the
 formula (`_adam_chunk`) and calls this when its buffers are CuPy arrays."""
 import numpy as np
 
-from .fused import per16
-from .loader import KernelFile, ceil_div, ctype, scalar
+from .loader import KernelFile, ceil_div, ctype, per16, scalar
 
 _cu = KernelFile("adamw.cu", [f"adamw_step<{t}>" for t in ("float", "double")]
                  + [f"adamw_apply<{t}, {c}>" for t, c in (("float", "float"), ("double", "double"), ("float", "bf16"))])

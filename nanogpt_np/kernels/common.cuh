@@ -91,13 +91,14 @@ __device__ __forceinline__ void store_pack(T* p, const Pack<T, N>& x) {
 #endif
 }
 
-// for (k = this thread's index in the grid; k < count; k += threads in the grid): a
-// grid-stride loop, with which any grid covers any count.
 // The row lanes of the column-sum kernels (fused.cu): lane k sums rows k, k + COLUMN_ROWS,
 // ... of a chunk, and the lanes are added in order. Every kernel that writes column
 // partial sums (also attention_mma.cu's dq store) follows it, so all give the same bits.
+// (fused.COLUMN_BLOCK[1] launches that many row lanes: tests/kernels/test_compile.py checks.)
 #define COLUMN_ROWS 8
 
+// for (k = this thread's index in the grid; k < count; k += threads in the grid): a
+// grid-stride loop, with which any grid covers any count.
 #define GRID_STRIDE(k, count) \
     for (long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x; k < (count); k += (long long)gridDim.x * blockDim.x)
 

@@ -9,7 +9,7 @@ accumulate dtype (float32 for bf16).
 import numpy as np
 
 from ..backend import array_module
-from .loader import KernelFile, accumulate_dtype, ceil_div, ctype, kernel_array
+from .loader import KernelFile, accumulate_dtype, ceil_div, ctype, kernel_array, per16
 
 SINGLE = ("float", "double", "bf16")
 RESIDUAL = [("float", "float"), ("double", "double"), ("float", "bf16")]  # (TX, T)
@@ -24,7 +24,7 @@ _cu = KernelFile(
 )
 THREADS = 256
 MAX_BLOCKS = 65536  # grid-stride loops cover the rest
-COLUMN_BLOCK = (32, 8)  # column-sum kernels: 32 threads of V columns each, times COLUMN_ROWS (fused.cu) row lanes
+COLUMN_BLOCK = (32, 8)  # column-sum kernels: 32 threads of V columns each, times COLUMN_ROWS (common.cuh) row lanes
 # Row chunks summed separately, then added up (reduce.Partials' rows). Two blocks per SM
 # of a 132-SM H100/H200 for layernorm_backward_fused, which launches one block per chunk
 # (128 left 4 SMs idle and 8 warps on each of the others); the other column-sum kernels launch
@@ -38,12 +38,9 @@ def elementwise_grid(n, *dtypes):
     return (max(1, min(ceil_div(n, THREADS * per16(*dtypes)), MAX_BLOCKS)),)
 
 
-def per16(*dtypes):
-    """Elements per 16-byte access of the narrowest of dtypes: common.cuh's per16."""
-    return 16 // min(np.dtype(d).itemsize for d in dtypes)
-
-
 def _column_grid(C, n_chunks, *dtypes):
+    """The column-sum kernels' grid for (N, C) rows of `dtypes` split into n_chunks:
+    one block per 32 * V columns (V per 16-byte access) and row chunk."""
     return (ceil_div(C, COLUMN_BLOCK[0] * per16(*dtypes)), n_chunks)
 
 

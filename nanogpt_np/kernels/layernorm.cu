@@ -289,7 +289,8 @@ __global__ void layernorm_backward_params(const TO* __restrict__ dout, const TX*
 
 // layernorm_backward_dx and layernorm_backward_params (with its cast) in one kernel:
 // block by takes the rows of chunk by, each warp a row at a time, and the dweight,
-// dbias (and residual) column sums of its rows stay in the lanes' registers (lane l
+// dbias (and residual) column sums of its rows stay in per-lane arrays (local memory:
+// ptxas gives them a 384-byte stack frame, as they are indexed at run time; lane l
 // holds the channels it visits, as in the row kernels above: C <= 32 * LN_MAX_COLUMNS_PER_LANE)
 // until the block's warps add theirs into shared memory one after another, in a fixed
 // order (no atomics: the same bits every run), and the block writes row by of the

@@ -14,9 +14,9 @@ Every launch goes through `KernelFile.launch`, which checks the arguments first:
     float as a double and a Python int as a 64-bit integer, which a kernel taking
     `float` or `int` would misread without any error.
 Launch failures raise at once. Errors inside a running kernel (an illegal address)
-surface at the next synchronisation; set NANOGPT_CUDA_SYNC=1 (read once, at the
-first launch; `sync_each_launch` changes it later) to synchronise after every
-launch, so the error names the kernel that caused it.
+surface at the next synchronisation; set NANOGPT_CUDA_SYNC=1 (read once, when
+this module is first imported; `sync_each_launch(on)` changes it afterwards) to
+synchronise after every launch, so the error names the kernel that caused it.
 
 The object that actually launches is swappable (`use_runner`): the tests run
 the same wrappers and the same CUDA source on the CPU through an emulator.
@@ -146,8 +146,10 @@ _state = {"runner": CupyRunner()}
 
 def sync_each_launch(on):
     """Synchronise after every launch (so an error inside a kernel names it) or not:
-    NANOGPT_CUDA_SYNC, read once when the runner is made; this changes it later (for
-    this process's runner, and for processes started from now on)."""
+    NANOGPT_CUDA_SYNC, read once when the runner is made (at this module's import);
+    this changes it later, for this process's runner and for processes started from
+    now on. Code sets it only through here: the environment variable alone would no
+    longer reach a runner that exists."""
     os.environ["NANOGPT_CUDA_SYNC"] = "1" if on else "0"
     if hasattr(_state["runner"], "sync_each_launch"):
         _state["runner"].sync_each_launch = bool(on)
@@ -196,6 +198,12 @@ def scalar(value, dtype):
 
 def ceil_div(a, b):
     return -(-a // b)
+
+
+def per16(*dtypes):
+    """Elements per 16-byte access of the narrowest of dtypes: common.cuh's per16 (a
+    kernel's elements per thread step on its vector path)."""
+    return 16 // min(np.dtype(d).itemsize for d in dtypes)
 
 
 def kernel_array(a, dtype, xp):

@@ -27,6 +27,15 @@ def test_every_cu_file_has_a_wrapper_that_declares_all_its_kernels():
         assert defined == launched, f"{kf.filename}: kernels {defined} vs names {launched}"
 
 
+def test_the_column_sum_launch_has_the_row_lanes_the_kernels_add():
+    """write_column_chunk's shared array holds COLUMN_ROWS lanes and adds blockDim.y of
+    them: a launch with more row lanes would write past it."""
+    from nanogpt_np.kernels import fused
+
+    lanes = re.search(r"#define COLUMN_ROWS (\d+)", (loader.KERNEL_DIR / "common.cuh").read_text())
+    assert lanes and fused.COLUMN_BLOCK[1] == int(lanes.group(1))
+
+
 @needs_nvcc
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("filename", sorted(FILES))

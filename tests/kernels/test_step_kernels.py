@@ -167,17 +167,20 @@ def test_every_kernel_argument_of_the_124m_step_is_16_byte_aligned(monkeypatch):
     """The 16-byte paths are the ones the real step takes: in one steady-state bf16 step
     of GPT-2 124M (the counting stand-in: CuPy's pool addresses, 512-byte rounded, and
     every view the step makes of them) no kernel receives an array off a 16-byte
-    boundary, and every row width is a multiple of 8 (C = 768, 2304, 3072)."""
+    boundary, and every row width of a 2-D float argument is a multiple of 8 (C = 768,
+    2304, 3072, V = 50304)."""
     from nanogpt_np.gpucheck import counts
 
-    misaligned = set()
+    misaligned, widths = set(), set()
     launch = counts.CountingKernels.launch
 
     def checking(self, kernel_file, name, grid, block, args, shared_mem):
-        misaligned.update((name, k) for k, a in enumerate(args)
-                          if isinstance(a, counts.CountingArray) and a.data.ptr % 16)
+        arrays = [(k, a) for k, a in enumerate(args) if isinstance(a, counts.CountingArray)]
+        misaligned.update((name, k) for k, a in arrays if a.data.ptr % 16)
+        widths.update(a.shape[-1] for _, a in arrays if a.ndim == 2 and a.dtype.kind not in "iu")  # not ids, tables
         return launch(self, kernel_file, name, grid, block, args, shared_mem)
 
     monkeypatch.setattr(counts.CountingKernels, "launch", checking)
     counts.count_step()
     assert not misaligned
+    assert {768, 2304, 3072, 50304} <= widths and all(w % 8 == 0 for w in widths), widths

@@ -22,10 +22,13 @@ def test_upload_of_parts_fills_the_buffer_side_by_side(cupy):
         assert device is upload.device  # the same device buffer every time
         np.testing.assert_array_equal(device.get(), np.stack([a, b]))
     np.testing.assert_array_equal(upload.upload(np.ones((2, 3, 5))).get(), 1)  # one array still works
-    with pytest.raises(ValueError, match=r"shape \(2, 3, 4\) is not this buffer's \(2, 3, 5\)"):
-        upload.upload((a[:, :4], b[:, :4]))
-    with pytest.raises(ValueError, match="is not this buffer's"):
+    with pytest.raises(ValueError, match=r"shape \(2, 3, 6\) is not this buffer's \(2, 3, 5\)"):
+        upload.upload(np.ones((2, 3, 6)))
+    with pytest.raises(ValueError, match=r"parts of shapes \[\(3, 5\), \(3, 4\)\]; this buffer takes 2 parts of shape \(3, 5\)"):
         upload.upload((a, b[:, :4]))
+    for wrong in [(), (a,), (a, b, a)]:
+        with pytest.raises(ValueError, match="this buffer takes 2 parts"):
+            upload.upload(wrong)
 
 
 @pytest.mark.parametrize("B, T", [(1, 1), (2, 7)])
