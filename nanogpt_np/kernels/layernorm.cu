@@ -198,6 +198,15 @@ __device__ __forceinline__ void layernorm_row_means(const TO* __restrict__ dout,
     mean_g_xhat = warp_sum(sum_g_xhat) / C;
 }
 
+// dx at one channel: rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dout * weight;
+// xhat = (x - mean) * rstd comes back too (the fused kernel's dweight needs it).
+template <typename A>
+__device__ __forceinline__ A layernorm_dx_value(A x, A d, A w, A m, A r, A mean_g, A mean_g_xhat, A& xhat) {
+    xhat = (x - m) * r;
+    const A g = d * w;
+    return r * (g - mean_g - xhat * mean_g_xhat);
+}
+
 // One row of dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), written or added into dx.
 template <int W, typename TO, typename TX, typename A>
 __device__ __forceinline__ void layernorm_dx_row(const TO* __restrict__ dout, const TX* __restrict__ x,
@@ -213,9 +222,8 @@ __device__ __forceinline__ void layernorm_dx_row(const TO* __restrict__ dout, co
         if (accumulate) load_as<W>(dx + offset + c, prev);
 #pragma unroll
         for (int j = 0; j < W; ++j) {
-            const A xhat = (xv[j] - m) * r;
-            const A g = d[j] * w[j];
-            const A value = r * (g - mean_g - xhat * mean_g_xhat);
+            A xhat;
+            const A value = layernorm_dx_value(xv[j], d[j], w[j], m, r, mean_g, mean_g_xhat, xhat);
             xv[j] = accumulate ? prev[j] + value : value;
         }
         store_as<W>(dx + offset + c, xv);
@@ -321,9 +329,8 @@ __device__ __forceinline__ void layernorm_backward_fused_rows(
             if (accumulate) load_as<W>(dx + offset + c, prev);
 #pragma unroll
             for (int j = 0; j < W; ++j) {
-                const A xhat = (xv[j] - m) * r;
-                const A g = d[j] * w[j];
-                const A value = r * (g - mean_g - xhat * mean_g_xhat);
+                A xhat;
+                const A value = layernorm_dx_value(xv[j], d[j], w[j], m, r, mean_g, mean_g_xhat, xhat);
                 stored[j] = A(TX(accumulate ? prev[j] + value : value));
                 dw[k + j] += d[j] * xhat;
                 db[k + j] += d[j];
