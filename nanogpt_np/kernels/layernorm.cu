@@ -198,13 +198,27 @@ __device__ __forceinline__ void layernorm_row_means(const TO* __restrict__ dout,
     mean_g_xhat = warp_sum(sum_g_xhat) / C;
 }
 
-// dx at one channel: rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dout * weight;
-// xhat = (x - mean) * rstd comes back too (the fused kernel's dweight needs it).
-template <typename A>
-__device__ __forceinline__ A layernorm_dx_value(A x, A d, A w, A m, A r, A mean_g, A mean_g_xhat, A& xhat) {
-    xhat = (x - m) * r;
-    const A g = d * w;
-    return r * (g - mean_g - xhat * mean_g_xhat);
+// Channels c .. c + W - 1 of one row's dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),
+// g = dout * weight, xhat = (x - mean) * rstd, before rounding to TX, plus what dx holds
+// with accumulate; their dout and xhat come back too (the fused kernel's dweight and
+// dbias need them).
+template <int W, typename TO, typename TX, typename A>
+__device__ __forceinline__ void layernorm_dx_channels(const TO* __restrict__ dout, const TX* __restrict__ x,
+                                                      const A* __restrict__ weight, const TX* dx, long long offset,
+                                                      int c, A m, A r, A mean_g, A mean_g_xhat, int accumulate,
+                                                      A (&d)[W], A (&xhat)[W], A (&out)[W]) {
+    A xv[W], w[W], prev[W];
+    load_as<W>(x + offset + c, xv);
+    load_as<W>(dout + offset + c, d);
+    load_as<W>(weight + c, w);
+    if (accumulate) load_as<W>(dx + offset + c, prev);
+#pragma unroll
+    for (int j = 0; j < W; ++j) {
+        xhat[j] = (xv[j] - m) * r;
+        const A g = d[j] * w[j];
+        const A value = r * (g - mean_g - xhat[j] * mean_g_xhat);
+        out[j] = accumulate ? prev[j] + value : value;
+    }
 }
 
 // One row of dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), written or added into dx.
@@ -215,18 +229,9 @@ __device__ __forceinline__ void layernorm_dx_row(const TO* __restrict__ dout, co
     A mean_g, mean_g_xhat;
     layernorm_row_means<W>(dout, x, weight, offset, m, r, C, lane, mean_g, mean_g_xhat);
     for (int c = W * lane; c < C; c += 32 * W) {
-        A xv[W], d[W], w[W], prev[W];
-        load_as<W>(x + offset + c, xv);
-        load_as<W>(dout + offset + c, d);
-        load_as<W>(weight + c, w);
-        if (accumulate) load_as<W>(dx + offset + c, prev);
-#pragma unroll
-        for (int j = 0; j < W; ++j) {
-            A xhat;
-            const A value = layernorm_dx_value(xv[j], d[j], w[j], m, r, mean_g, mean_g_xhat, xhat);
-            xv[j] = accumulate ? prev[j] + value : value;
-        }
-        store_as<W>(dx + offset + c, xv);
+        A d[W], xhat[W], out[W];
+        layernorm_dx_channels<W>(dout, x, weight, dx, offset, c, m, r, mean_g, mean_g_xhat, accumulate, d, xhat, out);
+        store_as<W>(dx + offset + c, out);
     }
 }
 
@@ -322,17 +327,13 @@ __device__ __forceinline__ void layernorm_backward_fused_rows(
         A mean_g, mean_g_xhat;
         layernorm_row_means<W>(dout, x, weight, offset, m, r, C, lane, mean_g, mean_g_xhat);
         for (int c = W * lane, k = 0; c < C; c += 32 * W, k += W) {  // dw[k + j]: channel c + j
-            A xv[W], d[W], w[W], prev[W], stored[W];
-            load_as<W>(x + offset + c, xv);
-            load_as<W>(dout + offset + c, d);
-            load_as<W>(weight + c, w);
-            if (accumulate) load_as<W>(dx + offset + c, prev);
+            A d[W], xhat[W], stored[W];
+            layernorm_dx_channels<W>(dout, x, weight, dx, offset, c, m, r, mean_g, mean_g_xhat, accumulate, d, xhat,
+                                     stored);
 #pragma unroll
             for (int j = 0; j < W; ++j) {
-                A xhat;
-                const A value = layernorm_dx_value(xv[j], d[j], w[j], m, r, mean_g, mean_g_xhat, xhat);
-                stored[j] = A(TX(accumulate ? prev[j] + value : value));
-                dw[k + j] += d[j] * xhat;
+                stored[j] = A(TX(stored[j]));  // dx as stored
+                dw[k + j] += d[j] * xhat[j];
                 db[k + j] += d[j];
                 if (with_cast) dr[k + j] += stored[j];  // the exact gradient, before rounding to TO
             }
