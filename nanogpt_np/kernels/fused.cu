@@ -172,14 +172,17 @@ __global__ void bias_residual(const TX* __restrict__ x, const T* __restrict__ a,
     }
 }
 
-template <typename TI, typename TO>
-__global__ void cast_column_sums(const TI* __restrict__ in, TO* __restrict__ out, acc_t<TI>* __restrict__ part,
-                                 int N, int C, int rows_per_chunk, int part_stride) {
+// Block (bx, by)'s column sums of in (rows of chunk by, this thread's V columns), and
+// with CAST in converted to TO and written to out in the same pass (out unused without).
+template <bool CAST, typename TI, typename TO>
+__device__ __forceinline__ void column_chunk_sums(const TI* __restrict__ in, TO* __restrict__ out,
+                                                  acc_t<TI>* __restrict__ part, int N, int C, int rows_per_chunk,
+                                                  int part_stride) {
     using A = acc_t<TI>;
     constexpr int V = per16<TI, TO>();
     const int c0 = (blockIdx.x * 32 + threadIdx.x) * V;
     const int r0 = blockIdx.y * rows_per_chunk, r1 = min_(N, r0 + rows_per_chunk);
-    const bool vec = aligned16(in) && aligned16(out) && C % V == 0;
+    const bool vec = aligned16(in) && (!CAST || aligned16(out)) && C % V == 0;
     A sum[V];
 #pragma unroll
     for (int j = 0; j < V; ++j) sum[j] = 0;
@@ -191,16 +194,16 @@ __global__ void cast_column_sums(const TI* __restrict__ in, TO* __restrict__ out
 #pragma unroll
             for (int j = 0; j < V; ++j) {
                 const A v = A(x.v[j]);
-                y.v[j] = TO(acc_t<TO>(v));
+                if constexpr (CAST) y.v[j] = TO(acc_t<TO>(v));
                 sum[j] += v;  // the exact gradient, before rounding to the matmul's dtype
             }
-            store_pack(out + i, y);
+            if constexpr (CAST) store_pack(out + i, y);
         } else {
 #pragma unroll
             for (int j = 0; j < V; ++j) {
                 if (c0 + j >= C) break;
                 const A v = A(in[i + j]);
-                out[i + j] = TO(acc_t<TO>(v));
+                if constexpr (CAST) out[i + j] = TO(acc_t<TO>(v));
                 sum[j] += v;
             }
         }
@@ -208,28 +211,14 @@ __global__ void cast_column_sums(const TI* __restrict__ in, TO* __restrict__ out
     write_column_chunk(sum, part + (long long)blockIdx.y * part_stride, C);
 }
 
+template <typename TI, typename TO>
+__global__ void cast_column_sums(const TI* __restrict__ in, TO* __restrict__ out, acc_t<TI>* __restrict__ part,
+                                 int N, int C, int rows_per_chunk, int part_stride) {
+    column_chunk_sums<true>(in, out, part, N, C, rows_per_chunk, part_stride);
+}
+
 template <typename T>
 __global__ void column_sums(const T* __restrict__ in, acc_t<T>* __restrict__ part, int N, int C,
                             int rows_per_chunk, int part_stride) {
-    using A = acc_t<T>;
-    constexpr int V = per16<T>();
-    const int c0 = (blockIdx.x * 32 + threadIdx.x) * V;
-    const int r0 = blockIdx.y * rows_per_chunk, r1 = min_(N, r0 + rows_per_chunk);
-    const bool vec = aligned16(in) && C % V == 0;
-    A sum[V];
-#pragma unroll
-    for (int j = 0; j < V; ++j) sum[j] = 0;
-    for (int r = r0 + threadIdx.y; r < r1 && c0 < C; r += blockDim.y) {
-        const long long i = (long long)r * C + c0;
-        if (vec) {
-            const Pack<T, V> x = load_pack<V>(in + i);
-#pragma unroll
-            for (int j = 0; j < V; ++j) sum[j] += A(x.v[j]);
-        } else {
-#pragma unroll
-            for (int j = 0; j < V; ++j)
-                if (c0 + j < C) sum[j] += A(in[i + j]);
-        }
-    }
-    write_column_chunk(sum, part + (long long)blockIdx.y * part_stride, C);
+    column_chunk_sums<false>(in, static_cast<T*>(nullptr), part, N, C, rows_per_chunk, part_stride);
 }
