@@ -23,6 +23,8 @@ import types
 
 import numpy as np
 
+from nanogpt_np.gpucheck.counts import PoolStats
+
 
 class CaptureError(RuntimeError):
     """Something a CUDA graph capture cannot hold happened while capturing."""
@@ -127,7 +129,7 @@ class _PoolBlock:
         self.size = size
 
 
-class MemoryPool:
+class MemoryPool(PoolStats):
     def __init__(self):
         self.allocations = 0
 
@@ -135,18 +137,6 @@ class MemoryPool:
         refuse_in_capture("a pool allocation (MemoryPool.malloc)")
         self.allocations += 1
         return MemoryPointer(_PoolBlock(size), 0)
-
-    def free_all_blocks(self):
-        pass
-
-    def total_bytes(self):
-        return 0
-
-    def used_bytes(self):
-        return 0
-
-    def free_bytes(self):
-        return 0
 
 
 _POOL = MemoryPool()
